@@ -1,0 +1,211 @@
+"""The training config schema: typed dataclasses, one docstring per field, checks in `__post_init__`.
+
+`TrainConfig` is registered with Hydra's ConfigStore as `train_schema` and is the first entry of
+configs/train.yaml's defaults, so every group file and every command-line override is merged into a typed,
+struct-mode config: an unknown key or a value of the wrong type fails at compose time with the key's full name.
+Value checks (`__post_init__`) run when `resolve(cfg)` turns the composed config into these dataclasses, which
+`train(cfg)` does before anything is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from fpsa_train.models.config import WanConfig
+
+TIMESTEP_SAMPLINGS = ("logit_normal", "uniform")
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "bf16-true", "16-mixed")
+
+
+class ConfigError(ValueError):
+    """A config value is missing or invalid; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig(WanConfig):
+    name: str = "wan1_3b"
+    """Short name for logs and run folders."""
+    checkpoint: Optional[str] = MISSING
+    """Wan2.1 weights: a folder (original or diffusers layout, single or sharded safetensors) or a file; mandatory
+    unless a model config sets it to null, which trains from the original random initialisation (`tiny`)."""
+    key_format: str = "auto"
+    """Key format of `checkpoint`: `auto`, `original` or `diffusers`."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.key_format not in ("auto", "original", "diffusers"):
+            raise ConfigError(f"model.key_format={self.key_format!r}: expected auto, original or diffusers")
+
+
+@dataclass
+class ObjectiveConfig:
+    timestep_sampling: str = "logit_normal"
+    """How σ is drawn per sample: `logit_normal` (σ = sigmoid(N(mean, std))) or `uniform` on (0, 1)."""
+    logit_mean: float = 0.0
+    """Mean of the normal under the sigmoid (logit_normal only)."""
+    logit_std: float = 1.0
+    """Std of the normal under the sigmoid (logit_normal only)."""
+    shift: float = 3.0
+    """Flow shift σ' = s·σ / (1 + (s−1)·σ) applied after sampling; 1 disables it. Wan: ~2–3 at 480p, 5 at 720p."""
+    num_train_timesteps: int = 1000
+    """The model's timestep is num_train_timesteps·σ."""
+
+    def __post_init__(self) -> None:
+        if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ConfigError(f"objective.timestep_sampling={self.timestep_sampling!r}: expected one of "
+                              f"{TIMESTEP_SAMPLINGS}")
+        if self.shift <= 0:
+            raise ConfigError(f"objective.shift={self.shift} must be > 0 (1 = no shift)")
+        if self.logit_std <= 0:
+            raise ConfigError(f"objective.logit_std={self.logit_std} must be > 0")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    """Peak AdamW learning rate (Wan full fine-tunes use 1e-6..2e-5)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_steps: int = 100
+    """Linear warmup from 0 to `lr` over this many optimizer steps, then constant."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    ema_decay: float = 0.999
+    """Decay of the exponential moving average of the weights (kept in fp32, saved in checkpoints); 0 disables."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr={self.lr} must be > 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas={list(self.betas)}: expected two values in [0, 1)")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"optim.ema_decay={self.ema_decay} must be in [0, 1) (0 disables EMA)")
+        if self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ConfigError(f"optim.warmup_steps={self.warmup_steps} and optim.grad_clip={self.grad_clip} "
+                              "must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    kind: str = "synthetic"
+    """Data source. `synthetic`: structured latents and text embeddings generated in-process (until the video
+    pipeline exists)."""
+    num_samples: int = 512
+    """Training samples per epoch."""
+    val_samples: int = 32
+    """Validation samples (fixed noise and σ grid, so the validation loss is comparable across runs)."""
+    num_prompts: int = 8
+    """Distinct captions; each one fixes the colour and motion of its clips."""
+    latent_channels: int = 16
+    """Latent channels (Wan VAE: 16)."""
+    latent_frames: int = 5
+    """Latent frames T (pixel frames 4·(T−1)+1)."""
+    latent_height: int = 16
+    """Latent height (pixel height / 8)."""
+    latent_width: int = 16
+    """Latent width (pixel width / 8)."""
+    text_tokens: int = 16
+    """Longest caption in tokens (unpadded; the collate zero-pads to model.text_len)."""
+    text_dim: int = 4096
+    """Width of the text embeddings (must equal model.text_dim)."""
+    batch_size: int = 4
+    """Samples per batch per device."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    seed: int = 1234
+    """Seed of the generated data set (independent of the training seed)."""
+
+    def __post_init__(self) -> None:
+        if self.kind != "synthetic":
+            raise ConfigError(f"data.kind={self.kind!r}: only `synthetic` exists so far")
+        for name in ("num_samples", "val_samples", "num_prompts", "latent_channels", "latent_frames",
+                     "latent_height", "latent_width", "text_tokens", "text_dim", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name}={getattr(self, name)} must be >= 1")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    """Optimizer steps to train."""
+    accelerator: str = "auto"
+    """Lightning accelerator: auto, cpu, gpu."""
+    devices: Any = "auto"
+    """Devices per node (an int, a list, or auto)."""
+    num_nodes: int = 1
+    """Number of nodes."""
+    precision: str = "auto"
+    """`auto` = bf16-mixed on CUDA, 32-true on CPU; or any of 32-true, bf16-mixed, bf16-true, 16-mixed."""
+    log_every_n_steps: int = 10
+    """How often metrics are logged."""
+    val_every_n_steps: int = 200
+    """Run validation every this many training steps (and once before and after training)."""
+    checkpoint_every_n_steps: int = 500
+    """Save a checkpoint every this many steps (plus `last.ckpt`)."""
+    accumulate_grad_batches: int = 1
+    """Gradient accumulation."""
+    deterministic: bool = False
+    """Use deterministic algorithms (slower on GPU)."""
+    resume_from: Optional[str] = None
+    """A Lightning checkpoint to resume from (step, optimizer, EMA restored)."""
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"trainer.precision={self.precision!r}: expected one of {PRECISIONS}")
+        for name in ("max_steps", "log_every_n_steps", "val_every_n_steps", "checkpoint_every_n_steps",
+                     "accumulate_grad_batches", "num_nodes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"trainer.{name}={getattr(self, name)} must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    name: str = "tiny"
+    """Run name (used for the run folder)."""
+    seed: int = 0
+    """Global seed (model init, σ and noise draws)."""
+    run_dir: str = "outputs/run"
+    """Where checkpoints and logs go; under Hydra this is the run directory."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.text_dim != self.model.text_dim:
+            raise ConfigError(f"data.text_dim={self.data.text_dim} differs from model.text_dim={self.model.text_dim}")
+        if self.data.latent_channels != self.model.in_dim:
+            raise ConfigError(f"data.latent_channels={self.data.latent_channels} differs from "
+                              f"model.in_dim={self.model.in_dim}")
+        if self.data.text_tokens > self.model.text_len:
+            raise ConfigError(f"data.text_tokens={self.data.text_tokens} exceeds model.text_len={self.model.text_len}")
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def resolve(cfg: DictConfig) -> TrainConfig:
+    """Composed config → validated dataclasses. Missing mandatory values (`???`) name their key and the fix."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        key = missing[0]
+        hint = ""
+        if key == "model.checkpoint":
+            hint = (" Real Wan2.1 runs start from the published weights: pass model.checkpoint=/path/to/"
+                    "Wan2.1-T2V-1.3B (a folder with diffusion_pytorch_model*.safetensors, original or diffusers "
+                    "layout). Nothing is downloaded.")
+        raise ConfigError(f"missing mandatory config value `{key}`.{hint}")
+    return OmegaConf.to_object(cfg)
+
+
+register_configs()

@@ -1,0 +1,79 @@
+"""Every experiment composes and instantiates; bad configs fail early with the key's name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from fpsa_train.config import ConfigError, TrainConfig, resolve
+from fpsa_train.models.build import build_model
+from tests.conftest import compose_train
+
+EXPERIMENTS = ["tiny", "wan1_3b", "wan14b"]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_instantiates(experiment, tmp_path):
+    overrides = [f"+experiment={experiment}"]
+    if experiment != "tiny":
+        overrides.append(f"model.checkpoint={tmp_path}")  # the folder only has to be named to compose
+    conf = resolve(compose_train(overrides, tmp_path))
+    assert isinstance(conf, TrainConfig) and conf.model.name == experiment
+    device = None if experiment == "tiny" else "meta"
+    model = build_model(conf.model, device=device, load_weights=False)
+    assert len(model.blocks) == conf.model.num_layers
+    if device == "meta":
+        assert all(p.is_meta for p in model.parameters())
+    else:
+        assert not any(p.is_meta for p in model.parameters())
+
+
+@pytest.mark.parametrize("experiment", ["wan1_3b", "wan14b"])
+def test_real_run_without_checkpoint_names_the_key(experiment, tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.checkpoint.*local|model\.checkpoint.*Wan2\.1"):
+        resolve(compose_train([f"+experiment={experiment}"], tmp_path))
+
+
+def test_missing_checkpoint_folder_is_a_clear_error(tmp_path):
+    conf = resolve(compose_train(["+experiment=wan1_3b", f"model.checkpoint={tmp_path}/nope"], tmp_path))
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_model(conf.model)
+
+
+def test_unknown_key_fails_at_compose_with_its_name(tmp_path):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_train(["+experiment=tiny", "model.dimm=3"], tmp_path)
+    assert "dimm" in str(err.value) + str(err.value.__cause__)
+
+
+def test_unknown_top_level_key_fails(tmp_path):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_train(["+experiment=tiny", "optim.learning_rate=3"], tmp_path)
+    assert "learning_rate" in str(err.value) + str(err.value.__cause__)
+
+
+def test_wrong_type_fails_at_compose(tmp_path):
+    with pytest.raises((ConfigCompositionException, ValidationError)) as err:
+        compose_train(["+experiment=tiny", "model.num_layers=two"], tmp_path)
+    assert "num_layers" in str(err.value) + str(err.value.__cause__)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.token_order=zigzag", "model.token_order"),
+    ("objective.timestep_sampling=beta", "objective.timestep_sampling"),
+    ("trainer.precision=fp8", "trainer.precision"),
+    ("optim.ema_decay=1.5", "optim.ema_decay"),
+    ("model.num_heads=3", "model.num_heads"),
+    ("data.text_dim=32", "data.text_dim"),
+])
+def test_invalid_value_names_the_key(override, key, tmp_path):
+    with pytest.raises((ConfigError, ValueError), match=key.replace(".", r"\.")):
+        resolve(compose_train(["+experiment=tiny", override], tmp_path))
+
+
+def test_tiny_is_the_default_model(tmp_path):
+    conf = resolve(compose_train([], tmp_path))
+    assert conf.model.name == "tiny" and conf.model.checkpoint is None
+    assert torch.cuda.is_available() or conf.trainer.precision == "auto"
