@@ -77,3 +77,16 @@ def test_tiny_is_the_default_model(tmp_path):
     conf = resolve(compose_train([], tmp_path))
     assert conf.model.name == "tiny" and conf.model.checkpoint is None
     assert torch.cuda.is_available() or conf.trainer.precision == "auto"
+
+
+@pytest.mark.parametrize("key_format", ["original", "diffusers"])
+def test_model_checkpoint_is_loaded_by_the_training_path(key_format, tmp_path):
+    from fpsa_train.models.checkpoint import save_wan_weights
+
+    conf = resolve(compose_train(["+experiment=tiny"], tmp_path))
+    source = build_model(conf.model)
+    save_wan_weights(source, tmp_path / "weights", key_format=key_format)
+    conf = resolve(compose_train(["+experiment=tiny", f"model.checkpoint={tmp_path / 'weights'}"], tmp_path))
+    loaded = build_model(conf.model)
+    for (name, a), (_, b) in zip(source.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
