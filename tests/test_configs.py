@@ -75,8 +75,11 @@ def test_invalid_value_names_the_key(override, key, tmp_path):
 
 def test_tiny_is_the_default_model(tmp_path):
     conf = resolve(compose_train([], tmp_path))
-    assert conf.model.name == "tiny" and conf.model.checkpoint is None
-    assert torch.cuda.is_available() or conf.trainer.precision == "auto"
+    assert conf.model.name == "tiny" and conf.model.checkpoint is None and conf.trainer.precision == "auto"
+    from fpsa_train.train import resolve_precision
+
+    assert resolve_precision("auto") == ("bf16-mixed" if torch.cuda.is_available() else "32-true")
+    assert resolve_precision("bf16-true") == "bf16-true"
 
 
 @pytest.mark.parametrize("key_format", ["original", "diffusers"])

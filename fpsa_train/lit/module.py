@@ -38,7 +38,6 @@ class FlowMatchingModule(L.LightningModule):
         sigma = sample_sigma(x0.shape[0], self.objective, device=x0.device)
         loss = self.loss(batch, sigma, torch.randn_like(x0, dtype=torch.float32))
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=x0.shape[0])
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

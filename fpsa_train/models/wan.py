@@ -73,41 +73,42 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
 
 
-class SelfAttention(nn.Module):
+class _Attention(nn.Module):
+    """q/k/v/o projections with q/k RMSNorm over the full width (all heads together), as both attentions use."""
+
     def __init__(self, dim: int, num_heads: int, eps: float):
         super().__init__()
         self.num_heads = num_heads
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, -1))  # (B, L, dim) → (B, L, H, D)
+
+
+class SelfAttention(_Attention):
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__(dim, num_heads, eps)
         self.core: nn.Module = SDPAttention()
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], layout: TokenLayout,
                 attn_kwargs: dict) -> torch.Tensor:
-        b, n, _ = x.shape
-        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))  # (B, L, H, D)
-        k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))  # (B, L, H, D)
-        v = self.v(x).unflatten(-1, (self.num_heads, -1))  # (B, L, H, D)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q = apply_rope(self.heads(self.norm_q(self.q(x))), *rope)  # (B, L, H, D)
+        k = apply_rope(self.heads(self.norm_k(self.k(x))), *rope)  # (B, L, H, D)
+        v = self.heads(self.v(x))  # (B, L, H, D)
         out = self.core(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout, **attn_kwargs)
-        return self.o(out.transpose(1, 2).reshape(b, n, -1))  # (B, L, dim)
+        return self.o(out.transpose(1, 2).flatten(2))  # (B, H, L, D) → (B, L, dim)
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_Attention):
     """Text cross-attention: q from the video tokens, k/v from all `text_len` text tokens (no mask, no RoPE)."""
 
-    def __init__(self, dim: int, num_heads: int, eps: float):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
-
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, H, L, D)
-        k = self.norm_k(self.k(context)).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, H, Lt, D)
-        v = self.v(context).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, H, Lt, D)
+        q = self.heads(self.norm_q(self.q(x))).transpose(1, 2)  # (B, H, L, D)
+        k = self.heads(self.norm_k(self.k(context))).transpose(1, 2)  # (B, H, Lt, D)
+        v = self.heads(self.v(context)).transpose(1, 2)  # (B, H, Lt, D)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, H, L, D)
-        return self.o(out.transpose(1, 2).reshape(b, n, -1))
+        return self.o(out.transpose(1, 2).flatten(2))  # (B, L, dim)
 
 
 class WanBlock(nn.Module):
@@ -167,7 +168,7 @@ class WanModel(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
-        self._rope_cache: dict = {}
+        self._layout_cache: dict = {}
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -189,21 +190,19 @@ class WanModel(nn.Module):
     def layout(self, grid: tuple[int, int, int]) -> TokenLayout:
         return TokenLayout(tuple(grid), self.cfg.token_order, tuple(self.cfg.tile_shape))
 
-    def _rope(self, layout: TokenLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 (cos, sin) per token, in the layout's token order (positions travel with their tokens)."""
+    def _layout_tensors(self, layout: TokenLayout, device: torch.device) -> tuple:
+        """(rope (cos, sin), perm, inv) for a grid on a device, cached: shapes repeat from step to step, and the
+        permutations should not be copied to the GPU on every forward. RoPE rows follow the layout's token
+        order (positions travel with their tokens); perm/inv are None in raster order."""
         key = (layout, str(device))
-        if key not in self._rope_cache:
-            with torch.inference_mode(False):  # cached across train/validation: no inference tensors
-                cos_sin = self._rope_table(layout, device)
-            self._rope_cache = {key: cos_sin}  # keep one grid: shapes repeat in training
-        return self._rope_cache[key]
-
-    def _rope_table(self, layout: TokenLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        angles = rope_angles(layout.grid, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_max_len)
-        perm = layout.permutation()
-        if perm is not None:
-            angles = angles[perm]
-        return rope_cos_sin(angles, device)
+        if key not in self._layout_cache:
+            with torch.inference_mode(False):  # built once, used by training and validation alike
+                angles = rope_angles(layout.grid, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_max_len)
+                perm, inv = layout.permutation(device), layout.inverse_permutation(device)
+                if perm is not None:
+                    angles = angles[perm.cpu()]
+                self._layout_cache = {key: (rope_cos_sin(angles, device), perm, inv)}  # keep the latest grid only
+        return self._layout_cache[key]
 
     def embed_text(self, context: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         """Zero-pad text to `text_len` (no mask, as published) and project: (B, text_len, dim)."""
@@ -227,10 +226,9 @@ class WanModel(nn.Module):
         if f % pt or h % ph or w % pw:
             raise ValueError(f"latent (F, H, W)=({f}, {h}, {w}) is not divisible by patch_size {self.cfg.patch_size}")
         layout = self.layout((f // pt, h // ph, w // pw))
-        rope = self._rope(layout, x.device)
+        rope, perm, inv = self._layout_tensors(layout, x.device)
 
         tokens = self.patch_embedding(x).flatten(2).transpose(1, 2).float()  # (B, L, dim), raster order
-        perm = layout.permutation(x.device)
         if perm is not None:
             tokens = tokens[:, perm]  # (B, L, dim), tile-major
 
@@ -247,7 +245,6 @@ class WanModel(nn.Module):
                 tokens = block(tokens, e0, context, rope, layout, attn_kwargs)
 
         out = self.head(tokens, e)  # (B, L, pt·ph·pw·c) fp32
-        inv = layout.inverse_permutation(x.device)
         if inv is not None:
             out = out[:, inv]  # back to raster order
         return self.unpatchify(out, layout.grid)
