@@ -4,11 +4,12 @@
 # torch is chosen here rather than by pip's resolver, because a bare `torch` requirement on Linux pulls a
 # CUDA build of several GB even on hosts that have no GPU:
 #   - a torch already importable in the venv is kept;
-#   - GPU host (nvidia-smi lists a device): a CUDA torch in the system Python is kept (the venv then sees
-#     system site-packages), otherwise the default PyPI build (CUDA) is installed;
+#   - GPU host (nvidia-smi lists a device): a CUDA torch importable by $PYTHON is reused (its site-packages is
+#     linked into the venv), otherwise the default PyPI build (CUDA) is installed;
 #   - CPU host: the CPU wheel torch==2.13.0+cpu from pip's find-links (on the build machines it lies on disk),
 #     else from the PyTorch CPU index.
-# Usage: bash scripts/install.sh [VENV_DIR]   (default .venv; PYTHON selects the interpreter, default python3)
+# Usage: bash scripts/install.sh [VENV_DIR]   (default .venv; PYTHON selects the interpreter, default python3;
+#        FPSA_EXTRAS selects the optional dependencies, default `dev`, empty for none)
 set -euo pipefail
 venv=${1:-.venv}
 python=${PYTHON:-python3}
@@ -20,13 +21,20 @@ PY
 has_gpu=0
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; then has_gpu=1; fi
 
+host_site=""
+if [ "$has_gpu" = 1 ]; then
+  # The site-packages holding the interpreter's CUDA torch (a system Python or another venv, as on GPU images).
+  host_site=$("$python" -c "import os, torch; assert torch.version.cuda; print(os.path.dirname(os.path.dirname(torch.__file__)))" 2>/dev/null || true)
+fi
 if [ ! -x "$venv/bin/python" ]; then
-  site_flag=""
-  if [ "$has_gpu" = 1 ] && "$python" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then
-    site_flag="--system-site-packages"
-    echo "[install] GPU host with a CUDA torch in $python: the venv reuses it"
+  "$python" -m venv "$venv"
+  if [ -n "$host_site" ]; then
+    # A .pth line appends the host's site-packages after the venv's own, so its CUDA torch (and whatever else
+    # it has) is reused instead of downloaded; `venv --system-site-packages` would miss it when $python is a venv.
+    purelib=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    echo "$host_site" > "$purelib/_fpsa_host_site.pth"
+    echo "[install] GPU host: the venv reuses the CUDA torch in $host_site"
   fi
-  "$python" -m venv $site_flag "$venv"
 fi
 pip=("$venv/bin/python" -m pip)
 
@@ -41,5 +49,6 @@ else
     || "${pip[@]}" install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
 fi
 
-"${pip[@]}" install -q -e ".[dev]"
+extras=${FPSA_EXTRAS-dev}  # the test extras by default; FPSA_EXTRAS= installs only what training needs
+"${pip[@]}" install -q -e ".${extras:+[$extras]}"
 "$venv/bin/python" -c "import torch, fpsa_train, fpsa_kernels; print('[install] ok: torch', torch.__version__, '| cuda', torch.version.cuda)"
