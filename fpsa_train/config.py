@@ -15,6 +15,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from fpsa_train.fps.schedule import FPSConfig
 from fpsa_train.models.config import WanConfig
 
 TIMESTEP_SAMPLINGS = ("logit_normal", "uniform")
@@ -179,6 +180,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    fps: FPSConfig = field(default_factory=FPSConfig)
 
     def __post_init__(self) -> None:
         if self.data.text_dim != self.model.text_dim:
@@ -186,6 +188,13 @@ class TrainConfig:
         if self.data.latent_channels != self.model.in_dim:
             raise ConfigError(f"data.latent_channels={self.data.latent_channels} differs from "
                               f"model.in_dim={self.model.in_dim}")
+        if self.fps.enabled:
+            from fpsa_train.fps.schedule import Schedule  # validates every regime, naming the bad field
+
+            Schedule.from_config(self.fps, tuple(self.model.tile_shape))
+        if self.fps.enabled and self.model.token_order != "tile":
+            raise ConfigError(f"fps.enabled needs tile-major tokens but model.token_order={self.model.token_order!r}: "
+                              "set model.token_order=tile (or fps=dense)")
         if self.data.text_tokens > self.model.text_len:
             raise ConfigError(f"data.text_tokens={self.data.text_tokens} exceeds model.text_len={self.model.text_len}")
 

@@ -18,6 +18,8 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
 
 from fpsa_train.config import TrainConfig, TrainerConfig, resolve
+from fpsa_train.fps.schedule import Schedule
+from fpsa_train.fps.transform import apply_fps_attention
 from fpsa_train.lit.checkpoint_io import AtomicCheckpointIO
 from fpsa_train.lit.datamodule import LatentDataModule
 from fpsa_train.lit.module import FlowMatchingModule
@@ -70,7 +72,13 @@ def train(cfg: DictConfig | TrainConfig) -> dict[str, float]:
     model = build_model(conf.model)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s: %.3f M parameters, token order %s", conf.model.name, n_params / 1e6, conf.model.token_order)
-    module = FlowMatchingModule(model, conf.objective, conf.optim)
+    schedule = None
+    if conf.fps.enabled:
+        schedule = Schedule.from_config(conf.fps, tuple(conf.model.tile_shape))
+        apply_fps_attention(model, schedule, materialize=conf.fps.materialize)
+    else:
+        log.info("FPS attention off (fps.enabled=false): dense SDPA self-attention")
+    module = FlowMatchingModule(model, conf.objective, conf.optim, schedule, conf.fps.selector_reg_weight)
     data = LatentDataModule(conf.data, text_len=conf.model.text_len)
     trainer = build_trainer(conf.trainer, conf.run_dir, conf.optim.grad_clip)
 

@@ -16,28 +16,51 @@ from torch import nn
 
 from fpsa_train.config import ObjectiveConfig, OptimConfig
 from fpsa_train.flow import noisy_input, sample_sigma
+from fpsa_train.fps.schedule import Schedule
+from fpsa_train.fps.transform import realised_density, selector_loss
 from fpsa_train.lit.ema import EMA
 
 
 class FlowMatchingModule(L.LightningModule):
-    def __init__(self, model: nn.Module, objective: ObjectiveConfig, optim: OptimConfig):
+    def __init__(self, model: nn.Module, objective: ObjectiveConfig, optim: OptimConfig,
+                 schedule: Schedule | None = None, selector_reg_weight: float = 0.0):
         super().__init__()
         self.model = model
         self.objective = objective
         self.optim = optim
+        self.schedule = schedule
+        self.selector_reg_weight = selector_reg_weight
         self.ema = EMA(model, optim.ema_decay) if optim.ema_decay > 0 else None
 
-    def loss(self, batch: dict, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def per_sample_loss(self, batch: dict, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """MSE to the velocity target, one value per sample (B,); σ also picks each sample's FPS regime."""
         x0 = batch["latents"].float()  # (B, C, F, H, W)
         x_sigma, target = noisy_input(x0, noise, sigma)
-        pred = self.model(x_sigma, sigma * self.objective.num_train_timesteps, batch["context"])
-        return F.mse_loss(pred.float(), target)
+        pred = self.model(x_sigma, sigma * self.objective.num_train_timesteps, batch["context"],
+                          attn_kwargs={"sigma": sigma})
+        return F.mse_loss(pred.float(), target, reduction="none").flatten(1).mean(1)
+
+    def _log_losses(self, stage: str, losses: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        loss = losses.mean()
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=len(losses))
+        if self.schedule is not None:  # the loss of each regime's samples, and each regime's realised density
+            which = self.schedule.regime_index(sigma)
+            for i, regime in enumerate(self.schedule.regimes):
+                if (which == i).any():
+                    self.log(f"{stage}/loss/{regime.name}", losses[which == i].mean(), batch_size=int((which == i).sum()))
+            for name, density in realised_density(self.model).items():
+                self.log(f"{stage}/density/{name}", density, batch_size=len(losses))
+        return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         x0 = batch["latents"]
         sigma = sample_sigma(x0.shape[0], self.objective, device=x0.device)
-        loss = self.loss(batch, sigma, torch.randn_like(x0, dtype=torch.float32))
-        self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
+        loss = self._log_losses("train", self.per_sample_loss(batch, sigma, torch.randn_like(x0, dtype=torch.float32)),
+                                sigma)
+        reg = selector_loss(self.model)
+        if reg is not None and self.selector_reg_weight > 0:
+            self.log("train/selector_reg", reg, batch_size=x0.shape[0])
+            loss = loss + self.selector_reg_weight * reg
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -45,9 +68,7 @@ class FlowMatchingModule(L.LightningModule):
         g = torch.Generator().manual_seed(10_000 + batch_idx)
         sigma = torch.rand(x0.shape[0], generator=g).to(x0.device)  # uniform grid of σ, fixed per batch
         noise = torch.randn(x0.shape, generator=g).to(x0.device)
-        loss = self.loss(batch, sigma, noise)
-        self.log("val/loss", loss, prog_bar=True, batch_size=x0.shape[0])
-        return loss
+        return self._log_losses("val", self.per_sample_loss(batch, sigma, noise), sigma)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.log("train/grad_norm", grad_norm(self.model, norm_type=2)["grad_2.0_norm_total"])

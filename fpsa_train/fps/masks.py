@@ -1,0 +1,234 @@
+"""3D-tile sparsity masks: which key tiles each query tile attends (DESIGN.md, numerics item 6).
+
+Format. Tokens are in tile-major order (models/token_order.py), so a tile is one contiguous run of tokens and a
+mask over tokens collapses to a mask over tile pairs. We store it the way block-sparse kernels read it
+(flash-attention / Triton tutorial block-sparse layouts): per (batch, head, query tile) a `count` and a row of
+ascending key-tile `indices`, padded with -1. A kernel program for query tile u loops over
+`indices[b, h, u, :counts[b, h, u]]` and never touches a skipped pair, so work is proportional to the kept
+pairs, not to N². `to_dense`/`from_dense` convert to a bool (B, H, Nq, Nk) matrix for tests and set algebra.
+B and H may be 1 for a mask shared by the batch and heads (static masks); `expand` broadcasts it (as views).
+
+Patterns.
+- `window_mask`: a static 3D sliding window in tiles, as in STA and FPSAttention (the paper's best is (6,6,1)).
+  It is clipped at the grid edges (edge tiles see fewer tiles; the window is not shifted inward).
+- `topk_mask`: dynamic, content dependent: keep the k key tiles with the highest pooled scores
+  (`pooled_tile_scores`: mean-pooled q·k per tile pair), the query's own tile always among them.
+- `union_mask`: window ∪ top-k keeps the local neighbourhood plus a few far, content-relevant tiles.
+- `LearnedSelector`: a trainable threshold per head on standardised pooled scores. The selection is hard in the
+  forward pass; a straight-through gate (value exactly 1, gradient of a sigmoid) lets the loss reach the scores
+  and the threshold, and a regulariser holds the soft density near the target.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import torch
+from torch import Tensor, nn
+
+from fpsa_train.models.token_order import TokenLayout
+
+
+@dataclass
+class TileMask:
+    """Block-sparse layout over tile pairs, in the counts + indices form that kernels consume."""
+
+    counts: Tensor
+    """int32 (B, H, Nq): how many key tiles each query tile attends."""
+    indices: Tensor
+    """int32 (B, H, Nq, Kmax): key-tile indices, ascending; the first `counts` valid, the rest -1."""
+    num_kv_tiles: int
+    """Nk, the number of key tiles (the dense width)."""
+
+    def __post_init__(self) -> None:
+        if self.counts.dim() != 3 or self.indices.dim() != 4 or self.indices.shape[:3] != self.counts.shape:
+            raise ValueError(f"TileMask: counts (B, H, Nq) and indices (B, H, Nq, Kmax) expected, got "
+                             f"{tuple(self.counts.shape)} and {tuple(self.indices.shape)}")
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """Dense shape (B, H, Nq, Nk)."""
+        return (*self.counts.shape, self.num_kv_tiles)
+
+    def to_dense(self) -> Tensor:
+        """bool (B, H, Nq, Nk)."""
+        idx = self.indices.long()
+        idx = torch.where(idx < 0, self.num_kv_tiles, idx)  # padding → a spare column that is dropped
+        dense = torch.zeros(*self.counts.shape, self.num_kv_tiles + 1, dtype=torch.bool, device=idx.device)
+        dense.scatter_(-1, idx, True)
+        return dense[..., : self.num_kv_tiles]
+
+    @staticmethod
+    def from_dense(dense: Tensor) -> TileMask:
+        """bool (B, H, Nq, Nk) → TileMask with ascending indices and Kmax = max count (at least 1)."""
+        if dense.dim() != 4:
+            raise ValueError(f"TileMask.from_dense: bool (B, H, Nq, Nk) expected, got shape {tuple(dense.shape)}")
+        dense = dense.bool()
+        counts = dense.sum(-1, dtype=torch.int32)  # (B, H, Nq)
+        kmax = max(int(counts.max()) if counts.numel() else 0, 1)
+        # A stable sort of "not kept" puts the kept columns first, in ascending column order.
+        order = torch.sort((~dense).to(torch.uint8), dim=-1, stable=True).indices[..., :kmax]  # (B, H, Nq, Kmax)
+        valid = torch.arange(kmax, device=dense.device) < counts[..., None]
+        indices = torch.where(valid, order, -1).to(torch.int32)
+        return TileMask(counts, indices, dense.shape[-1])
+
+    def density(self) -> Tensor:
+        """fp32 (B, H): mean over query tiles of counts / Nk."""
+        return (self.counts.float() / self.num_kv_tiles).mean(-1)
+
+    def expand(self, batch: int, heads: int) -> TileMask:
+        """Broadcast B and H dims of 1 to (batch, heads) (views: call .contiguous() before a kernel needs it)."""
+        b, h, nq = self.counts.shape
+        if b not in (1, batch) or h not in (1, heads):
+            raise ValueError(f"TileMask.expand: cannot broadcast (B, H) = ({b}, {h}) to ({batch}, {heads})")
+        return TileMask(self.counts.expand(batch, heads, nq),
+                        self.indices.expand(batch, heads, nq, self.indices.shape[-1]), self.num_kv_tiles)
+
+    def to(self, device: torch.device | str) -> TileMask:
+        return TileMask(self.counts.to(device), self.indices.to(device), self.num_kv_tiles)
+
+
+def dense_mask(num_tiles: int, *, device: torch.device | str = "cpu") -> TileMask:
+    """Every query tile attends every key tile: (1, 1, N, N)."""
+    if num_tiles < 1:
+        raise ValueError(f"dense_mask: num_tiles must be >= 1, got {num_tiles}")
+    counts = torch.full((1, 1, num_tiles), num_tiles, dtype=torch.int32, device=device)
+    indices = torch.arange(num_tiles, dtype=torch.int32, device=device).expand(1, 1, num_tiles, num_tiles)
+    return TileMask(counts, indices.contiguous(), num_tiles)
+
+
+def tile_coords(tile_grid: tuple[int, int, int], device: torch.device | str = "cpu") -> Tensor:
+    """int64 (N, 3): (t, h, w) tile coordinates of tile v, tiles numbered in raster order over the tile grid."""
+    axes = [torch.arange(n, device=device) for n in tile_grid]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)  # (N, 3)
+
+
+def window_mask(tile_grid: tuple[int, int, int], window: tuple[int, int, int], *,
+                device: torch.device | str = "cpu") -> TileMask:
+    """Static 3D sliding window, in tiles: (1, 1, N, N).
+
+    Query tile u keeps key tile v when on every axis the offset d = v - u satisfies -((w-1)//2) <= d <= w//2
+    (centred; an even extent puts its extra tile on the later side), clipped at the grid edges (edge tiles keep
+    fewer tiles). An extent larger than the grid on an axis (w > grid) keeps that whole axis.
+    """
+    if len(window) != 3 or any(int(w) < 1 for w in window):
+        raise ValueError(f"window_mask: window must be three tile extents >= 1, got window={tuple(window)}")
+    coords = tile_coords(tile_grid, device)  # (N, 3)
+    offsets = coords[None, :, :] - coords[:, None, :]  # (Nq, Nk, 3): key minus query
+    lo = torch.tensor([-((int(w) - 1) // 2) for w in window], device=device)
+    hi = torch.tensor([int(w) // 2 for w in window], device=device)
+    whole = torch.tensor([int(w) > int(g) for w, g in zip(window, tile_grid)], device=device)
+    keep = (((offsets >= lo) & (offsets <= hi)) | whole).all(-1)  # (Nq, Nk)
+    return TileMask.from_dense(keep[None, None])
+
+
+def token_ranges(layout: TokenLayout) -> Tensor:
+    """int64 (N+1,): tile v holds the tokens [off[v], off[v+1]) in tile-major order."""
+    sizes = layout.tile_sizes()
+    return torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
+
+
+def pooled_tile_scores(q: Tensor, k: Tensor, layout: TokenLayout) -> Tensor:
+    """Mean-pool q and k per tile, then scores = pooled_q @ pooled_kᵀ / sqrt(D): fp32 (B, H, N, N).
+
+    q, k: (B, H, L, D) in tile-major order. Partial edge tiles are averaged over their actual tokens.
+    Differentiable in q and k.
+    """
+    if layout.order != "tile":
+        raise ValueError(f"pooled_tile_scores: needs tokens in tile-major order, got layout.order={layout.order!r}")
+    if q.dim() != 4 or k.shape != q.shape or q.shape[2] != layout.seq_len:
+        raise ValueError(f"pooled_tile_scores: q, k must both be (B, H, L={layout.seq_len}, D), "
+                         f"got {tuple(q.shape)} and {tuple(k.shape)}")
+    sizes = layout.tile_sizes().to(q.device)  # (N,)
+    n, d = sizes.numel(), q.shape[-1]
+    tile_of_token = torch.repeat_interleave(torch.arange(n, device=q.device), sizes)  # (L,)
+
+    def pool(x: Tensor) -> Tensor:
+        x = x.float()
+        summed = x.new_zeros(x.shape[0], x.shape[1], n, d).index_add(2, tile_of_token, x)  # (B, H, N, D)
+        return summed / sizes[:, None].to(x.dtype)
+
+    return pool(q) @ pool(k).transpose(-1, -2) / math.sqrt(d)  # (B, H, N, N)
+
+
+def topk_mask(scores: Tensor, k: int) -> TileMask:
+    """Keep min(k, N) key tiles per query tile: its own tile (forced in) plus the k-1 best-scoring others.
+
+    scores: (B, H, N, N). Ties go to the lower key index; NaN scores rank last.
+    """
+    if k < 1:
+        raise ValueError(f"topk_mask: k must be >= 1, got k={k}")
+    if scores.dim() != 4 or scores.shape[-1] != scores.shape[-2]:
+        raise ValueError(f"topk_mask: scores must be (B, H, N, N), got {tuple(scores.shape)}")
+    n = scores.shape[-1]
+    with torch.no_grad():
+        s = scores.float().nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+        own = torch.eye(n, dtype=torch.bool, device=s.device)
+        # Rank by (own first, then score descending); the stable sort breaks ties by lower index.
+        key = torch.where(own, math.inf, torch.where(s == math.inf, torch.finfo(s.dtype).max, s))
+        top = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., : min(k, n)]  # (B, H, N, k)
+        dense = torch.zeros(s.shape, dtype=torch.bool, device=s.device).scatter_(-1, top, True)
+    return TileMask.from_dense(dense)
+
+
+def union_mask(a: TileMask, b: TileMask) -> TileMask:
+    """Per (batch, head, query tile) union of the key sets; B and H dims of 1 broadcast."""
+    if a.num_kv_tiles != b.num_kv_tiles or a.counts.shape[-1] != b.counts.shape[-1]:
+        raise ValueError(f"union_mask: shapes (B, H, Nq, Nk) {a.shape} and {b.shape} differ in Nq or Nk")
+    return TileMask.from_dense(a.to_dense() | b.to_dense().to(a.counts.device))
+
+
+class LearnedSelector(nn.Module):
+    """Trainable tile selection for one attention layer: a per-head threshold on standardised pooled scores.
+
+    z[b,h,u,v] = (scores[b,h,u,v] - mean_v) / std_v + bias[h]; kept = z > 0, or v == u, or v in `static`.
+    Standardising per query row makes the bias a density knob: for standard-normal scores a bias of
+    Φ⁻¹(ρ) keeps a fraction ρ of the tiles, which is the initialisation.
+
+    Gradient (straight-through surrogate): `gate` = 1 + (soft - soft.detach()) with soft = sigmoid(z / T). Its
+    forward value is exactly 1.0, so multiplying the kept tile pairs' unnormalised probabilities by
+    gate[b,h,u,v] changes nothing in the forward pass, while the backward passes d(loss)/d(gate) through the
+    sigmoid to the scores (hence q, k) and to the bias. Limitation: dropped pairs are never computed, so they
+    get no gradient: the task loss can only learn to drop tiles, never to add one. `reg_loss` =
+    (mean soft - ρ)² is what pushes the density back up (or down) towards the target.
+    """
+
+    def __init__(self, num_heads: int, target_density: float, temperature: float = 1.0, eps: float = 1e-6):
+        super().__init__()
+        if not 0.0 < target_density <= 1.0:
+            raise ValueError(f"LearnedSelector: target_density must be in (0, 1], got {target_density}")
+        if not temperature > 0.0:
+            raise ValueError(f"LearnedSelector: temperature must be > 0, got {temperature}")
+        if num_heads < 1:
+            raise ValueError(f"LearnedSelector: num_heads must be >= 1, got {num_heads}")
+        self.num_heads, self.target_density, self.temperature, self.eps = num_heads, target_density, temperature, eps
+        # Φ⁻¹(1) is infinite: clamp to a finite bias (about 4.75 standard deviations) that still keeps ~all.
+        init = NormalDist().inv_cdf(min(max(target_density, 1e-6), 1.0 - 1e-6))
+        self.bias = nn.Parameter(torch.full((num_heads,), init))
+
+    def forward(self, scores: Tensor, static: TileMask | None = None) -> tuple[TileMask, Tensor, Tensor]:
+        """scores (B, H, N, N) → (mask, gate fp32 (B, H, N, N) of value 1.0, reg_loss scalar)."""
+        if scores.dim() != 4 or scores.shape[1] != self.num_heads or scores.shape[-1] != scores.shape[-2]:
+            raise ValueError(f"LearnedSelector: scores must be (B, H={self.num_heads}, N, N), "
+                             f"got {tuple(scores.shape)}")
+        s = scores.float()
+        mean = s.mean(-1, keepdim=True)  # (B, H, N, 1)
+        var = s.var(-1, unbiased=False, keepdim=True)  # (B, H, N, 1)
+        z = (s - mean) * torch.rsqrt(var + self.eps) + self.bias.float()[None, :, None, None]  # (B, H, N, N)
+        n = s.shape[-1]
+        with torch.no_grad():
+            keep = (z > 0) | torch.eye(n, dtype=torch.bool, device=s.device)
+            if static is not None:
+                if static.num_kv_tiles != n or static.counts.shape[-1] != n:
+                    raise ValueError(f"LearnedSelector: static mask {static.shape} does not match scores "
+                                     f"{tuple(s.shape)}")
+                keep = keep | static.to_dense().to(s.device)
+        soft = torch.sigmoid(z / self.temperature)
+        gate = 1.0 + (soft - soft.detach())  # exactly 1.0 forward: x - x == 0 for every finite x
+        reg_loss = (soft.mean() - self.target_density) ** 2
+        return TileMask.from_dense(keep), gate, reg_loss
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, target_density={self.target_density}, temperature={self.temperature}"

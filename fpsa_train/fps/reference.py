@@ -1,0 +1,138 @@
+"""FPS attention, the PyTorch reference: the specification every kernel is tested against (DESIGN.md).
+
+For one regime, on q, k, v (B, H, L, D) whose tokens are in tile-major order:
+1. Q, K → e4m3 with one scale per quantization group, V → e4m3 per head-dim channel (fps/fp8.py);
+2. query tile u attends the key tiles of the regime's mask M(u) only (fps/masks.py);
+3. S = Q̂ K̂ᵀ / √D in fp32; P = exp(S − rowmax) over the kept keys; ℓ = Σ P (fp32, unquantized);
+4. P̂ = e4m3(P·448)/448; O = P̂ V̂ / ℓ, returned in fp32 (the kernels write bf16).
+Quantization (regime.quant = None) and masking (pattern dense) can each be off, for ablations.
+
+The row max and ℓ are those of the exact softmax over the kept keys; a kernel's online softmax quantizes P against
+a running max instead, which is its own rounding: kernel tests derive their tolerance from that difference.
+
+Two evaluations of the same definition: `attention_tiles` loops over query tiles and computes only the kept
+tile pairs (so it runs at a few thousand tokens on CPU and its cost falls with density), and
+`attention_materialized` builds the full (L, L) score matrix with a token mask (tiny shapes, tests). Both are
+differentiable: straight-through estimators through every rounding, and the learned selector's gate (forward value
+1) multiplies each kept tile pair's P so its scores receive gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fpsa_train.fps.fp8 import check_finite, quantize_p, quantize_qk, quantize_v
+from fpsa_train.fps.masks import (LearnedSelector, TileMask, dense_mask, pooled_tile_scores, token_ranges,
+                                  topk_mask, union_mask, window_mask)
+from fpsa_train.fps.schedule import Regime
+from fpsa_train.models.token_order import TokenLayout
+
+
+@dataclass
+class RegimeMask:
+    """The mask a regime selects for one batch, with what training needs from it."""
+
+    mask: TileMask
+    gate: torch.Tensor | None  # (B, H, N, N) forward value 1 (learned selector only)
+    reg_loss: torch.Tensor | None  # the selector's density regulariser
+
+
+def select_tiles(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, regime: Regime,
+                 selector: LearnedSelector | None = None) -> RegimeMask:
+    """The key tiles each query tile attends under `regime` (q, k unquantized, tile-major)."""
+    n = len(layout.tile_sizes())
+    static = window_mask(layout.tile_grid, regime.window) if regime.window is not None else None
+    if regime.pattern == "dense":
+        return RegimeMask(dense_mask(n), None, None)
+    if regime.pattern == "window":
+        return RegimeMask(static, None, None)
+    if regime.pattern in ("topk", "window_topk"):
+        with torch.no_grad():  # a hard, non-trainable selection
+            dynamic = topk_mask(pooled_tile_scores(q, k, layout), regime.topk)
+        return RegimeMask(dynamic if static is None else union_mask(static, dynamic), None, None)
+    if selector is None:
+        raise ValueError(f"regime {regime.name!r} is `learned` but no LearnedSelector was given")
+    mask, gate, reg = selector(pooled_tile_scores(q, k, layout), static)
+    return RegimeMask(mask, gate, reg)
+
+
+def quantize_inputs(q, k, v, layout: TokenLayout, regime: Regime):
+    """(q̂, k̂, v̂) in fp32: fake-quantized per the regime, or the fp32 inputs when it does not quantize."""
+    q, k, v = q.float(), k.float(), v.float()
+    if regime.quant is None:
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            check_finite(x, name)
+        return q, k, v
+    return quantize_qk(q, layout, regime.quant)[0], quantize_qk(k, layout, regime.quant)[0], quantize_v(v)[0]
+
+
+def _softmax_pv(s: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None, quantized: bool) -> torch.Tensor:
+    """O = e4m3(P·448)/448 · V / ℓ with P = exp(S − rowmax) (masked scores are −inf → P = 0)."""
+    p = torch.exp(s - s.amax(dim=-1, keepdim=True).detach())  # (..., Lq, Lk), in [0, 1]
+    if gate is not None:
+        p = p * gate
+    denom = p.sum(dim=-1, keepdim=True)  # ℓ, fp32, from the unquantized P
+    p_hat = quantize_p(p) if quantized else p
+    return (p_hat @ v) / denom
+
+
+def attention_tiles(q, k, v, layout: TokenLayout, regime: Regime,
+                    selector: LearnedSelector | None = None) -> tuple[torch.Tensor, RegimeMask]:
+    """FPS attention computing only the kept tile pairs: (out (B, H, L, D) fp32, the mask used)."""
+    _require_tile_order(layout)
+    sel = select_tiles(q, k, layout, regime, selector)
+    qh, kh, vh = quantize_inputs(q, k, v, layout, regime)
+    off = token_ranges(layout).tolist()
+    sizes = layout.tile_sizes()
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    b, h = q.shape[:2]
+    counts, indices = sel.mask.counts, sel.mask.indices
+    shared = counts.shape[0] == 1 and counts.shape[1] == 1  # static mask: one key list for all (b, h)
+    rows = [(slice(None), slice(None), 0, 0)] if shared else [(i, j, i, j) for i in range(b) for j in range(h)]
+    pieces = []
+    for bi, hj, mb, mh in rows:
+        for u in range(len(sizes)):
+            kv = indices[mb, mh, u, : int(counts[mb, mh, u])]  # kept key tiles of query tile u
+            keys = torch.cat([torch.arange(off[t], off[t + 1]) for t in kv.tolist()])  # their tokens
+            qu = qh[bi, hj, off[u]: off[u + 1]]  # (B, H, Lu, D) or (Lu, D)
+            s = (qu @ kh[bi, hj][..., keys, :].transpose(-1, -2)) * scale  # (…, Lu, Lk)
+            gate = None
+            if sel.gate is not None:
+                gate = sel.gate[bi, hj, u, kv.long()].repeat_interleave(sizes[kv.long()], dim=-1)  # (…, Lk)
+                gate = gate.unsqueeze(-2)  # (…, 1, Lk)
+            pieces.append(((bi, hj, u), _softmax_pv(s, vh[bi, hj][..., keys, :], gate, regime.quantized)))
+    return _assemble(pieces, qh.shape, shared), sel
+
+
+def _assemble(pieces, shape, shared: bool) -> torch.Tensor:
+    """Concatenate per-(b, h, query tile) outputs back into (B, H, L, D)."""
+    b, h = shape[:2]
+    if shared:
+        return torch.cat([o for _, o in pieces], dim=2)  # tiles in order along L
+    per_bh: dict[tuple[int, int], list[torch.Tensor]] = {}
+    for (bi, hj, _), o in pieces:
+        per_bh.setdefault((bi, hj), []).append(o)
+    rows = [torch.stack([torch.cat(per_bh[(bi, hj)], dim=0) for hj in range(h)]) for bi in range(b)]
+    return torch.stack(rows)  # (B, H, L, D)
+
+
+def attention_materialized(q, k, v, layout: TokenLayout, regime: Regime,
+                           selector: LearnedSelector | None = None) -> tuple[torch.Tensor, RegimeMask]:
+    """The same definition on the full (L, L) score matrix with a token-level mask (tiny shapes only)."""
+    _require_tile_order(layout)
+    sel = select_tiles(q, k, layout, regime, selector)
+    qh, kh, vh = quantize_inputs(q, k, v, layout, regime)
+    tile_of = torch.repeat_interleave(torch.arange(len(layout.tile_sizes())), layout.tile_sizes())  # (L,)
+    keep = sel.mask.to_dense()[..., tile_of, :][..., tile_of]  # (B|1, H|1, L, L)
+    s = (qh @ kh.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, H, L, L)
+    s = s.masked_fill(~keep, float("-inf"))
+    gate = None if sel.gate is None else sel.gate[..., tile_of, :][..., tile_of]
+    return _softmax_pv(s, vh, gate, regime.quantized), sel
+
+
+def _require_tile_order(layout: TokenLayout) -> None:
+    if layout.order != "tile":
+        raise ValueError("FPS attention needs tokens in tile-major order: set model.token_order=tile")

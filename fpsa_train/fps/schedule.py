@@ -1,0 +1,227 @@
+"""The step-aware schedule: which quantization granularity and which sparsity pattern at which noise level σ.
+
+A schedule is an ordered list of regimes, each owning an interval of σ ∈ [0, 1] (σ = 1 is pure noise, the first
+sampling step). Together the intervals cover [0, 1] exactly: no gap, no overlap; a regime owns [lo, hi) and the
+last one also owns σ = 1. Training draws σ per sample and runs that sample through the regime that owns it, so
+each regime is trained exactly as it will be deployed; the sampler picks the regime from the current σ.
+
+A regime is (quantization, sparsity):
+- `quant`: null (no quantization) or a `QuantGranularity` group for Q/K scales (fps/fp8.py): `tiles` (coarse:
+  a block of factor tiles), `tile`, `subtile` (tile split by factor), `token`. V is always per channel and P
+  always uses the fixed scale 448 when `quant` is set.
+- `sparsity.pattern`: `dense`, `window` (static 3D sliding window in tiles), `topk` (dynamic top-k per query
+  tile by pooled Q·K scores), `window_topk` (their union), or `learned` (trainable selector aiming at
+  `target_density`, unioned with the window when `window` is given).
+
+The config dataclasses here are the Hydra schema of the `fps` group; `Schedule.from_config` validates them and
+names the bad field (`fps.regimes[1].sparsity.window`, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import OmegaConf
+
+from fpsa_train.fps.fp8 import QuantGranularity
+
+PATTERNS = ("dense", "window", "topk", "window_topk", "learned")
+
+
+@dataclass
+class QuantConfig:
+    group: str = "tile"
+    """Q/K scale group: `tiles` (coarse), `tile`, `subtile` (fine) or `token`."""
+    factor: list[int] = field(default_factory=lambda: [1, 1, 1])
+    """Tiles per group (`tiles`) or splits per tile axis (`subtile`), per axis (t, h, w)."""
+
+
+@dataclass
+class SparsityConfig:
+    pattern: str = "dense"
+    """`dense`, `window`, `topk`, `window_topk` or `learned`."""
+    window: Optional[list[int]] = None
+    """Window extent in tiles per axis (t, h, w), centred on the query tile, clipped at the grid edges."""
+    topk: Optional[int] = None
+    """Key tiles kept per query tile by pooled Q·K score (own tile included)."""
+    target_density: Optional[float] = None
+    """Fraction of key tiles the learned selector aims to keep (its regulariser holds it there)."""
+    temperature: float = 1.0
+    """Temperature of the learned selector's sigmoid surrogate."""
+
+
+@dataclass
+class RegimeConfig:
+    name: str = "???"
+    """Short name, used in logs (`train/loss/<name>`) and in the exported schedule."""
+    sigma: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    """[lo, hi): the noise levels this regime owns (the last regime also owns σ = 1)."""
+    quant: Optional[QuantConfig] = None
+    """Quantization of Q/K (V per channel, P fixed-scale follow it); null = no quantization."""
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    """Which tile pairs are computed."""
+
+
+@dataclass
+class FPSConfig:
+    enabled: bool = True
+    """Swap the DiT's self-attention for FPS attention; false keeps dense SDPA."""
+    regimes: list[RegimeConfig] = field(default_factory=lambda: [RegimeConfig(name="all")])
+    """The schedule, ordered by σ."""
+    schedule_file: Optional[str] = None
+    """A YAML file with `regimes:` (e.g. written by `python -m fpsa_train.calibrate`) used instead of `regimes`."""
+    selector_reg_weight: float = 0.01
+    """Weight of the learned selectors' density regulariser in the training loss."""
+    materialize: bool = False
+    """Use the fully materialised reference (tiny shapes only) instead of the tile loop."""
+
+
+@dataclass(frozen=True)
+class Regime:
+    name: str
+    lo: float
+    hi: float
+    quant: Optional[QuantGranularity]
+    pattern: str
+    window: Optional[tuple[int, int, int]]
+    topk: Optional[int]
+    target_density: Optional[float]
+    temperature: float
+
+    @property
+    def quantized(self) -> bool:
+        return self.quant is not None
+
+    def describe(self) -> str:
+        q = "no quant" if self.quant is None else f"fp8 {self.quant.group}{list(self.quant.factor)}"
+        s = self.pattern
+        if self.window:
+            s += f" window={list(self.window)}"
+        if self.topk:
+            s += f" topk={self.topk}"
+        if self.target_density:
+            s += f" density={self.target_density}"
+        return f"{self.name}: σ∈[{self.lo:g}, {self.hi:g}{']' if self.hi == 1 else ')'} {q}, {s}"
+
+
+class ScheduleError(ValueError):
+    """A schedule that does not validate; the message names the field."""
+
+
+def _regime(cfg: RegimeConfig, where: str, tile_shape: tuple[int, int, int]) -> Regime:
+    if len(cfg.sigma) != 2 or not 0 <= cfg.sigma[0] < cfg.sigma[1] <= 1:
+        raise ScheduleError(f"{where}.sigma={list(cfg.sigma)}: expected [lo, hi] with 0 <= lo < hi <= 1")
+    quant = None
+    if cfg.quant is not None:
+        try:
+            quant = QuantGranularity(cfg.quant.group, tuple(int(f) for f in cfg.quant.factor))
+            quant.group_shape(tile_shape)
+        except ValueError as err:
+            raise ScheduleError(f"{where}.quant: {err}") from None
+    sp = cfg.sparsity
+    if sp.pattern not in PATTERNS:
+        raise ScheduleError(f"{where}.sparsity.pattern={sp.pattern!r}: expected one of {PATTERNS}")
+    needs_window = sp.pattern in ("window", "window_topk")
+    if needs_window and sp.window is None:
+        raise ScheduleError(f"{where}.sparsity.window is required for pattern {sp.pattern!r}")
+    if sp.window is not None and (len(sp.window) != 3 or any(int(w) < 1 for w in sp.window)):
+        raise ScheduleError(f"{where}.sparsity.window={list(sp.window)}: expected three extents >= 1 (tiles)")
+    if sp.pattern in ("topk", "window_topk") and (sp.topk is None or sp.topk < 1):
+        raise ScheduleError(f"{where}.sparsity.topk={sp.topk}: pattern {sp.pattern!r} needs topk >= 1")
+    if sp.pattern == "learned":
+        if sp.target_density is None or not 0 < sp.target_density <= 1:
+            raise ScheduleError(f"{where}.sparsity.target_density={sp.target_density}: expected a value in (0, 1]")
+        if sp.temperature <= 0:
+            raise ScheduleError(f"{where}.sparsity.temperature={sp.temperature} must be > 0")
+    window = tuple(int(w) for w in sp.window) if sp.window is not None and sp.pattern != "dense" else None
+    return Regime(cfg.name, float(cfg.sigma[0]), float(cfg.sigma[1]), quant, sp.pattern, window,
+                  sp.topk if sp.pattern in ("topk", "window_topk") else None,
+                  sp.target_density if sp.pattern == "learned" else None, float(sp.temperature))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    regimes: tuple[Regime, ...]
+
+    @staticmethod
+    def from_config(cfg: FPSConfig, tile_shape: tuple[int, int, int]) -> "Schedule":
+        regimes_cfg = cfg.regimes
+        source = "fps.regimes"
+        if cfg.schedule_file:
+            regimes_cfg = load_schedule_file(cfg.schedule_file)
+            source = f"{cfg.schedule_file}: regimes"
+        if not regimes_cfg:
+            raise ScheduleError(f"{source} is empty: give at least one regime covering σ ∈ [0, 1]")
+        regimes = [_regime(r, f"{source}[{i}]", tuple(tile_shape)) for i, r in enumerate(regimes_cfg)]
+        names = [r.name for r in regimes]
+        if len(set(names)) != len(names) or any(n in ("", "???") for n in names):
+            raise ScheduleError(f"{source}: regime names must be set and unique, got {names}")
+        ordered = sorted(regimes, key=lambda r: r.lo)
+        if ordered[0].lo != 0:
+            raise ScheduleError(f"{source}: σ from 0 to {ordered[0].lo:g} is not covered (first regime "
+                                f"{ordered[0].name!r} starts at {ordered[0].lo:g})")
+        if ordered[-1].hi != 1:
+            raise ScheduleError(f"{source}: σ from {ordered[-1].hi:g} to 1 is not covered (regime "
+                                f"{ordered[-1].name!r} ends at {ordered[-1].hi:g})")
+        for a, b in zip(ordered, ordered[1:]):
+            if a.hi < b.lo:
+                raise ScheduleError(f"{source}: gap in σ between {a.hi:g} ({a.name!r}) and {b.lo:g} ({b.name!r})")
+            if a.hi > b.lo:
+                raise ScheduleError(f"{source}: regimes {a.name!r} [{a.lo:g}, {a.hi:g}) and {b.name!r} "
+                                    f"[{b.lo:g}, {b.hi:g}) overlap")
+        return Schedule(tuple(ordered))
+
+    def regime_index(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Index of the regime that owns each σ (int64, same shape as sigma). Boundaries are compared in fp32,
+        the dtype σ has in training and sampling, so σ = 0.9 lands in the regime that starts at 0.9."""
+        edges = torch.tensor([r.hi for r in self.regimes[:-1]], dtype=torch.float32, device=sigma.device)
+        return torch.bucketize(sigma.detach().float(), edges, right=True)
+
+    def regime_for(self, sigma: float) -> Regime:
+        return self.regimes[int(self.regime_index(torch.tensor([sigma]))[0])]
+
+    def validate_grid(self, tile_grid: tuple[int, int, int], grid: tuple[int, int, int]) -> None:
+        """Checks that need the token grid: every tile shape fits inside it."""
+        for r in self.regimes:
+            if r.pattern in ("topk", "window_topk") and r.topk and r.topk > 1 and r.topk > _prod(tile_grid):
+                raise ScheduleError(f"regime {r.name!r}: topk={r.topk} exceeds the {_prod(tile_grid)} tiles of the "
+                                    f"token grid {tuple(grid)}")
+
+    def to_dict(self) -> dict:
+        """Plain-data form (what the configs accept and export writes as JSON)."""
+        out = []
+        for r in self.regimes:
+            entry = {"name": r.name, "sigma": [r.lo, r.hi],
+                     "quant": None if r.quant is None else {"group": r.quant.group, "factor": list(r.quant.factor)},
+                     "sparsity": {"pattern": r.pattern}}
+            for key in ("window", "topk", "target_density"):
+                value = getattr(r, key)
+                if value is not None:
+                    entry["sparsity"][key] = list(value) if key == "window" else value
+            if r.pattern == "learned":
+                entry["sparsity"]["temperature"] = r.temperature
+            out.append(entry)
+        return {"regimes": out}
+
+
+def _prod(xs) -> int:
+    n = 1
+    for x in xs:
+        n *= int(x)
+    return n
+
+
+def load_schedule_file(path: str | Path) -> list[RegimeConfig]:
+    """Regimes from a YAML file with a top-level `regimes:` list, type-checked against RegimeConfig."""
+    path = Path(path)
+    if not path.is_file():
+        raise ScheduleError(f"fps.schedule_file={str(path)!r} does not exist")
+    raw = OmegaConf.load(path)
+    if "regimes" not in raw:
+        raise ScheduleError(f"{path}: expected a top-level `regimes:` list")
+    schema = OmegaConf.structured(FPSConfig)
+    merged = OmegaConf.merge(schema, {"regimes": raw.regimes})
+    return OmegaConf.to_object(merged).regimes

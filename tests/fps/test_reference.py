@@ -1,0 +1,111 @@
+"""The reference FPS attention: tile loop = materialised, dense regime = plain attention, gradients flow."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fpsa_train.fps.fp8 import QuantGranularity, sqnr_db
+from fpsa_train.fps.masks import LearnedSelector
+from fpsa_train.fps.reference import attention_materialized, attention_tiles
+from fpsa_train.fps.schedule import Regime
+from fpsa_train.models.token_order import TokenLayout
+
+LAYOUT = TokenLayout((5, 6, 9), "tile", (2, 4, 4))  # 270 tokens, 3×2×3 tiles, partial at every far edge
+
+
+def regime(pattern="dense", quant="tile", window=None, topk=None, density=None, name="r") -> Regime:
+    q = None if quant is None else QuantGranularity(quant, (2, 2, 2) if quant in ("tiles", "subtile") else (1, 1, 1))
+    return Regime(name, 0.0, 1.0, q, pattern, window, topk, density, 1.0)
+
+
+def qkv(b=2, h=3, d=16, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, LAYOUT.seq_len, d, generator=g).requires_grad_(requires_grad) for _ in range(3)]
+
+
+REGIMES = [
+    regime("dense", None), regime("dense", "tile"), regime("dense", "subtile"), regime("dense", "tiles"),
+    regime("dense", "token"), regime("window", None, window=(1, 1, 1)), regime("window", "tile", window=(3, 1, 2)),
+    regime("topk", "tile", topk=3), regime("window_topk", "subtile", window=(1, 1, 1), topk=2),
+]
+
+
+@pytest.mark.parametrize("reg", REGIMES, ids=lambda r: f"{r.pattern}-{r.quant.group if r.quant else 'noquant'}")
+def test_tile_loop_equals_materialized(reg):
+    q, k, v = qkv()
+    a, mask_a = attention_tiles(q, k, v, LAYOUT, reg)
+    b, mask_b = attention_materialized(q, k, v, LAYOUT, reg)
+    assert torch.equal(mask_a.mask.to_dense(), mask_b.mask.to_dense())
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), f"max diff {(a - b).abs().max():.3g}"
+
+
+def test_dense_unquantized_is_plain_attention():
+    q, k, v = qkv()
+    out, _ = attention_tiles(q, k, v, LAYOUT, regime("dense", None))
+    ref = F.scaled_dot_product_attention(q, k, v)
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_window_masks_out_far_keys():
+    """With a (1,1,1) window each query tile sees only its own tile: changing other tiles' values does nothing."""
+    q, k, v = qkv(b=1, h=1)
+    reg = regime("window", None, window=(1, 1, 1))
+    out, _ = attention_tiles(q, k, v, LAYOUT, reg)
+    v2 = v.clone()
+    v2[..., 32:, :] += 100.0  # tiles after the first
+    out2, _ = attention_tiles(q, k, v2, LAYOUT, reg)
+    assert torch.equal(out[..., :32, :], out2[..., :32, :]) and not torch.allclose(out[..., 32:, :], out2[..., 32:, :])
+
+
+@pytest.mark.parametrize("group, floor", [("token", 25.0), ("subtile", 25.0), ("tile", 25.0)])
+def test_quantized_attention_sqnr_floor(group, floor):
+    q, k, v = qkv(b=1, h=2, d=64, seed=3)
+    ref, _ = attention_tiles(q, k, v, LAYOUT, regime("dense", None))
+    out, _ = attention_tiles(q, k, v, LAYOUT, regime("dense", group))
+    assert sqnr_db(ref, out) > floor, f"{group}: {sqnr_db(ref, out):.1f} dB"
+
+
+@pytest.mark.parametrize("reg", [regime("dense", "tile"), regime("window_topk", "subtile", window=(1, 1, 1), topk=2)],
+                         ids=["dense", "window_topk"])
+def test_gradients_flow_and_match_materialized(reg):
+    grads = []
+    for fn in (attention_tiles, attention_materialized):
+        q, k, v = qkv(b=1, h=2, seed=5, requires_grad=True)
+        out, _ = fn(q, k, v, LAYOUT, reg)
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        grads.append([t.grad for t in (q, k, v)])
+        assert all(t.grad.isfinite().all() and t.grad.abs().sum() > 0 for t in (q, k, v))
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_learned_selector_gets_gradient_and_keeps_output_unchanged():
+    q, k, v = qkv(b=2, h=3, seed=7, requires_grad=True)
+    selector = LearnedSelector(num_heads=3, target_density=0.5)
+    reg = regime("learned", "tile", window=(1, 1, 1), density=0.5)
+    out, sel = attention_tiles(q, k, v, LAYOUT, reg, selector)
+    out_m, _ = attention_materialized(q, k, v, LAYOUT, reg, selector)
+    assert torch.allclose(out, out_m, rtol=1e-5, atol=1e-6)
+    (out.square().sum() + sel.reg_loss).backward()
+    assert selector.bias.grad is not None and selector.bias.grad.abs().sum() > 0
+    assert torch.isfinite(selector.bias.grad).all()
+    assert 0 < float(sel.mask.density().mean()) < 1
+
+
+def test_nonfinite_input_is_an_error():
+    q, k, v = qkv(b=1, h=1)
+    q[0, 0, 5, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        attention_tiles(q, k, v, LAYOUT, regime("dense", "tile"))
+    with pytest.raises(ValueError, match="non-finite"):
+        attention_tiles(q, k, v, LAYOUT, regime("dense", None))
+
+
+def test_raster_layout_is_refused():
+    q, k, v = qkv(b=1, h=1)
+    with pytest.raises(ValueError, match="token_order=tile"):
+        attention_tiles(q, k, v, TokenLayout((5, 6, 9), "raster", (2, 4, 4)), regime())
