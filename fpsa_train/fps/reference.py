@@ -81,42 +81,38 @@ def _softmax_pv(s: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None, qua
 
 def attention_tiles(q, k, v, layout: TokenLayout, regime: Regime,
                     selector: LearnedSelector | None = None) -> tuple[torch.Tensor, RegimeMask]:
-    """FPS attention computing only the kept tile pairs: (out (B, H, L, D) fp32, the mask used)."""
+    """FPS attention computing only the kept tile pairs: (out (B, H, L, D) fp32, the mask used).
+
+    One step per query tile u: the kept key tiles of every (b, h) are gathered side by side, each padded to the
+    largest tile size (pads and unused mask slots score −inf), so the work is the kept pairs plus edge padding.
+    """
     _require_tile_order(layout)
     sel = select_tiles(q, k, layout, regime, selector)
     qh, kh, vh = quantize_inputs(q, k, v, layout, regime)
-    off = token_ranges(layout).tolist()
-    sizes = layout.tile_sizes()
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    b, h = q.shape[:2]
-    counts, indices = sel.mask.counts, sel.mask.indices
-    shared = counts.shape[0] == 1 and counts.shape[1] == 1  # static mask: one key list for all (b, h)
-    rows = [(slice(None), slice(None), 0, 0)] if shared else [(i, j, i, j) for i in range(b) for j in range(h)]
-    pieces = []
-    for bi, hj, mb, mh in rows:
-        for u in range(len(sizes)):
-            kv = indices[mb, mh, u, : int(counts[mb, mh, u])]  # kept key tiles of query tile u
-            keys = torch.cat([torch.arange(off[t], off[t + 1]) for t in kv.tolist()])  # their tokens
-            qu = qh[bi, hj, off[u]: off[u + 1]]  # (B, H, Lu, D) or (Lu, D)
-            s = (qu @ kh[bi, hj][..., keys, :].transpose(-1, -2)) * scale  # (…, Lu, Lk)
-            gate = None
-            if sel.gate is not None:
-                gate = sel.gate[bi, hj, u, kv.long()].repeat_interleave(sizes[kv.long()], dim=-1)  # (…, Lk)
-                gate = gate.unsqueeze(-2)  # (…, 1, Lk)
-            pieces.append(((bi, hj, u), _softmax_pv(s, vh[bi, hj][..., keys, :], gate, regime.quantized)))
-    return _assemble(pieces, qh.shape, shared), sel
-
-
-def _assemble(pieces, shape, shared: bool) -> torch.Tensor:
-    """Concatenate per-(b, h, query tile) outputs back into (B, H, L, D)."""
-    b, h = shape[:2]
-    if shared:
-        return torch.cat([o for _, o in pieces], dim=2)  # tiles in order along L
-    per_bh: dict[tuple[int, int], list[torch.Tensor]] = {}
-    for (bi, hj, _), o in pieces:
-        per_bh.setdefault((bi, hj), []).append(o)
-    rows = [torch.stack([torch.cat(per_bh[(bi, hj)], dim=0) for hj in range(h)]) for bi in range(b)]
-    return torch.stack(rows)  # (B, H, L, D)
+    b, h, _, d = qh.shape
+    mask = sel.mask.expand(b, h)
+    off = token_ranges(layout).to(qh.device)  # (N+1,)
+    sizes = off[1:] - off[:-1]  # (N,)
+    span = torch.arange(int(sizes.max()), device=qh.device)  # (T,) offsets inside a tile
+    scale = 1.0 / math.sqrt(d)
+    outputs = []
+    for u in range(len(sizes)):
+        kmax = int(mask.counts[:, :, u].max())
+        kv = mask.indices[:, :, u, :kmax].long()  # (B, H, K) kept key tiles, −1 = unused slot
+        tile = kv.clamp(min=0)
+        tok = off[tile].unsqueeze(-1) + span  # (B, H, K, T) key tokens
+        valid = (kv >= 0).unsqueeze(-1) & (span < sizes[tile].unsqueeze(-1))  # (B, H, K, T)
+        tok = torch.where(valid, tok, torch.zeros_like(tok)).flatten(2)  # (B, H, K·T)
+        idx = tok.unsqueeze(-1).expand(-1, -1, -1, d)  # (B, H, K·T, D)
+        qu = qh[:, :, int(off[u]): int(off[u + 1])]  # (B, H, Lu, D)
+        s = (qu @ kh.gather(2, idx).transpose(-1, -2)) * scale  # (B, H, Lu, K·T)
+        s = s.masked_fill(~valid.flatten(2).unsqueeze(-2), float("-inf"))
+        gate = None
+        if sel.gate is not None:
+            gate = sel.gate[:, :, u].gather(-1, tile)  # (B, H, K) one gate per kept tile pair
+            gate = gate.unsqueeze(-1).expand(-1, -1, -1, span.numel()).flatten(2).unsqueeze(-2)  # (B, H, 1, K·T)
+        outputs.append(_softmax_pv(s, vh.gather(2, idx), gate, regime.quantized))  # (B, H, Lu, D)
+    return torch.cat(outputs, dim=2), sel
 
 
 def attention_materialized(q, k, v, layout: TokenLayout, regime: Regime,
