@@ -203,7 +203,7 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
-def resolve(cfg: DictConfig) -> TrainConfig:
+def resolve(cfg: DictConfig):
     """Composed config → validated dataclasses. Missing mandatory values (`???`) name their key and the fix."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:

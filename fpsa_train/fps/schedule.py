@@ -111,7 +111,8 @@ class ScheduleError(ValueError):
     """A schedule that does not validate; the message names the field."""
 
 
-def _regime(cfg: RegimeConfig, where: str, tile_shape: tuple[int, int, int]) -> Regime:
+def regime_from_config(cfg: RegimeConfig, where: str, tile_shape: tuple[int, int, int]) -> Regime:
+    """A validated Regime; errors name the field, prefixed by `where` (e.g. `fps.regimes[1]`)."""
     if len(cfg.sigma) != 2 or not 0 <= cfg.sigma[0] < cfg.sigma[1] <= 1:
         raise ScheduleError(f"{where}.sigma={list(cfg.sigma)}: expected [lo, hi] with 0 <= lo < hi <= 1")
     quant = None
@@ -155,7 +156,7 @@ class Schedule:
             source = f"{cfg.schedule_file}: regimes"
         if not regimes_cfg:
             raise ScheduleError(f"{source} is empty: give at least one regime covering σ ∈ [0, 1]")
-        regimes = [_regime(r, f"{source}[{i}]", tuple(tile_shape)) for i, r in enumerate(regimes_cfg)]
+        regimes = [regime_from_config(r, f"{source}[{i}]", tuple(tile_shape)) for i, r in enumerate(regimes_cfg)]
         names = [r.name for r in regimes]
         if len(set(names)) != len(names) or any(n in ("", "???") for n in names):
             raise ScheduleError(f"{source}: regime names must be set and unique, got {names}")
@@ -192,19 +193,16 @@ class Schedule:
 
     def to_dict(self) -> dict:
         """Plain-data form (what the configs accept and export writes as JSON)."""
-        out = []
-        for r in self.regimes:
-            entry = {"name": r.name, "sigma": [r.lo, r.hi],
-                     "quant": None if r.quant is None else {"group": r.quant.group, "factor": list(r.quant.factor)},
-                     "sparsity": {"pattern": r.pattern}}
-            for key in ("window", "topk", "target_density"):
-                value = getattr(r, key)
-                if value is not None:
-                    entry["sparsity"][key] = list(value) if key == "window" else value
-            if r.pattern == "learned":
-                entry["sparsity"]["temperature"] = r.temperature
-            out.append(entry)
-        return {"regimes": out}
+        return {"regimes": [OmegaConf.to_container(OmegaConf.structured(regime_config(r))) for r in self.regimes]}
+
+
+def regime_config(regime: Regime, name: str | None = None, sigma: tuple[float, float] | None = None) -> RegimeConfig:
+    """The config form of a regime (optionally renamed or moved to another σ interval)."""
+    quant = None if regime.quant is None else QuantConfig(regime.quant.group, list(regime.quant.factor))
+    sparsity = SparsityConfig(regime.pattern, None if regime.window is None else list(regime.window), regime.topk,
+                              regime.target_density, regime.temperature)
+    lo, hi = sigma if sigma is not None else (regime.lo, regime.hi)
+    return RegimeConfig(name or regime.name, [lo, hi], quant, sparsity)
 
 
 def _prod(xs) -> int:

@@ -1,0 +1,227 @@
+"""Calibrate a step-aware schedule: the most aggressive regime per noise level within an error budget.
+
+`python -m fpsa_train.calibrate [model=...] [weights=run/checkpoints/last.ckpt] [budget_db=25] [output=...]`
+
+1. Build the model (random, `model.checkpoint` Wan weights, or `weights=` a training checkpoint, EMA by default)
+   and take `samples` clips of the configured data.
+2. For every σ on the grid: noise the clips to x_σ, run the model once with dense attention and capture each
+   layer's self-attention q, k, v (the tokens already tile-major).
+3. For every candidate regime (each quantization granularity × each sparsity pattern): attention error per layer
+   as SQNR in dB against dense bf16 attention (SDPA on bf16 q, k, v), the worst layer counting.
+4. Per σ keep the cheapest candidate whose SQNR stays within the budget. Cost = realised density × (½ if FP8):
+   FP8 tensor cores double the matmul rate and sparsity skips the dropped tile pairs; at equal cost the coarsest
+   quantization wins. A σ where no candidate is within budget gets plain dense attention without quantization.
+5. Neighbouring σ with the same choice merge into one regime (boundaries half-way between grid points); the
+   schedule is validated and written as YAML with `regimes:`, which `fps.schedule_file=...` accepts.
+
+It also reports the SQNR of the regimes of the configured schedule (`fps`) at the σ they own.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import hydra
+import torch
+import torch.nn.functional as F
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from fpsa_train.config import DataConfig, ModelConfig, resolve
+from fpsa_train.data.synthetic import SyntheticLatents, collate
+from fpsa_train.flow import noisy_input
+from fpsa_train.fps.fp8 import sqnr_db
+from fpsa_train.fps.reference import attention_tiles
+from fpsa_train.fps.schedule import (FPSConfig, QuantConfig, RegimeConfig, Schedule, SparsityConfig,
+                                     regime_config, regime_from_config)
+from fpsa_train.models.attention import SDPAttention
+from fpsa_train.models.build import build_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CalibrateConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    fps: FPSConfig = field(default_factory=FPSConfig)
+    """The schedule to report on (and the defaults the candidates are compared with)."""
+    weights: Optional[str] = None
+    """A training checkpoint (Lightning .ckpt) whose weights to calibrate; null = `model.checkpoint` or random."""
+    use_ema: bool = True
+    """Take the EMA weights from `weights` when it has them."""
+    sigmas: list[float] = field(default_factory=lambda: [0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95])
+    """The σ grid (ascending, in (0, 1))."""
+    samples: int = 4
+    """Clips per σ."""
+    budget_db: float = 25.0
+    """Minimum attention SQNR (dB, worst layer) every σ must keep."""
+    quant: list[Optional[QuantConfig]] = field(default_factory=lambda: [
+        None, QuantConfig("token"), QuantConfig("subtile", [2, 2, 2]), QuantConfig("tile"),
+        QuantConfig("tiles", [2, 2, 2])])
+    """Candidate Q/K granularities (null = no quantization)."""
+    sparsity: list[SparsityConfig] = field(default_factory=lambda: [
+        SparsityConfig("dense"), SparsityConfig("window_topk", [6, 6, 3], 4), SparsityConfig("window", [6, 6, 3]),
+        SparsityConfig("window", [6, 6, 1]), SparsityConfig("window", [3, 3, 1])])
+    """Candidate sparsity patterns."""
+    output: str = MISSING
+    """Where to write the calibrated schedule (YAML)."""
+    seed: int = 0
+    """Seed of the noise."""
+
+
+ConfigStore.instance().store(name="calibrate_schema", node=CalibrateConfig)
+
+# Among candidates of equal cost the coarsest quantization is the most aggressive (fewest scales to compute).
+COARSENESS = {"tiles": 0, "tile": 1, "subtile": 2, "token": 3, None: 4}
+
+
+def load_weights(model: torch.nn.Module, path: str, use_ema: bool) -> str:
+    """Weights from a Lightning checkpoint (EMA when present and wanted); FPS-core parameters are not needed."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if use_ema and "ema" in state:
+        weights, which = state["ema"], "EMA"
+    else:
+        weights, which = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}, "raw"
+    weights = {k: v for k, v in weights.items() if ".self_attn.core." not in k}  # learned selectors
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise KeyError(f"{path} does not fit the model: missing {missing[:20]}, unexpected {unexpected[:20]}")
+    return which
+
+
+class _Capture(SDPAttention):
+    """Dense attention that records its inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = None
+
+    def forward(self, q, k, v, layout, **attn_kwargs):
+        self.qkv = (q.detach(), k.detach(), v.detach(), layout)
+        return super().forward(q, k, v, layout)
+
+
+@torch.no_grad()
+def capture_qkv(model, batch: dict, sigma: float, seed: int) -> list[tuple]:
+    """Each layer's (q, k, v, layout) for the batch noised to σ (dense attention everywhere)."""
+    cores = [_Capture() for _ in model.blocks]
+    saved = [b.self_attn.core for b in model.blocks]
+    for block, core in zip(model.blocks, cores):
+        block.self_attn.core = core
+    try:
+        x0 = batch["latents"]
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+        s = torch.full((x0.shape[0],), sigma)
+        x, _ = noisy_input(x0, noise, s)
+        model(x, s * 1000, batch["context"])
+    finally:
+        for block, core in zip(model.blocks, saved):
+            block.self_attn.core = core
+    return [c.qkv for c in cores]
+
+
+@torch.no_grad()
+def regime_sqnr(layers: list[tuple], regime) -> tuple[float, float]:
+    """(worst-layer SQNR in dB against dense bf16 attention, mean realised density) of a regime."""
+    worst, densities = math.inf, []
+    for q, k, v, layout in layers:
+        ref = F.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16()).float()
+        out, sel = attention_tiles(q, k, v, layout, regime)
+        worst = min(worst, sqnr_db(ref, out))
+        densities.append(float(sel.mask.density().mean()))
+    return worst, sum(densities) / len(densities)
+
+
+def candidate_name(quant: QuantConfig | None, sp: SparsityConfig) -> str:
+    """Unique, readable: e.g. `subtile222-w663+top4`, `noquant-dense`."""
+    q = "noquant" if quant is None else quant.group + ("".join(map(str, quant.factor))
+                                                       if quant.group in ("tiles", "subtile") else "")
+    parts = [f"w{''.join(map(str, sp.window))}"] if sp.window and sp.pattern != "dense" else []
+    parts += [f"top{sp.topk}"] if sp.pattern in ("topk", "window_topk") else []
+    parts += [f"learned{sp.target_density}"] if sp.pattern == "learned" else []
+    return f"{q}-{'+'.join(parts) or 'dense'}"
+
+
+def candidates(cfg: CalibrateConfig, tile_shape) -> list:
+    out = []
+    for quant in cfg.quant:
+        for sp in cfg.sparsity:
+            name = candidate_name(quant, sp)
+            out.append(regime_from_config(RegimeConfig(name, [0.0, 1.0], quant, sp), "calibrate candidate",
+                                          tuple(tile_shape)))
+    return out
+
+
+def calibrate(cfg: CalibrateConfig) -> dict:
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model).eval()
+    if cfg.weights:
+        log.info("weights: %s (%s)", cfg.weights, load_weights(model, cfg.weights, cfg.use_ema))
+    data = SyntheticLatents(cfg.data, "val")
+    batch = collate([data[i] for i in range(cfg.samples)], cfg.model.text_len)
+    cands = candidates(cfg, cfg.model.tile_shape)
+    if len({c.name for c in cands}) != len(cands):
+        raise ValueError(f"calibration candidates repeat: {[c.name for c in cands]}")
+    exact = regime_from_config(RegimeConfig("noquant-dense", [0.0, 1.0]), "fallback", tuple(cfg.model.tile_shape))
+    current = Schedule.from_config(cfg.fps, tuple(cfg.model.tile_shape))
+
+    table, chosen, current_report = {}, [], []
+    for i, sigma in enumerate(sorted(cfg.sigmas)):
+        layers = capture_qkv(model, batch, sigma, cfg.seed + i)
+        row = {c.name: regime_sqnr(layers, c) for c in cands}
+        table[sigma] = row
+        cost = {c.name: row[c.name][1] * (0.5 if c.quantized else 1.0) for c in cands}
+        ok = [c for c in cands if row[c.name][0] >= cfg.budget_db]
+        best = min(ok, key=lambda c: (cost[c.name], COARSENESS[c.quant.group if c.quant else None])) if ok \
+            else exact
+        chosen.append(best)
+        mine = current.regime_for(sigma)
+        current_report.append((sigma, mine.name, *regime_sqnr(layers, mine)))
+        log.info("σ=%.2f  chose %-22s SQNR %.1f dB density %.2f | configured %s: %.1f dB density %.2f", sigma,
+                 best.name, *row[best.name], *current_report[-1][1:])
+    schedule = merge(sorted(cfg.sigmas), chosen, tuple(cfg.model.tile_shape))
+    write_schedule(schedule, cfg, table, Path(cfg.output))
+    return {"schedule": schedule, "table": table, "configured": current_report}
+
+
+def merge(sigmas: list[float], chosen: list, tile_shape) -> Schedule:
+    """Runs of equal choices → regimes; boundaries half-way between grid points, the ends at 0 and 1."""
+    bounds = [0.0] + [(a + b) / 2 for a, b in zip(sigmas, sigmas[1:])] + [1.0]
+    runs: list[list] = []  # [candidate, lo, hi]
+    for i, cand in enumerate(chosen):
+        if runs and runs[-1][0] is cand:
+            runs[-1][2] = bounds[i + 1]
+        else:
+            runs.append([cand, bounds[i], bounds[i + 1]])
+    regimes = [regime_config(cand, f"r{j}_{cand.name}", (lo, hi)) for j, (cand, lo, hi) in enumerate(runs)]
+    return Schedule.from_config(FPSConfig(regimes=regimes), tile_shape)
+
+
+def write_schedule(schedule: Schedule, cfg: CalibrateConfig, table: dict, path: Path) -> None:
+    names = list(next(iter(table.values())))
+    lines = [f"# Calibrated by `python -m fpsa_train.calibrate`: model {cfg.model.name}, weights {cfg.weights}, "
+             f"budget {cfg.budget_db} dB (worst layer, vs dense bf16), {cfg.samples} clips per σ.",
+             "# SQNR dB / density per σ and candidate:",
+             "#   σ     " + " ".join(f"{n:>22}" for n in names)]
+    for sigma, row in table.items():
+        lines.append(f"#   {sigma:.2f}  " + " ".join(f"{row[n][0]:>14.1f} / {row[n][1]:.2f}" for n in names))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n" + OmegaConf.to_yaml(OmegaConf.create(schedule.to_dict())))
+    tmp.replace(path)
+    log.info("calibrated schedule → %s\n  %s", path, "\n  ".join(r.describe() for r in schedule.regimes))
+
+
+@hydra.main(config_path="../configs", config_name="calibrate", version_base="1.3")
+def main(cfg) -> None:
+    conf = resolve(cfg)
+    calibrate(conf)
+
+
+if __name__ == "__main__":
+    main()
