@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from fpsa_train.calibrate import calibrate
 from fpsa_train.config import resolve
-from fpsa_train.fps.schedule import FPSConfig, Schedule
+from fpsa_train.fps.schedule import Schedule
 from tests.conftest import CONFIGS, compose_train
 
 

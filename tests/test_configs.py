@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
-from omegaconf.errors import ConfigKeyError, ValidationError
+from omegaconf.errors import ValidationError
 
 from fpsa_train.config import ConfigError, TrainConfig, resolve
 from fpsa_train.models.build import build_model

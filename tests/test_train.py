@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
 
-from fpsa_train.config import resolve
 from fpsa_train.flow import noisy_input, sample_sigma, shift_sigma
 from fpsa_train.config import ObjectiveConfig
 from fpsa_train.train import train
 from tests.conftest import compose_train
 
-SHORT = ["+experiment=tiny", "trainer.max_steps=60", "trainer.val_every_n_steps=30",
+SHORT = ["+experiment=tiny", "fps=dense", "trainer.max_steps=60", "trainer.val_every_n_steps=30",
          "trainer.checkpoint_every_n_steps=30", "data.num_samples=128", "data.val_samples=16", "seed=3"]
 
 
