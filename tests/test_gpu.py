@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_tiny_trains_bf16_mixed_on_gpu(tmp_path):
-    metrics = train(compose_train(["+experiment=tiny", "trainer.max_steps=80", "trainer.val_every_n_steps=40",
+    metrics = train(compose_train(["+experiment=tiny", "fps=dense", "trainer.max_steps=80", "trainer.val_every_n_steps=40",
                                    "data.num_samples=128"], tmp_path))
     assert metrics["val/loss_end"] < 0.6 * metrics["val/loss_start"], metrics
 
@@ -34,3 +34,26 @@ def test_bf16_autocast_close_to_fp32_on_gpu():
     assert out.dtype == torch.float32
     sqnr = 20 * torch.log10(ref.norm() / (ref - out).norm())
     assert sqnr > 30, f"bf16 autocast SQNR {sqnr:.1f} dB"
+
+
+def test_fps_reference_on_gpu_matches_cpu():
+    from fpsa_train.fps.fp8 import QuantGranularity
+    from fpsa_train.fps.reference import attention_tiles
+    from fpsa_train.fps.schedule import Regime
+    from fpsa_train.models.token_order import TokenLayout
+
+    layout = TokenLayout((5, 6, 9), "tile", (2, 4, 4))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, layout.seq_len, 64, generator=g) for _ in range(3))
+    for regime in (Regime("a", 0, 1, QuantGranularity("tile"), "window_topk", (1, 1, 1), 2, None, 1.0),
+                   Regime("b", 0, 1, QuantGranularity("subtile", (2, 2, 2)), "dense", None, None, None, 1.0)):
+        cpu, _ = attention_tiles(q, k, v, layout, regime)
+        gpu, _ = attention_tiles(q.cuda(), k.cuda(), v.cuda(), layout, regime)
+        sqnr = 20 * torch.log10(cpu.norm() / (cpu - gpu.cpu()).norm())
+        assert sqnr > 60, f"{regime.name}: CPU vs GPU {sqnr:.1f} dB"
+
+
+def test_tiny_trains_with_fps_on_gpu(tmp_path):
+    metrics = train(compose_train(["+experiment=tiny", "fps=learned", "trainer.max_steps=60",
+                                   "trainer.val_every_n_steps=30", "data.num_samples=128"], tmp_path))
+    assert metrics["val/loss_end"] < 0.6 * metrics["val/loss_start"], metrics

@@ -43,10 +43,10 @@ class RegimeMask:
 def select_tiles(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, regime: Regime,
                  selector: LearnedSelector | None = None) -> RegimeMask:
     """The key tiles each query tile attends under `regime` (q, k unquantized, tile-major)."""
-    n = len(layout.tile_sizes())
-    static = window_mask(layout.tile_grid, regime.window) if regime.window is not None else None
+    n, dev = len(layout.tile_sizes()), q.device
+    static = window_mask(layout.tile_grid, regime.window, device=dev) if regime.window is not None else None
     if regime.pattern == "dense":
-        return RegimeMask(dense_mask(n), None, None)
+        return RegimeMask(dense_mask(n, device=dev), None, None)
     if regime.pattern == "window":
         return RegimeMask(static, None, None)
     if regime.pattern in ("topk", "window_topk"):
@@ -121,7 +121,8 @@ def attention_materialized(q, k, v, layout: TokenLayout, regime: Regime,
     _require_tile_order(layout)
     sel = select_tiles(q, k, layout, regime, selector)
     qh, kh, vh = quantize_inputs(q, k, v, layout, regime)
-    tile_of = torch.repeat_interleave(torch.arange(len(layout.tile_sizes())), layout.tile_sizes())  # (L,)
+    sizes = layout.tile_sizes().to(q.device)
+    tile_of = torch.repeat_interleave(torch.arange(len(sizes), device=q.device), sizes)  # (L,)
     keep = sel.mask.to_dense()[..., tile_of, :][..., tile_of]  # (B|1, H|1, L, L)
     s = (qh @ kh.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, H, L, L)
     s = s.masked_fill(~keep, float("-inf"))
