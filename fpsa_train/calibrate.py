@@ -32,7 +32,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from fpsa_train.config import DataConfig, ModelConfig, resolve
-from fpsa_train.data.synthetic import SyntheticLatents, collate
+from fpsa_train.lit.datamodule import validation_batch
 from fpsa_train.flow import noisy_input
 from fpsa_train.fps.fp8 import sqnr_db
 from fpsa_train.fps.reference import attention_tiles
@@ -162,8 +162,7 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     model = build_model(cfg.model).eval()
     if cfg.weights:
         log.info("weights: %s (%s)", cfg.weights, load_weights(model, cfg.weights, cfg.use_ema))
-    data = SyntheticLatents(cfg.data, "val")
-    batch = collate([data[i] for i in range(cfg.samples)], cfg.model.text_len)
+    batch = validation_batch(cfg.data, cfg.model.text_len, cfg.samples)
     cands = candidates(cfg, cfg.model.tile_shape)
     if len({c.name for c in cands}) != len(cands):
         raise ValueError(f"calibration candidates repeat: {[c.name for c in cands]}")

@@ -34,7 +34,8 @@ def resolve_precision(precision: str) -> str:
     return "bf16-mixed" if torch.cuda.is_available() else "32-true"
 
 
-def build_trainer(cfg: TrainerConfig, run_dir: str, grad_clip: float) -> L.Trainer:
+def build_trainer(cfg: TrainerConfig, run_dir: str, grad_clip: float, own_sampler: bool = False) -> L.Trainer:
+    """`own_sampler`: the data shards batches across ranks itself (bucketed video cache)."""
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     callbacks = [
         ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False,
@@ -59,6 +60,7 @@ def build_trainer(cfg: TrainerConfig, run_dir: str, grad_clip: float) -> L.Train
         callbacks=callbacks,
         logger=CSVLogger(run_dir, name="logs", version=""),
         plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=not own_sampler,
         default_root_dir=run_dir,
         enable_model_summary=True,
     )
@@ -80,7 +82,7 @@ def train(cfg: DictConfig | TrainConfig) -> dict[str, float]:
         log.info("FPS attention off (fps.enabled=false): dense SDPA self-attention")
     module = FlowMatchingModule(model, conf.objective, conf.optim, schedule, conf.fps.selector_reg_weight)
     data = LatentDataModule(conf.data, text_len=conf.model.text_len)
-    trainer = build_trainer(conf.trainer, conf.run_dir, conf.optim.grad_clip)
+    trainer = build_trainer(conf.trainer, conf.run_dir, conf.optim.grad_clip, own_sampler=conf.data.kind == "videos")
 
     val_start = trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"]
     trainer.fit(module, datamodule=data, ckpt_path=conf.trainer.resume_from)

@@ -112,13 +112,12 @@ def main() -> None:
         print("\n".join(report(schedule, lambda sigma: [(q, k, v, layout)])))
     if args.weights:
         from fpsa_train.calibrate import capture_qkv, load_weights
-        from fpsa_train.data.synthetic import SyntheticLatents, collate
+        from fpsa_train.lit.datamodule import validation_batch
         from fpsa_train.models.build import build_model
 
         model = build_model(conf.model).eval()
         which = load_weights(model, args.weights, use_ema=True)
-        data = SyntheticLatents(conf.data, "val")
-        batch = collate([data[i] for i in range(4)], conf.model.text_len)
+        batch = validation_batch(conf.data, conf.model.text_len, 4)
         schedule = Schedule.from_config(conf.fps, tuple(conf.model.tile_shape))
         print(f"q/k/v of {args.weights} ({which} weights), {len(model.blocks)} layers, 4 validation clips")
         print("\n".join(report(schedule, lambda sigma: capture_qkv(model, batch, sigma, seed=0))))

@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_tiny_trains_bf16_mixed_on_gpu(tmp_path):
-    metrics = train(compose_train(["+experiment=tiny", "fps=dense", "trainer.max_steps=80", "trainer.val_every_n_steps=40",
+    metrics = train(compose_train(["+experiment=tiny", "data=synthetic", "fps=dense", "trainer.max_steps=80", "trainer.val_every_n_steps=40",
                                    "data.num_samples=128"], tmp_path))
     assert metrics["val/loss_end"] < 0.6 * metrics["val/loss_start"], metrics
 
@@ -54,6 +54,6 @@ def test_fps_reference_on_gpu_matches_cpu():
 
 
 def test_tiny_trains_with_fps_on_gpu(tmp_path):
-    metrics = train(compose_train(["+experiment=tiny", "fps=learned", "trainer.max_steps=60",
+    metrics = train(compose_train(["+experiment=tiny", "data=synthetic", "fps=learned", "trainer.max_steps=60",
                                    "trainer.val_every_n_steps=30", "data.num_samples=128"], tmp_path))
     assert metrics["val/loss_end"] < 0.6 * metrics["val/loss_start"], metrics

@@ -11,7 +11,7 @@ from fpsa_train.config import ObjectiveConfig
 from fpsa_train.train import train
 from tests.conftest import compose_train
 
-SHORT = ["+experiment=tiny", "fps=dense", "trainer.max_steps=60", "trainer.val_every_n_steps=30",
+SHORT = ["+experiment=tiny", "data=synthetic", "fps=dense", "trainer.max_steps=60", "trainer.val_every_n_steps=30",
          "trainer.checkpoint_every_n_steps=30", "data.num_samples=128", "data.val_samples=16", "seed=3"]
 
 

@@ -1,4 +1,10 @@
-"""DataModule: the configured data set, batched with captions zero-padded to the model's text length."""
+"""DataModule: the configured data (cached videos or in-process synthetic latents), batched with captions
+zero-padded to the model's text length (no mask, as Wan trains).
+
+Cached videos: `prepare_data` (rank 0 only) builds or completes the cache (fpsa_train/data/prepare.py); `setup`
+splits it (the last `val_samples` clips are held out) and batches within one latent shape through
+`BucketBatchSampler`, which also shards batches across ranks and decides caption dropout.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import functools
 import lightning as L
 from torch.utils.data import DataLoader
 
-from fpsa_train.config import DataConfig
+from fpsa_train.config import ConfigError, DataConfig
 from fpsa_train.data.synthetic import SyntheticLatents, collate
 
 
@@ -15,19 +21,67 @@ class LatentDataModule(L.LightningDataModule):
     def __init__(self, cfg: DataConfig, text_len: int):
         super().__init__()
         self.cfg = cfg
+        self.text_len = text_len
         self.collate = functools.partial(collate, text_len=text_len)
 
-    def setup(self, stage: str | None = None) -> None:
-        self.train_set = SyntheticLatents(self.cfg, "train")
-        self.val_set = SyntheticLatents(self.cfg, "val")
+    def prepare_data(self) -> None:
+        if self.cfg.kind == "videos":
+            from fpsa_train.data.prepare import prepare_video_data
 
-    def _loader(self, dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.cfg.batch_size, shuffle=shuffle, drop_last=shuffle,
+            prepare_video_data(self.cfg, self.text_len)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.cfg.kind == "synthetic":
+            self.train_set = SyntheticLatents(self.cfg, "train")
+            self.val_set = SyntheticLatents(self.cfg, "val")
+            return
+        from fpsa_train.data.cache import LatentCache
+
+        n = len(LatentCache(self.cfg.cache_dir))
+        n_val = min(self.cfg.val_samples, n // 2)
+        if n - n_val < self.cfg.batch_size:
+            raise ConfigError(f"the cache {self.cfg.cache_dir} holds {n} clips: too few for data.batch_size="
+                              f"{self.cfg.batch_size} with {n_val} held out for validation")
+        self.train_set = LatentCache(self.cfg.cache_dir, list(range(n - n_val)))
+        self.val_set = LatentCache(self.cfg.cache_dir, list(range(n - n_val, n)))
+        dim = self.train_set[0]["context"].shape[-1]
+        if dim != self.cfg.text_dim:
+            raise ConfigError(f"the cache's text embeddings are {dim} wide but data.text_dim={self.cfg.text_dim} "
+                              "(model.text_dim): the text encoder in data.components does not fit the model")
+
+    def _cache_loader(self, dataset, train: bool) -> DataLoader:
+        from fpsa_train.data.cache import BucketBatchSampler
+
+        trainer = self.trainer
+        sampler = BucketBatchSampler(
+            dataset.shapes(), self.cfg.batch_size, shuffle=train, seed=self.cfg.seed, drop_last=train,
+            caption_dropout=self.cfg.caption_dropout if train else 0.0,
+            num_replicas=trainer.world_size if trainer else 1, rank=trainer.global_rank if trainer else 0)
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=self.cfg.num_workers,
+                          collate_fn=self.collate)
+
+    def _loader(self, dataset, train: bool) -> DataLoader:
+        if self.cfg.kind == "videos":
+            return self._cache_loader(dataset, train)
+        return DataLoader(dataset, batch_size=self.cfg.batch_size, shuffle=train, drop_last=train,
                           num_workers=self.cfg.num_workers, collate_fn=self.collate,
                           persistent_workers=self.cfg.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader(self.val_set, train=False)
+
+
+def validation_batch(cfg: DataConfig, text_len: int, n: int) -> dict:
+    """The first `n` validation samples of the configured data as one batch (building a video cache if needed)."""
+    data = LatentDataModule(cfg, text_len)
+    data.prepare_data()
+    data.setup()
+    shape = data.val_set[0]["latents"].shape
+    same = [s for s in (data.val_set[i] for i in range(len(data.val_set))) if s["latents"].shape == shape][:n]
+    if len(same) < n:
+        raise ConfigError(f"asked for {n} validation clips of one shape; the data holds {len(same)} "
+                          "(raise data.val_samples)")
+    return collate(same, text_len)

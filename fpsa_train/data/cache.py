@@ -1,0 +1,105 @@
+"""Training data from a preprocessed cache (fpsa_train/preprocess.py): latents + unpadded text embeddings.
+
+Batches never mix latent shapes: `BucketBatchSampler` groups the samples of each shape bucket, shuffles within
+buckets and then the order of the batches, reseeded every epoch from (seed, epoch), so runs are reproducible and
+every rank of a distributed job draws a disjoint share of the same batch list (batch j goes to rank j mod world;
+every rank gets the same number of batches). Caption dropout for classifier-free guidance is decided in the
+sampler too (deterministic for a seed, wherever the sample is decoded): a dropped caption is replaced by the
+cached embedding of the empty prompt, as sampling with an empty negative prompt would see it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch.utils.data import Dataset, Sampler
+
+from fpsa_train.preprocess import EMPTY_PROMPT, INDEX
+
+
+class LatentCache(Dataset):
+    """Samples of a cache folder; `dataset[(i, drop_caption)]` → {"latents" (C, T, H, W), "context" (L, D), ...}."""
+
+    def __init__(self, root: str | Path, indices: list[int] | None = None):
+        self.root = Path(root)
+        if not (self.root / INDEX).exists():
+            raise FileNotFoundError(f"no {INDEX} in {self.root}: run `python -m fpsa_train.preprocess ... "
+                                    f"out={self.root}` first")
+        entries = json.loads((self.root / INDEX).read_text())["samples"]
+        self.entries = entries if indices is None else [entries[i] for i in indices]
+        with safe_open(self.root / EMPTY_PROMPT, framework="pt") as f:
+            self.empty_prompt = f.get_tensor("text").float()  # (L0, D)
+        self._handles: dict[str, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(e["latent_shape"]) for e in self.entries]
+
+    def _shard(self, name: str):
+        if name not in self._handles:  # one open handle per shard per worker process
+            self._handles[name] = safe_open(self.root / name, framework="pt")
+        return self._handles[name]
+
+    def __getitem__(self, item) -> dict:
+        i, drop = item if isinstance(item, tuple) else (item, False)
+        e = self.entries[i]
+        shard = self._shard(e["shard"])
+        latents = shard.get_tensor(f"{e['key']}.latents").float()  # (C, T, H, W)
+        context = self.empty_prompt if drop else shard.get_tensor(f"{e['key']}.text").float()  # (L, D)
+        return {"latents": latents, "context": context, "prompt": i, "caption": "" if drop else e["caption"]}
+
+    def __getstate__(self):  # file handles do not cross process boundaries
+        return {**self.__dict__, "_handles": {}}
+
+
+class BucketBatchSampler(Sampler):
+    """Batches of (index, drop_caption) within one latent-shape bucket, sharded across ranks."""
+
+    def __init__(self, shapes: list[tuple[int, ...]], batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = True, caption_dropout: float = 0.0, num_replicas: int = 1, rank: int = 0):
+        if not 0 <= caption_dropout < 1:
+            raise ValueError(f"data.caption_dropout={caption_dropout} must be in [0, 1)")
+        self.buckets: dict[tuple, list[int]] = defaultdict(list)
+        for i, shape in enumerate(shapes):
+            self.buckets[tuple(shape)].append(i)
+        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        self.caption_dropout, self.num_replicas, self.rank = caption_dropout, num_replicas, rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _all_batches(self) -> list[list[int]]:
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        batches = []
+        for shape in sorted(self.buckets):
+            idx = list(self.buckets[shape])
+            if self.shuffle:
+                rng.shuffle(idx)
+            for start in range(0, len(idx), self.batch_size):
+                chunk = idx[start: start + self.batch_size]
+                if len(chunk) == self.batch_size or not self.drop_last:
+                    batches.append(chunk)
+        if self.shuffle:
+            rng.shuffle(batches)
+        usable = len(batches) - len(batches) % self.num_replicas if self.num_replicas > 1 else len(batches)
+        return batches[:usable]
+
+    def __iter__(self):
+        rng = random.Random(self.seed * 7_919 + self.epoch)
+        for j, batch in enumerate(self._all_batches()):
+            drops = [rng.random() < self.caption_dropout for _ in batch]  # drawn on every rank: same stream
+            if j % self.num_replicas == self.rank:
+                yield list(zip(batch, drops))
+
+    def __len__(self) -> int:
+        return math.ceil(len(self._all_batches()) / self.num_replicas) if self.num_replicas > 1 \
+            else len(self._all_batches())

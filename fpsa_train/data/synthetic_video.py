@@ -1,0 +1,177 @@
+"""Synthetic captioned mp4 clips: the tiny default's stand-in for a real video data set.
+
+Why real files: the tiny default should run the same path a real fine-tune runs (mp4 → decode → VAE latents and
+text embeddings → cache → DiT), so the clips are ordinary H.264 mp4s listed in a DiffSynth-style `metadata.csv`
+(`video,prompt`). Why these clips: the caption must *determine* the content, or there is nothing to learn. Each
+clip shows one or two soft-edged shapes (circle or square) of a palette colour, each moving in one of eight
+directions, slowly or quickly, over a dark background; the caption names every one of those choices, e.g.
+"a red circle moving left quickly on a dark blue background". Only the start positions are not in the caption.
+
+Shapes **wrap around** the borders (a torus) rather than bounce: a bounce would reverse the motion mid-clip and
+contradict "moving left"; with wrapping the caption holds for every frame of every crop.
+
+Everything is a pure function of (seed, clip index, frames, fps, size): reruns and other machines produce the same
+captions and pixels. Files are written under a temporary name and renamed, so a killed run never leaves a half mp4
+or a half metadata file under its final name; `generator.json` records the parameters so a rerun skips every clip
+already written with them (and a run with new parameters rewrites them all).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+PALETTE = {  # shape colours, RGB
+    "red": (230, 40, 40), "green": (40, 210, 60), "blue": (50, 90, 240), "yellow": (240, 220, 40),
+    "white": (245, 245, 245), "magenta": (230, 50, 220), "cyan": (40, 220, 230), "orange": (250, 140, 20),
+}
+BACKGROUNDS = {  # dark, so every shape colour stands out
+    "black": (10, 10, 10), "dark blue": (15, 20, 80), "dark green": (15, 60, 25), "dark gray": (60, 60, 60),
+    "dark purple": (55, 15, 70),
+}
+SHAPES = ("circle", "square")
+DIRECTIONS = {  # unit (dy, dx) in image coordinates (y grows downwards)
+    "left": (0.0, -1.0), "right": (0.0, 1.0), "up": (-1.0, 0.0), "down": (1.0, 0.0),
+    "up and left": (-0.7071, -0.7071), "up and right": (-0.7071, 0.7071),
+    "down and left": (0.7071, -0.7071), "down and right": (0.7071, 0.7071),
+}
+SPEEDS = {"slowly": 0.008, "quickly": 0.025}  # fraction of the frame side per frame (1.0 / 3.2 px at 128)
+RADIUS = (0.12, 0.18)  # shape half-size range, fraction of the shorter side
+SOFTNESS = 0.02  # edge ramp width, fraction of the shorter side
+FORMAT = 1  # bump when the drawing changes, so old clips are regenerated
+
+
+def caption_vocabulary() -> list[str]:
+    """Every word a caption can contain (sorted), for building the tiny tokenizer's vocabulary."""
+    words = {"a", "an", "moving", "on", "background", "and"}
+    for names in (PALETTE, BACKGROUNDS, SHAPES, DIRECTIONS, SPEEDS):
+        for name in names:
+            words.update(name.split())
+    return sorted(words)
+
+
+def clip_spec(seed: int, index: int) -> dict:
+    """The random choices of clip `index`: background, and per shape its kind, colour, direction, speed, size, start."""
+    rng = np.random.default_rng([seed, index])
+    n_shapes = 1 + int(rng.random() < 0.35)
+    colours = rng.choice(list(PALETTE), size=n_shapes, replace=False)
+    shapes = []
+    for colour in colours:
+        shapes.append({
+            "shape": str(rng.choice(SHAPES)), "colour": str(colour),
+            "direction": str(rng.choice(list(DIRECTIONS))), "speed": str(rng.choice(list(SPEEDS))),
+            "radius": float(rng.uniform(*RADIUS)), "start": rng.random(2).tolist(),  # (y, x) as fractions
+        })
+    return {"background": str(rng.choice(list(BACKGROUNDS))), "shapes": shapes}
+
+
+def caption(spec: dict) -> str:
+    parts = [f"{'an' if s['colour'][0] in 'aeiou' else 'a'} {s['colour']} {s['shape']} moving {s['direction']} {s['speed']}"
+             for s in spec["shapes"]]
+    return f"{' and '.join(parts)} on a {spec['background']} background"
+
+
+def render(spec: dict, frames: int, size: tuple[int, int]) -> np.ndarray:
+    """The clip's pixels, (T, H, W, 3) uint8. Later shapes are drawn over earlier ones."""
+    h, w = size
+    side = min(h, w)
+    ys = np.arange(h, dtype=np.float32)[:, None] + 0.5  # (H, 1)
+    xs = np.arange(w, dtype=np.float32)[None, :] + 0.5  # (1, W)
+    video = np.empty((frames, h, w, 3), dtype=np.float32)
+    video[:] = np.asarray(BACKGROUNDS[spec["background"]], dtype=np.float32)
+    for s in spec["shapes"]:
+        dy, dx = DIRECTIONS[s["direction"]]
+        step = SPEEDS[s["speed"]] * side  # pixels per frame
+        colour = np.asarray(PALETTE[s["colour"]], dtype=np.float32)
+        for t in range(frames):
+            cy = s["start"][0] * h + t * step * dy
+            cx = s["start"][1] * w + t * step * dx
+            oy = _wrap(ys - cy, h)  # (H, 1) signed distance on the torus
+            ox = _wrap(xs - cx, w)  # (1, W)
+            if s["shape"] == "circle":
+                dist = np.sqrt(oy**2 + ox**2)  # (H, W)
+            else:
+                dist = np.maximum(np.abs(oy), np.abs(ox))  # (H, W) Chebyshev: an axis-aligned square
+            alpha = np.clip((s["radius"] * side - dist) / (SOFTNESS * side) + 0.5, 0.0, 1.0)[..., None]
+            video[t] = video[t] * (1 - alpha) + colour * alpha
+    return np.clip(np.rint(video), 0, 255).astype(np.uint8)
+
+
+def _wrap(d: np.ndarray, n: int) -> np.ndarray:
+    """Signed distance on a ring of length n, in [-n/2, n/2)."""
+    return np.remainder(d + n / 2, n) - n / 2
+
+
+def write_mp4(path: Path, video: np.ndarray, fps: float) -> None:
+    """H.264 (libx264, yuv420p, crf 18) mp4 of (T, H, W, 3) uint8 frames, written to a temp name then renamed."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with av.open(str(tmp), mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+            stream.height, stream.width = video.shape[1:3]
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"crf": "18", "preset": "fast"}
+            for t, rgb in enumerate(video):
+                frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+                frame.pts = t
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode(None))  # flush the encoder's delayed frames
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def generate_clips(out_dir: str | Path, num_clips: int, *, frames: int = 25, fps: float = 24.0,
+                   size: tuple[int, int] = (128, 128), seed: int = 0) -> Path:
+    """Write `out_dir/clips/clip_%05d.mp4` and `out_dir/metadata.csv` (`video,prompt`); return the metadata path.
+
+    `size` is (height, width), both even (yuv420p). Does nothing when the metadata already lists `num_clips`
+    existing clips made with these parameters; resumes a killed run (clips that exist with the same parameters
+    are kept: each is a pure function of the parameters and its index, not of `num_clips`).
+    """
+    if num_clips < 1 or frames < 1 or fps <= 0:
+        raise ValueError(f"generate_clips: need num_clips >= 1, frames >= 1, fps > 0; got {num_clips}, {frames}, {fps}")
+    h, w = (int(v) for v in size)
+    if h % 2 or w % 2 or h < 16 or w < 16:
+        raise ValueError(f"generate_clips: size (height, width) must be even and >= 16 (yuv420p); got {size}")
+    out_dir = Path(out_dir)
+    clips_dir, metadata, gen_file = out_dir / "clips", out_dir / "metadata.csv", out_dir / "generator.json"
+    params = {"format": FORMAT, "frames": frames, "fps": float(fps), "size": [h, w], "seed": seed}
+    specs = [clip_spec(seed, i) for i in range(num_clips)]
+    rows = [[f"clips/clip_{i:05d}.mp4", caption(spec)] for i, spec in enumerate(specs)]
+
+    same_params = gen_file.exists() and {k: v for k, v in json.loads(gen_file.read_text()).items()
+                                         if k != "num_clips"} == params
+    if same_params and metadata.exists() and all((out_dir / name).exists() for name, _ in rows):
+        with open(metadata, newline="") as f:
+            if list(csv.reader(f))[1:] == rows:
+                return metadata
+
+    clips_dir.mkdir(parents=True, exist_ok=True)
+    metadata.unlink(missing_ok=True)  # incomplete until rewritten below
+    if not same_params:  # clips of other parameters must go before generator.json claims these
+        for old in clips_dir.glob("clip_*.mp4"):
+            old.unlink()
+    _write_text(gen_file, json.dumps({**params, "num_clips": num_clips}, indent=1) + "\n")
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["video", "prompt"])
+    writer.writerows(rows)
+    for spec, (name, _) in zip(specs, rows):
+        if not (out_dir / name).exists():
+            write_mp4(out_dir / name, render(spec, frames, (h, w)), fps)
+    _write_text(metadata, buf.getvalue())
+    return metadata

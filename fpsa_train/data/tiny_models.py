@@ -1,0 +1,285 @@
+"""A tiny Wan2.1 VAE, text encoder and tokenizer, built locally in the layout of a real diffusers checkpoint.
+
+Why: the tiny default must run the real pipeline (mp4 → VAE latents + UMT5 embeddings → DiT → decode to video) on a
+laptop with nothing downloaded. So this writes `vae/`, `text_encoder/`, `tokenizer/` and `model_index.json` exactly
+as `Wan-AI/Wan2.1-T2V-1.3B-Diffusers` has them, and `load_components` loads them with the same three
+`from_pretrained` calls a real checkpoint needs: no code path is tiny-only.
+
+- **VAE**: a diffusers `AutoencoderKLWan` with Wan's architecture at base_dim 16 (4× time, 8× space, 16 latent
+  channels, causal chunks of 4 frames). A random VAE would decode any latent to noise, and the demo must decode to
+  recognisable video, so it is trained briefly (AdamW, L1 + MSE of decode(encode(x).mode())) on random crops of the
+  synthetic clips; the reconstruction PSNR of a few full held-out clips goes in `build_report.json`. Its config's
+  `latents_mean` / `latents_std` (the 16 Wan constants in a real checkpoint, reference/wan.md §5) are set to the
+  per-channel statistics of its latent means on the training clips, so normalised latents are ~unit variance as
+  the DiT expects.
+- **Text encoder**: a random 2-layer `UMT5EncoderModel` with d_model = TINY_TEXT_DIM. Random is enough: distinct
+  captions give distinct embeddings, and the DiT learns to read them (as Wan learns to read the frozen UMT5-XXL).
+- **Tokenizer**: a word-level `tokenizers` model over the synthetic captions' vocabulary with T5's special ids
+  (`<pad>` 0, `</s>` 1, `<unk>` 2) and a `</s>` appended, saved as a `PreTrainedTokenizerFast`.
+
+The folder is built in a temporary sibling and renamed at the end, so it is either complete or absent; a complete
+one whose `build_report.json` has the same parameters (seed, vae_steps, hash of the clips) is reused.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fpsa_train.data.synthetic_video import caption_vocabulary
+
+TINY_TEXT_DIM = 64  # must equal configs/model/tiny.yaml text_dim
+VAE_CONFIG = dict(base_dim=16, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+                  temperal_downsample=[False, True, True])  # Wan's layout: 4× time, 8× space
+SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as in T5
+CROP = (5, 48, 48)  # training crop (frames, height, width): 5 frames = one causal first frame + one 4-frame chunk
+BATCH = 2
+LR = 2e-3
+EVAL_FRAMES = 17  # full-clip evaluation: 17 frames → 5 latent frames
+BUILD_FORMAT = 1  # bump when the build changes, so cached folders are rebuilt
+REPORT = "build_report.json"
+
+
+def build_tiny_wan_components(folder: str | Path, clips_metadata: str | Path | None, *, seed: int = 0,
+                              vae_steps: int = 300, force: bool = False, eval_clips: int = 2,
+                              stats_clips: int = 8) -> dict:
+    """Build (or reuse) the tiny component folder; return its report (paths, psnr_db, seconds, parameter counts).
+
+    `clips_metadata` is a `video,prompt` CSV (see synthetic_video.generate_clips); its last `eval_clips` clips are
+    held out for the PSNR and the rest train the VAE. None skips training (a random VAE, for fast tests).
+    """
+    from diffusers import AutoencoderKLWan
+
+    folder = Path(folder).resolve()
+    videos = _read_videos(clips_metadata) if clips_metadata is not None else []
+    params = {"format": BUILD_FORMAT, "seed": seed, "vae_steps": vae_steps if videos else 0,
+              "eval_clips": eval_clips, "stats_clips": stats_clips, "clips_hash": _hash_files(videos)}
+    cached = _read_report(folder)
+    if cached is not None and cached["params"] == params and not force:
+        return _with_paths(cached, folder)
+
+    start = time.perf_counter()
+    tmp = folder.parent / f".{folder.name}.building{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    report: dict = {"params": params, "clips_metadata": str(clips_metadata) if clips_metadata else None}
+    with torch.random.fork_rng(devices=[]):  # seeded builds without disturbing the caller's RNG
+        torch.manual_seed(seed)
+        vae = AutoencoderKLWan(**VAE_CONFIG)
+        if videos:
+            report.update(_train_vae(vae, videos, seed, vae_steps, eval_clips, stats_clips))
+        else:
+            report["vae_training"] = "skipped (clips_metadata=None): random VAE, latents_mean/std 0/1"
+            vae.register_to_config(latents_mean=[0.0] * vae.config.z_dim, latents_std=[1.0] * vae.config.z_dim)
+        vae.save_pretrained(tmp / "vae")
+        tokenizer = _build_tokenizer()
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        _portable_tokenizer_class(tmp / "tokenizer")
+        torch.manual_seed(seed + 1)
+        text_encoder = _build_text_encoder(len(tokenizer))
+        text_encoder.save_pretrained(tmp / "text_encoder")
+    _write_model_index(tmp)
+    report["params_count"] = {"vae": _count(vae), "text_encoder": _count(text_encoder)}
+    report["vocab_size"] = len(tokenizer)
+    report["seconds"] = round(time.perf_counter() - start, 2)
+    (tmp / REPORT).write_text(json.dumps(report, indent=1) + "\n")  # its presence marks a complete folder
+
+    old = folder.parent / f".{folder.name}.old{os.getpid()}"
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return _with_paths(report, folder)
+
+
+def load_components(folder: str | Path, device: str | torch.device = "cpu"):
+    """(vae, text_encoder, tokenizer) from a Wan2.1 diffusers-layout folder, fp32, eval mode: tiny or real."""
+    from diffusers import AutoencoderKLWan
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    folder = Path(folder)
+    # low_cpu_mem_usage=False: plain construction + load_state_dict, which needs no `accelerate`.
+    vae = AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=torch.float32, low_cpu_mem_usage=False)
+    text_encoder = UMT5EncoderModel.from_pretrained(folder / "text_encoder", dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    return vae.to(device).eval(), text_encoder.to(device).eval(), tokenizer
+
+
+# --- VAE training ---------------------------------------------------------------------------------------------
+
+def _train_vae(vae, videos: list[Path], seed: int, steps: int, eval_clips: int, stats_clips: int) -> dict:
+    clips = [_load_video(p) for p in videos]  # each (3, T, H, W) in [-1, 1]
+    n_eval = eval_clips if len(clips) > eval_clips else 0
+    train, held_out = clips[: len(clips) - n_eval], clips[len(clips) - n_eval:] or clips[:eval_clips]
+    psnr_before = _psnr(vae, held_out)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=LR, weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, cosine decay to 5 %
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / steps))))
+    vae.train()
+    losses = []
+    for _ in range(steps):
+        x = torch.stack([_random_crop(train, g) for _ in range(BATCH)])  # (B, 3, T, h, w)
+        recon = _decode_unclamped(vae, vae.encode(x).latent_dist.mode())  # (B, 3, T, h, w)
+        loss = (recon - x).abs().mean() + (recon - x).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    vae.eval()
+    mean, std = _latent_stats(vae, train[:stats_clips])
+    vae.register_to_config(latents_mean=mean, latents_std=std)
+    return {"vae_training": f"{steps} steps, batch {BATCH} of {CROP} crops from {len(train)} clips",
+            "psnr_db": _psnr(vae, held_out), "psnr_db_untrained": psnr_before, "held_out_clips": n_eval,
+            "loss_first_last": [round(float(np.mean(losses[:10])), 4), round(float(np.mean(losses[-10:])), 4)],
+            "latents_mean": mean, "latents_std": std}
+
+
+def _decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
+    """`vae.decode(z)` before its final clamp to [-1, 1]: through the clamp, an output channel that starts beyond
+    the range (dark backgrounds are near -1) gets no gradient and stays stuck there. The decoder runs once per
+    latent frame (causal cache), so the hook collects the chunks in order."""
+    chunks: list[torch.Tensor] = []
+    hook = vae.decoder.register_forward_hook(lambda module, args, out: chunks.append(out))
+    try:
+        vae.decode(z)
+    finally:
+        hook.remove()
+    return torch.cat(chunks, dim=2)  # (B, 3, T, H, W)
+
+
+def _random_crop(clips: list[torch.Tensor], g: torch.Generator) -> torch.Tensor:
+    clip = clips[int(torch.randint(len(clips), (1,), generator=g))]
+    _, t_, h_, w_ = clip.shape
+    t, h, w = min(CROP[0], 1 + (t_ - 1) // 4 * 4), min(CROP[1], h_ // 8 * 8), min(CROP[2], w_ // 8 * 8)
+    t0, y0, x0 = (int(torch.randint(n - m + 1, (1,), generator=g)) for n, m in ((t_, t), (h_, h), (w_, w)))
+    crop = clip[:, t0:t0 + t, y0:y0 + h, x0:x0 + w]
+    return crop.flip(-1) if torch.rand((), generator=g) < 0.5 else crop  # horizontal flip: more motion variety
+
+
+def _full(clip: torch.Tensor) -> torch.Tensor:
+    """The clip's first 4n+1 <= EVAL_FRAMES frames, cropped to multiples of 8: (1, 3, T, H, W)."""
+    _, t_, h_, w_ = clip.shape
+    t = 1 + (min(t_, EVAL_FRAMES) - 1) // 4 * 4
+    return clip[None, :, :t, : h_ // 8 * 8, : w_ // 8 * 8]
+
+
+@torch.no_grad()
+def _psnr(vae, clips: list[torch.Tensor]) -> float:
+    """PSNR (dB) on the [0, 1] scale of full-clip reconstructions, pooled over the clips."""
+    se, n = 0.0, 0
+    for clip in clips:
+        x = _full(clip)
+        recon = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        se += ((recon - x) / 2).pow(2).sum().item()
+        n += x.numel()
+    return round(10 * math.log10(n / max(se, 1e-12)), 2)
+
+
+@torch.no_grad()
+def _latent_stats(vae, clips: list[torch.Tensor]) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the latent means (what preprocessing normalises with)."""
+    mu = torch.cat([vae.encode(_full(c)).latent_dist.mode().flatten(2) for c in clips], dim=2)  # (1, C, N)
+    return [round(v, 5) for v in mu.mean((0, 2)).tolist()], [round(v, 5) for v in mu.std((0, 2)).tolist()]
+
+
+def _load_video(path: Path) -> torch.Tensor:
+    import decord
+
+    reader = decord.VideoReader(str(path))
+    frames = reader.get_batch(list(range(len(reader)))).asnumpy()
+    return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0  # (T, H, W, 3) → (3, T, H, W)
+
+
+def _read_videos(metadata: str | Path) -> list[Path]:
+    metadata = Path(metadata)
+    with open(metadata, newline="") as f:
+        videos = [metadata.parent / row["video"] for row in csv.DictReader(f)]
+    if not videos:
+        raise ValueError(f"{metadata}: no clips listed (expected a `video,prompt` CSV)")
+    return videos
+
+
+def _hash_files(paths: list[Path]) -> str | None:
+    if not paths:
+        return None
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+# --- text side ------------------------------------------------------------------------------------------------
+
+def _build_tokenizer():
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + caption_vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()  # words; punctuation becomes separate (<unk>) tokens
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", vocab["</s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=512)
+
+
+def _portable_tokenizer_class(folder: Path) -> None:
+    """transformers 5 saves `tokenizer_class: TokenizersBackend`, a name 4.x lacks; both load the generic name."""
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _build_text_encoder(vocab_size: int):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(vocab_size=vocab_size, d_model=TINY_TEXT_DIM, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                        relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.0,
+                        feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
+                        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return UMT5EncoderModel(config).eval()
+
+
+# --- folder bookkeeping ---------------------------------------------------------------------------------------
+
+def _write_model_index(folder: Path) -> None:
+    """As in a diffusers WanPipeline folder; the transformer is this project's own DiT, so it is left empty."""
+    import diffusers
+
+    index = {"_class_name": "WanPipeline", "_diffusers_version": diffusers.__version__,
+             "vae": ["diffusers", "AutoencoderKLWan"], "text_encoder": ["transformers", "UMT5EncoderModel"],
+             "tokenizer": ["transformers", "PreTrainedTokenizerFast"], "transformer": [None, None],
+             "scheduler": [None, None]}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=1) + "\n")
+
+
+def _read_report(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / REPORT).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _with_paths(report: dict, folder: Path) -> dict:
+    names = ("vae", "text_encoder", "tokenizer", "model_index.json", REPORT)
+    return {**report, "folder": str(folder), "paths": {n: str(folder / n) for n in names}}
+
+
+def _count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
