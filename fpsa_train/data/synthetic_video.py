@@ -25,7 +25,6 @@ import os
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 
 PALETTE = {  # shape colours, RGB
@@ -111,6 +110,8 @@ def _wrap(d: np.ndarray, n: int) -> np.ndarray:
 
 def write_mp4(path: Path, video: np.ndarray, fps: float) -> None:
     """H.264 (libx264, yuv420p, crf 18) mp4 of (T, H, W, 3) uint8 frames, written to a temp name then renamed."""
+    import av  # here, so that importing the vocabulary needs no PyAV
+
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with av.open(str(tmp), mode="w", format="mp4") as container:
