@@ -5,13 +5,13 @@ text embeddings → cache → DiT), so the clips are ordinary H.264 mp4s listed 
 (`video,prompt`). Why these clips: the caption must *determine* the content, or there is nothing to learn. Each
 clip shows one or two soft-edged shapes (circle or square) of a palette colour, each moving in one of eight
 directions, slowly or quickly, over a dark background; the caption names every one of those choices, e.g.
-"a red circle moving left quickly on a dark blue background". Only the start positions are not in the caption.
+"a red circle moving left quickly on a dark blue background". Only start positions and sizes are left out.
 
 Shapes **wrap around** the borders (a torus) rather than bounce: a bounce would reverse the motion mid-clip and
 contradict "moving left"; with wrapping the caption holds for every frame of every crop.
 
-Everything is a pure function of (seed, clip index, frames, fps, size): reruns and other machines produce the same
-captions and pixels. Files are written under a temporary name and renamed, so a killed run never leaves a half mp4
+Everything is a pure function of (seed, clip index, frames, fps, size): reruns and other machines draw the same
+captions and frames. Files are written under a temporary name and renamed, so a killed run never leaves a half mp4
 or a half metadata file under its final name; `generator.json` records the parameters so a rerun skips every clip
 already written with them (and a run with new parameters rewrites them all).
 """
@@ -72,8 +72,8 @@ def clip_spec(seed: int, index: int) -> dict:
 
 
 def caption(spec: dict) -> str:
-    parts = [f"{'an' if s['colour'][0] in 'aeiou' else 'a'} {s['colour']} {s['shape']} moving {s['direction']} {s['speed']}"
-             for s in spec["shapes"]]
+    parts = [f"{'an' if s['colour'][0] in 'aeiou' else 'a'} {s['colour']} {s['shape']} "
+             f"moving {s['direction']} {s['speed']}" for s in spec["shapes"]]
     return f"{' and '.join(parts)} on a {spec['background']} background"
 
 
@@ -154,8 +154,11 @@ def generate_clips(out_dir: str | Path, num_clips: int, *, frames: int = 25, fps
     specs = [clip_spec(seed, i) for i in range(num_clips)]
     rows = [[f"clips/clip_{i:05d}.mp4", caption(spec)] for i, spec in enumerate(specs)]
 
-    same_params = gen_file.exists() and {k: v for k, v in json.loads(gen_file.read_text()).items()
-                                         if k != "num_clips"} == params
+    try:
+        previous = json.loads(gen_file.read_text())
+    except (OSError, ValueError):
+        previous = {}
+    same_params = {k: v for k, v in previous.items() if k != "num_clips"} == params
     if same_params and metadata.exists() and all((out_dir / name).exists() for name, _ in rows):
         with open(metadata, newline="") as f:
             if list(csv.reader(f))[1:] == rows:

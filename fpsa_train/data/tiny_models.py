@@ -62,11 +62,14 @@ def build_tiny_wan_components(folder: str | Path, clips_metadata: str | Path | N
     from diffusers import AutoencoderKLWan
 
     folder = Path(folder).resolve()
-    videos = _read_videos(clips_metadata) if clips_metadata is not None else []
+    videos, clips_hash = _clip_list(clips_metadata) if clips_metadata is not None else ([], None)
     params = {"format": BUILD_FORMAT, "seed": seed, "vae_steps": vae_steps if videos else 0,
-              "eval_clips": eval_clips, "stats_clips": stats_clips, "clips_hash": _hash_files(videos)}
-    cached = _read_report(folder)
-    if cached is not None and cached["params"] == params and not force:
+              "eval_clips": eval_clips, "stats_clips": stats_clips, "clips_hash": clips_hash}
+    try:
+        cached = json.loads((folder / REPORT).read_text())
+    except (OSError, ValueError):
+        cached = None
+    if cached is not None and cached.get("params") == params and not force:
         return _with_paths(cached, folder)
 
     start = time.perf_counter()
@@ -84,14 +87,13 @@ def build_tiny_wan_components(folder: str | Path, clips_metadata: str | Path | N
             report["vae_training"] = "skipped (clips_metadata=None): untrained VAE, latents_mean/std 0/1"
             vae.register_to_config(latents_mean=[0.0] * vae.config.z_dim, latents_std=[1.0] * vae.config.z_dim)
         vae.save_pretrained(tmp / "vae")
-        tokenizer = _build_tokenizer()
-        tokenizer.save_pretrained(tmp / "tokenizer")
-        _portable_tokenizer_class(tmp / "tokenizer")
+        tokenizer = _save_tokenizer(tmp / "tokenizer")
         torch.manual_seed(seed + 1)
         text_encoder = _build_text_encoder(len(tokenizer))
         text_encoder.save_pretrained(tmp / "text_encoder")
     _write_model_index(tmp)
-    report["params_count"] = {"vae": _count(vae), "text_encoder": _count(text_encoder)}
+    report["params_count"] = {name: sum(p.numel() for p in model.parameters())
+                              for name, model in (("vae", vae), ("text_encoder", text_encoder))}
     report["vocab_size"] = len(tokenizer)
     report["seconds"] = round(time.perf_counter() - start, 2)
     report["torch_threads"] = torch.get_num_threads()
@@ -105,15 +107,17 @@ def build_tiny_wan_components(folder: str | Path, clips_metadata: str | Path | N
     return _with_paths(report, folder)
 
 
-def load_components(folder: str | Path, device: str | torch.device = "cpu"):
-    """(vae, text_encoder, tokenizer) from a Wan2.1 diffusers-layout folder, fp32, eval mode: tiny or real."""
+def load_components(folder: str | Path, device: str | torch.device = "cpu", text_dtype: torch.dtype = torch.float32):
+    """(vae, text_encoder, tokenizer) in eval mode from a Wan2.1 diffusers-layout folder, tiny or real. The VAE is
+    fp32 as in Wan; `text_dtype` bfloat16 halves the real UMT5-XXL (11 GB in bf16)."""
     from diffusers import AutoencoderKLWan
     from transformers import AutoTokenizer, UMT5EncoderModel
 
     folder = Path(folder)
-    # low_cpu_mem_usage=False: plain construction + load_state_dict, which needs no `accelerate`.
+    # low_cpu_mem_usage=False: plain construction + load_state_dict. Without `accelerate` diffusers falls back to
+    # it anyway, with a warning; asking for it directly is silent.
     vae = AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=torch.float32, low_cpu_mem_usage=False)
-    text_encoder = UMT5EncoderModel.from_pretrained(folder / "text_encoder", dtype=torch.float32)
+    text_encoder = UMT5EncoderModel.from_pretrained(folder / "text_encoder", dtype=text_dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
     return vae.to(device).eval(), text_encoder.to(device).eval(), tokenizer
 
@@ -164,38 +168,44 @@ def _init_for_short_training(vae, mean_rgb: torch.Tensor) -> None:
 
 
 def _train_vae(vae, videos: list[Path], seed: int, steps: int, eval_clips: int, stats_clips: int) -> dict:
-    clips = [_load_video(p) for p in videos]  # each (3, T, H, W) in [-1, 1]
+    clips = [_load_video(p) for p in videos]  # each (3, T, H, W) uint8
     n_eval = eval_clips if len(clips) > eval_clips else 0
     train, held_out = clips[: len(clips) - n_eval], clips[len(clips) - n_eval:] or clips[:eval_clips]
-    _init_for_short_training(vae, torch.stack([c.mean((1, 2, 3)) for c in train]).mean(0))
-    psnr_init = _psnr(vae, held_out)
+    _init_for_short_training(vae, torch.stack([_signed(c).mean((1, 2, 3)) for c in train]).mean(0))
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=LR, weight_decay=0.0)
     warmup, total = max(1, steps // 20), max(1, steps)
     sched = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, cosine decay to 5 %
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / total))))
-    vae.train()
-    losses = []
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        x = torch.stack([_random_crop(train, g) for _ in range(BATCH)])  # (B, 3, T, h, w)
-        recon = _decode_unclamped(vae, vae.encode(x).latent_dist.mode())  # (B, 3, T, h, w)
-        loss = (recon - x).abs().mean() + (recon - x).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+    # A second OpenMP thread makes a step at most ~15 % faster (0.235 vs 0.27 s, 2 cores), but stalls 10-50× when
+    # another process holds a core (seen on a busy box): so one thread when the load average says the cores are busy.
+    threads, losses, t0 = torch.get_num_threads(), [], time.perf_counter()
+    busy = hasattr(os, "getloadavg") and os.getloadavg()[0] > (os.cpu_count() or 1) - 1
+    train_threads = 1 if busy else threads
+    torch.set_num_threads(train_threads)
+    try:
+        vae.train()
+        for _ in range(steps):
+            x = torch.stack([_random_crop(train, g) for _ in range(BATCH)])  # (B, 3, T, h, w)
+            recon = _decode_unclamped(vae, vae.encode(x).latent_dist.mode())  # (B, 3, T, h, w)
+            loss = (recon - x).abs().mean() + (recon - x).pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+    finally:
+        torch.set_num_threads(threads)
+        vae.eval()
     train_seconds = time.perf_counter() - t0
-    vae.eval()
     mean, std = _latent_stats(vae, train[:stats_clips])
     vae.register_to_config(latents_mean=mean, latents_std=std)
     return {"vae_training": f"{steps} steps, batch {BATCH} of {list(CROP)} crops from {len(train)} clips",
-            "psnr_db": _psnr(vae, held_out), "psnr_db_init": psnr_init, "held_out_clips": n_eval,
-            "train_seconds": round(train_seconds, 2),
-            "loss_first_last": [round(float(np.mean(losses[:10] or [0])), 4), round(float(np.mean(losses[-10:] or [0])), 4)],
-            "latents_mean": mean, "latents_std": std}
+            "psnr_db": _psnr(vae, held_out), "held_out_clips": n_eval,
+            "train_seconds": round(train_seconds, 2), "train_threads": train_threads,
+            "latents_mean": mean, "latents_std": std,
+            "loss_first_last": [round(float(np.mean(part or [0.0])), 4) for part in (losses[:10], losses[-10:])]}
 
 
 def _decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
@@ -220,7 +230,7 @@ def _random_crop(clips: list[torch.Tensor], g: torch.Generator) -> torch.Tensor:
     t = min(CROP[0], 1 + ((t_ - 1) // stride) // 4 * 4)
     h, w, span = min(CROP[1], h_ // 8 * 8), min(CROP[2], w_ // 8 * 8), (t - 1) * stride + 1
     t0, y0, x0 = (int(torch.randint(n - m + 1, (1,), generator=g)) for n, m in ((t_, span), (h_, h), (w_, w)))
-    crop = clip[:, t0:t0 + span:stride, y0:y0 + h, x0:x0 + w]  # (3, t, h, w)
+    crop = _signed(clip[:, t0:t0 + span:stride, y0:y0 + h, x0:x0 + w])  # (3, t, h, w)
     return crop.flip(-1) if torch.rand((), generator=g) < 0.5 else crop
 
 
@@ -228,7 +238,7 @@ def _full(clip: torch.Tensor) -> torch.Tensor:
     """The clip's first 4n+1 <= EVAL_FRAMES frames, cropped to multiples of 8: (1, 3, T, H, W)."""
     _, t_, h_, w_ = clip.shape
     t = 1 + (min(t_, EVAL_FRAMES) - 1) // 4 * 4
-    return clip[None, :, :t, : h_ // 8 * 8, : w_ // 8 * 8]
+    return _signed(clip[None, :, :t, : h_ // 8 * 8, : w_ // 8 * 8])
 
 
 @torch.no_grad()
@@ -247,39 +257,37 @@ def _psnr(vae, clips: list[torch.Tensor]) -> float:
 def _latent_stats(vae, clips: list[torch.Tensor]) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of the latent means (what preprocessing normalises with)."""
     mu = torch.cat([vae.encode(_full(c)).latent_dist.mode().flatten(2) for c in clips], dim=2)  # (1, C, N)
-    return [round(v, 5) for v in mu.mean((0, 2)).tolist()], [round(v, 5) for v in mu.std((0, 2)).tolist()]
+    std = mu.std((0, 2)).clamp_min(1e-3)  # a dead channel must not blow up the normalised latents
+    return [round(v, 5) for v in mu.mean((0, 2)).tolist()], [round(v, 5) for v in std.tolist()]
 
 
 def _load_video(path: Path) -> torch.Tensor:
+    """(3, T, H, W) uint8: kept as bytes (a quarter of float32) until a crop is taken."""
     import decord
 
     reader = decord.VideoReader(str(path))
-    frames = reader.get_batch(list(range(len(reader)))).asnumpy()  # (T, H, W, 3) uint8
-    return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0  # (3, T, H, W)
+    return torch.from_numpy(reader.get_batch(list(range(len(reader)))).asnumpy()).permute(3, 0, 1, 2)
 
 
-def _read_videos(metadata: str | Path) -> list[Path]:
-    metadata = Path(metadata)
+def _signed(frames: torch.Tensor) -> torch.Tensor:
+    return frames.float() / 127.5 - 1.0  # uint8 → [-1, 1], the VAE's input range
+
+
+def _clip_list(metadata: str | Path) -> tuple[list[Path], str]:
+    """The clips a `video,prompt` CSV lists, and a hash of their names and bytes (the cache key)."""
+    metadata, h = Path(metadata), hashlib.sha256()
     with open(metadata, newline="") as f:
         videos = [metadata.parent / row["video"] for row in csv.DictReader(f)]
     if not videos:
         raise ValueError(f"{metadata}: no clips listed (expected a `video,prompt` CSV)")
-    return videos
-
-
-def _hash_files(paths: list[Path]) -> str | None:
-    if not paths:
-        return None
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.name.encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
+    for p in videos:
+        h.update(p.name.encode() + p.read_bytes())
+    return videos, h.hexdigest()[:16]
 
 
 # --- text side ------------------------------------------------------------------------------------------------
 
-def _build_tokenizer():
+def _save_tokenizer(folder: Path):
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -289,16 +297,14 @@ def _build_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Whitespace()  # words; punctuation becomes separate (<unk>) tokens
     tok.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", vocab["</s>"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   model_max_length=512)
-
-
-def _portable_tokenizer_class(folder: Path) -> None:
-    """transformers 5 saves `tokenizer_class: TokenizersBackend`, a name 4.x lacks; both load the generic name."""
-    path = folder / "tokenizer_config.json"
-    config = json.loads(path.read_text())
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                        unk_token="<unk>", model_max_length=512)
+    tokenizer.save_pretrained(folder)
+    # transformers 5 writes `tokenizer_class: TokenizersBackend`, a name 4.x lacks; both load the generic one.
+    config = json.loads((folder / "tokenizer_config.json").read_text())
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    path.write_text(json.dumps(config, indent=2) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return tokenizer
 
 
 def _build_text_encoder(vocab_size: int):
@@ -324,17 +330,6 @@ def _write_model_index(folder: Path) -> None:
     (folder / "model_index.json").write_text(json.dumps(index, indent=1) + "\n")
 
 
-def _read_report(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / REPORT).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _with_paths(report: dict, folder: Path) -> dict:
     names = ("vae", "text_encoder", "tokenizer", "model_index.json", REPORT)
     return {**report, "folder": str(folder), "paths": {n: str(folder / n) for n in names}}
-
-
-def _count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
