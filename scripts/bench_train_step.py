@@ -70,7 +70,8 @@ def main() -> None:
     med = statistics.median(times)
     params = sum(p.numel() for p in model.parameters())
     print(f"| {args.model} ({cfg.num_layers} layers, {params / 1e9:.3f} B) | latent {t}×{h}×{w} | {tokens} tokens "
-          f"| {med:.3f} s/step | {tokens / med:,.0f} tokens/s | peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB "
+          f"| {med:.3f} s/step | {tokens / med:,.0f} tokens/s "
+          f"| peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB "
           f"| {torch.cuda.get_device_name()} | torch {torch.__version__} |")
 
 

@@ -14,8 +14,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_tiny_trains_bf16_mixed_on_gpu(tmp_path):
-    metrics = train(compose_train(["+experiment=tiny", "data=synthetic", "fps=dense", "trainer.max_steps=80", "trainer.val_every_n_steps=40",
-                                   "data.num_samples=128"], tmp_path))
+    metrics = train(compose_train(["+experiment=tiny", "data=synthetic", "fps=dense", "trainer.max_steps=80",
+                                   "trainer.val_every_n_steps=40", "data.num_samples=128"], tmp_path))
     assert metrics["val/loss_end"] < 0.6 * metrics["val/loss_start"], metrics
 
 

@@ -16,7 +16,6 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 from torch.utils.data import Dataset, Sampler
 

@@ -23,12 +23,15 @@ class LatentDataModule(L.LightningDataModule):
         self.cfg = cfg
         self.text_len = text_len
         self.collate = functools.partial(collate, text_len=text_len)
+        self._prepared = False
 
     def prepare_data(self) -> None:
-        if self.cfg.kind == "videos":
+        # Lightning calls this before every fit/validate; the cache check (and its log lines) runs once.
+        if self.cfg.kind == "videos" and not self._prepared:
             from fpsa_train.data.prepare import prepare_video_data
 
             prepare_video_data(self.cfg, self.text_len)
+            self._prepared = True
 
     def setup(self, stage: str | None = None) -> None:
         if self.cfg.kind == "synthetic":

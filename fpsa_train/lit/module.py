@@ -46,8 +46,9 @@ class FlowMatchingModule(L.LightningModule):
         if self.schedule is not None:  # the loss of each regime's samples, and each regime's realised density
             which = self.schedule.regime_index(sigma)
             for i, regime in enumerate(self.schedule.regimes):
-                if (which == i).any():
-                    self.log(f"{stage}/loss/{regime.name}", losses[which == i].mean(), batch_size=int((which == i).sum()))
+                picked = which == i
+                if picked.any():
+                    self.log(f"{stage}/loss/{regime.name}", losses[picked].mean(), batch_size=int(picked.sum()))
             for name, density in realised_density(self.model).items():
                 self.log(f"{stage}/density/{name}", density, batch_size=len(losses))
         return loss

@@ -32,7 +32,8 @@ def video_root(tmp_path_factory) -> Path:
 
 def good_rows(root: Path) -> list[dict]:
     with open(root / "good" / "metadata.csv") as f:
-        return [{"video": str((root / "good" / r["video"]).resolve()), "prompt": r["prompt"]} for r in csv.DictReader(f)]
+        return [{"video": str((root / "good" / r["video"]).resolve()), "prompt": r["prompt"]}
+                for r in csv.DictReader(f)]
 
 
 def write_metadata(path: Path, rows: list[dict]) -> Path:

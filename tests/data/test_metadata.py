@@ -42,7 +42,7 @@ def test_formats_and_aliases(tmp_path, suffix, video_col, caption_col):
 
 def test_relative_paths_resolve_against_the_metadata_folder(tmp_path, monkeypatch):
     (tmp_path / "data").mkdir()
-    meta = write_rows(tmp_path / "data" / "m.jsonl", [{"video_path": "../v/x.mp4", "caption": "c"}])
+    write_rows(tmp_path / "data" / "m.jsonl", [{"video_path": "../v/x.mp4", "caption": "c"}])
     monkeypatch.chdir(tmp_path / "data")
     (sample,) = read_metadata("m.jsonl")  # a relative metadata path, too
     assert sample.video == tmp_path / "v" / "x.mp4"
@@ -91,31 +91,17 @@ def test_missing_caption_column(tmp_path):
         read_metadata(meta)
 
 
-def test_malformed_jsonl_line_is_named(tmp_path):
-    meta = tmp_path / "m.jsonl"
-    meta.write_text('{"video": "a.mp4", "caption": "ok"}\n\n{"video": "b.mp4", "caption": \n', encoding="utf-8")
-    with pytest.raises(MetadataError, match=r"m\.jsonl: line 3: malformed JSON"):
-        read_metadata(meta)
-
-
-def test_malformed_json_file_is_named(tmp_path):
-    meta = tmp_path / "m.json"
-    meta.write_text('[\n {"video": "a.mp4", "caption": "ok"},\n {"video": }\n]\n', encoding="utf-8")
-    with pytest.raises(MetadataError, match=r"line 3: malformed JSON"):
-        read_metadata(meta)
-
-
-def test_json_must_be_a_list_of_objects(tmp_path):
-    meta = tmp_path / "m.json"
-    meta.write_text('{"video": "a.mp4", "caption": "c"}', encoding="utf-8")
-    with pytest.raises(MetadataError, match="expected a JSON list"):
-        read_metadata(meta)
-
-
-def test_unknown_suffix_lists_accepted(tmp_path):
-    meta = tmp_path / "m.tsv"
-    meta.write_text("video\tcaption\n", encoding="utf-8")
-    with pytest.raises(MetadataError, match=r"\.csv, \.jsonl, \.json"):
+@pytest.mark.parametrize(("name", "text", "message"), [
+    ("m.jsonl", '{"video": "a.mp4", "caption": "ok"}\n\n{"video": "b.mp4", "caption": \n',
+     r"m\.jsonl: line 3: malformed JSON"),
+    ("m.json", '[\n {"video": "a.mp4", "caption": "ok"},\n {"video": }\n]\n', r"m\.json: line 3: malformed JSON"),
+    ("m.json", '{"video": "a.mp4", "caption": "c"}', "expected a JSON list"),
+    ("m.tsv", "video\tcaption\n", r"\.csv, \.jsonl, \.json"),  # an unknown suffix lists the accepted ones
+], ids=["bad-jsonl-line", "bad-json", "json-not-a-list", "unknown-suffix"])
+def test_malformed_metadata_is_named(tmp_path, name, text, message):
+    meta = tmp_path / name
+    meta.write_text(text, encoding="utf-8")
+    with pytest.raises(MetadataError, match=message):
         read_metadata(meta)
 
 

@@ -99,8 +99,9 @@ def test_learned_selector_trains_end_to_end():
 
 
 def test_tiny_training_with_fps_lowers_the_loss(tmp_path):
-    metrics = train(compose_train(["+experiment=tiny", "data=synthetic", "trainer.max_steps=60", "trainer.val_every_n_steps=30",
-                                   "data.num_samples=128", "data.val_samples=16", "seed=3"], tmp_path))
+    metrics = train(compose_train(["+experiment=tiny", "data=synthetic", "trainer.max_steps=60",
+                                   "trainer.val_every_n_steps=30", "data.num_samples=128", "data.val_samples=16",
+                                   "seed=3"], tmp_path))
     assert metrics["val/loss_end"] < 0.6 * metrics["val/loss_start"], metrics
     import csv
 
