@@ -49,6 +49,11 @@ else
     || "${pip[@]}" install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
 fi
 
+if [ "$has_gpu" = 0 ] && ! "$venv/bin/python" -c "import triton" 2>/dev/null && [ "$(uname -s)" = Linux ]; then
+  # CPU host: the kernels' tests run in Triton's interpreter; use the Triton the GPU image runs (3.6.0).
+  "${pip[@]}" install -q "triton==3.6.0"
+fi
+
 extras=${FPSA_EXTRAS-dev}  # the test extras by default; FPSA_EXTRAS= installs only what training needs
 "${pip[@]}" install -q -e ".${extras:+[$extras]}"
 "$venv/bin/python" -c "import torch, fpsa_train, fpsa_kernels; print('[install] ok: torch', torch.__version__, '| cuda', torch.version.cuda)"

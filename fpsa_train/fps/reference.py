@@ -79,15 +79,17 @@ def _softmax_pv(s: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None, qua
     return (p_hat @ v) / denom
 
 
-def attention_tiles(q, k, v, layout: TokenLayout, regime: Regime,
-                    selector: LearnedSelector | None = None) -> tuple[torch.Tensor, RegimeMask]:
+def attention_tiles(q, k, v, layout: TokenLayout, regime: Regime, selector: LearnedSelector | None = None,
+                    mask: TileMask | None = None) -> tuple[torch.Tensor, RegimeMask]:
     """FPS attention computing only the kept tile pairs: (out (B, H, L, D) fp32, the mask used).
+
+    `mask` overrides the regime's selection (to evaluate a kernel and the reference on the same tile mask).
 
     One step per query tile u: the kept key tiles of every (b, h) are gathered side by side, each padded to the
     largest tile size (pads and unused mask slots score −inf), so the work is the kept pairs plus edge padding.
     """
     _require_tile_order(layout)
-    sel = select_tiles(q, k, layout, regime, selector)
+    sel = select_tiles(q, k, layout, regime, selector) if mask is None else RegimeMask(mask, None, None)
     qh, kh, vh = quantize_inputs(q, k, v, layout, regime)
     b, h, _, d = qh.shape
     mask = sel.mask.expand(b, h)
@@ -115,11 +117,11 @@ def attention_tiles(q, k, v, layout: TokenLayout, regime: Regime,
     return torch.cat(outputs, dim=2), sel
 
 
-def attention_materialized(q, k, v, layout: TokenLayout, regime: Regime,
-                           selector: LearnedSelector | None = None) -> tuple[torch.Tensor, RegimeMask]:
+def attention_materialized(q, k, v, layout: TokenLayout, regime: Regime, selector: LearnedSelector | None = None,
+                           mask: TileMask | None = None) -> tuple[torch.Tensor, RegimeMask]:
     """The same definition on the full (L, L) score matrix with a token-level mask (tiny shapes only)."""
     _require_tile_order(layout)
-    sel = select_tiles(q, k, layout, regime, selector)
+    sel = select_tiles(q, k, layout, regime, selector) if mask is None else RegimeMask(mask, None, None)
     qh, kh, vh = quantize_inputs(q, k, v, layout, regime)
     sizes = layout.tile_sizes().to(q.device)
     tile_of = torch.repeat_interleave(torch.arange(len(sizes), device=q.device), sizes)  # (L,)

@@ -1,0 +1,205 @@
+"""FP8 tile-sparse attention forward (Triton, Hopper): the deployed numerics of fps/reference.py.
+
+One program owns `BLOCK_M` query rows of one query group (kernels/plan.py) for one (batch, head) and loops over the
+group's key chunks of `BLOCK_N` keys, each a TMA load of K (B·H, L, D) and of V transposed (B·H, D, L_pad):
+
+    S   = (Q8 · K8ᵀ) · s_k · s_q'                     fp32 accumulation; s_q' = s_q · softmax_scale · log2(e)
+    P   = 2^(S − m)                                   online softmax in base 2 against the running row max m
+    ℓ   = ℓ · 2^(m_old − m) + Σ P                     fp32, from the unquantized P
+    acc = acc · 2^(m_old − m) + e4m3(448 P) · V8      fp32 accumulation
+    O   = acc · s_v / (448 ℓ)  (bf16),  lse = ln 2 · (m + log2 ℓ)
+
+A chunk's columns outside its valid range [lo, hi) (before or after a run of kept tiles) get score −∞ through a
+per-column bias folded into the scale multiply (s·s_k + bias is one FMA per score). S is rounded before the max is
+taken, so S − m <= 0 exactly and 448 P never exceeds 448 even with logits of 1e8 (folding log2 448 into the exponent,
+or fusing S − m into one FMA, breaks that at such magnitudes: a P of 4096 would saturate while ℓ counted it whole).
+
+Differences from the reference, all rounding-level: P is quantized against the running max instead of the exact row
+max (so a value may round once more, by at most one e4m3 step, relative 2^-4, after rescaling), scales are applied
+after the FP8 product instead of to its operands, and exp2 is the hardware approximation. Tests derive their
+tolerance from these (tests/kernels/test_attention.py).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from fpsa_kernels.plan import Plan
+from fpsa_kernels.quant import QuantizedQKV, round_e4m3
+
+LOG2E = 1.4426950408889634
+LOG2_448 = math.log2(448.0)
+
+
+@triton.jit
+def _fwd_kernel(q_desc, k_desc, v_desc, sq_ptr, sk_ptr, sv_ptr, o_ptr, lse_ptr,
+                item_group, item_row, item_rows, chunk_start, chunk_lo, chunk_hi, chunk_count,
+                H, L, stride_ob, stride_oh, stride_ol,
+                mask_sb, mask_sh, mask_sg, C,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, EMULATE_CAST: tl.constexpr):
+    item = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    g = tl.load(item_group + item)
+    row0 = tl.load(item_row + item)
+    nrows = tl.load(item_rows + item)
+    mask_base = b * mask_sb + h * mask_sh + g * mask_sg  # chunk lists of this (b, h, group); stride 0 broadcasts
+    count = tl.load(chunk_count + mask_base // C)
+
+    rows = row0 + tl.arange(0, BLOCK_M)
+    q = q_desc.load([bh, row0, 0]).reshape(BLOCK_M, D)
+    sq = tl.load(sq_ptr + bh.to(tl.int64) * L + rows, mask=rows < L, other=1.0)  # incl. softmax scale · log2 e
+    cols = tl.arange(0, BLOCK_N)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for i in range(count):
+        start = tl.load(chunk_start + mask_base + i)
+        lo = tl.load(chunk_lo + mask_base + i)
+        hi = tl.load(chunk_hi + mask_base + i)
+        k = k_desc.load([bh, start, 0]).reshape(BLOCK_N, D)
+        valid = (cols >= lo) & (cols < hi)
+        sk = tl.load(sk_ptr + bh.to(tl.int64) * L + start + cols, mask=valid, other=0.0)
+        bias = tl.where(valid, 0.0, float("-inf"))
+        s = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N) fp32
+        u = (s * sk[None, :] + bias[None, :]) * sq[:, None]  # log2 units; rounded, so u - max(u) <= 0 exactly
+        m_new = tl.maximum(m_i, tl.max(u, axis=1))
+        # the min guards against the compiler fusing u − m into an FMA with the unrounded product (p > 1)
+        p = tl.math.exp2(tl.minimum(u - m_new[:, None], 0.0))  # in [0, 1]
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if EMULATE_CAST:
+            p8 = round_e4m3(p * 448.0).to(tl.float8e4nv)
+        else:
+            p8 = (p * 448.0).to(tl.float8e4nv, fp_downcast_rounding="rtne")
+        v = v_desc.load([bh, 0, start]).reshape(D, BLOCK_N)
+        acc = acc * alpha[:, None] + tl.dot(p8, tl.trans(v))
+        m_i = m_new
+
+    sv = tl.load(sv_ptr + bh * D + tl.arange(0, D))
+    out = acc * sv[None, :] / (l_i * 448.0)[:, None]
+    keep = tl.arange(0, BLOCK_M) < nrows
+    dst = o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    tl.store(dst + rows[:, None].to(tl.int64) * stride_ol + tl.arange(0, D)[None, :], out.to(tl.bfloat16),
+             mask=keep[:, None])
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+    tl.store(lse_ptr + bh.to(tl.int64) * L + rows, lse, mask=keep)
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def attention_forward(qkv: QuantizedQKV, plan: Plan, out: torch.Tensor | None = None, num_warps: int = 4,
+                      num_stages: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the forward on quantized inputs and a plan: (out bf16 (B, H, L, D), lse fp32 (B, H, L))."""
+    bh, seq, d = qkv.q8.shape
+    b, h = qkv.batch, qkv.heads
+    bm, bn = plan.block_m, plan.block_n
+    if out is None:
+        out = torch.empty(b, h, seq, d, dtype=torch.bfloat16, device=qkv.q8.device)
+    lse = torch.empty(b, h, seq, dtype=torch.float32, device=qkv.q8.device)
+    q_desc = TensorDescriptor(qkv.q8, shape=[bh, seq, d], strides=[seq * d, d, 1], block_shape=[1, bm, d])
+    k_desc = TensorDescriptor(qkv.k8, shape=[bh, seq, d], strides=[seq * d, d, 1], block_shape=[1, bn, d])
+    seq_pad = qkv.vt8.shape[-1]
+    v_desc = TensorDescriptor(qkv.vt8, shape=[bh, d, seq], strides=[d * seq_pad, seq_pad, 1],
+                              block_shape=[1, d, bn])
+    cs, cc = plan.chunk_start, plan.chunk_count
+    mb, mh, ng, c = cs.shape
+    if (mb not in (1, b)) or (mh not in (1, h)):
+        raise ValueError(f"the plan's mask is for (B, H) = ({mb}, {mh}); the inputs have ({b}, {h})")
+    # element strides of (b, h, group) into the (B|1, H|1, G, C) chunk arrays; count is (B|1, H|1, G) = that / C
+    sb = 0 if mb == 1 else mh * ng * c
+    sh = 0 if mh == 1 else ng * c
+    grid = (plan.item_group.numel(), bh)
+    _fwd_kernel[grid](q_desc, k_desc, v_desc, qkv.sq, qkv.sk, qkv.sv, out, lse,
+                      plan.item_group, plan.item_row, plan.item_rows, cs, plan.chunk_lo, plan.chunk_hi, cc,
+                      h, seq, out.stride(0), out.stride(1), out.stride(2), sb, sh, c, c,
+                      BLOCK_M=bm, BLOCK_N=bn, D=d, EMULATE_CAST=interpreted(),
+                      num_warps=num_warps, num_stages=num_stages)
+    return out, lse
+
+
+DEFAULT_BLOCKS = (128, 128)
+"""(BLOCK_M, BLOCK_N) unless the caller asks otherwise (scripts/bench_attention.py compares the choices)."""
+HEAD_DIMS = (64, 128)
+
+
+def unsupported_reason(x: torch.Tensor) -> str | None:
+    """Why the kernel cannot run on `x`'s device (None when it can): Hopper GPUs, or the CPU under the interpreter."""
+    if interpreted():
+        return None if x.device.type == "cpu" else "TRITON_INTERPRET=1 runs the kernel on CPU tensors only"
+    if x.device.type != "cuda":
+        return f"the FP8 kernel needs an NVIDIA Hopper GPU (H100/H200); the inputs are on {x.device.type}"
+    major, minor = torch.cuda.get_device_capability(x.device)
+    if major != 9:
+        return (f"the FP8 kernel is built for Hopper (compute capability 9.x: H100, H200); "
+                f"{torch.cuda.get_device_name(x.device)} is {major}.{minor}")
+    return None
+
+
+_STATIC_PLANS: dict[tuple, Plan] = {}
+
+
+def plan_for(mask, layout, regime, block_m: int, block_n: int, device) -> Plan:
+    """The work plan of a regime's mask; dense and window plans are cached (they depend only on the layout)."""
+    from fpsa_kernels.plan import dense_plan, sparse_plan
+    from fpsa_train.fps.masks import token_ranges
+
+    static = regime.pattern in ("dense", "window")
+    key = (tuple(layout.grid), tuple(layout.tile_shape), regime.pattern, regime.window, block_m, block_n, str(device))
+    if static and key in _STATIC_PLANS:
+        return _STATIC_PLANS[key]
+    if regime.pattern == "dense":
+        plan = dense_plan(layout.seq_len, block_m, block_n, device)
+    else:
+        plan = sparse_plan(mask.to_dense(), token_ranges(layout), block_m, block_n)
+    if static:
+        _STATIC_PLANS[key] = plan
+    return plan
+
+
+def fps_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, regime, mask=None, *,
+                  block_m: int | None = None, block_n: int | None = None, num_warps: int = 4,
+                  num_stages: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 tile-sparse attention forward for one regime of the schedule (DESIGN.md numerics, Hopper).
+
+    q, k, v: (B, H, L, D) bf16 (or fp16/fp32), tokens in tile-major order of `layout` (models/token_order.py), any
+    strides with a contiguous last dimension; D 64 or 128; any L. `regime` (fps/schedule.py) must quantize; its
+    Q/K scale groups, window and top-k are applied as fps/reference.py defines them. `mask` (fps/masks.TileMask) is
+    the tile mask to use; None selects it from q, k as the reference does (a `learned` regime needs its mask given).
+
+    Returns (out bf16 (B, H, L, D) contiguous, lse fp32 (B, H, L): the natural log-sum-exp of each row's scaled
+    scores over its kept keys, for the backward). Numerics: Q, K → e4m3 with scale amax/448 per group, V → e4m3 per
+    channel (pre-pass, `quantize_qkv`); S = Q8·K8ᵀ·s_q·s_k/√D in fp32; online softmax in base 2; P → e4m3 with the
+    fixed scale 448; P·V in fp32; O = acc·s_v/ℓ. Raises ValueError for unsupported devices, head dims or regimes.
+    """
+    from fpsa_kernels.quant import quantize_qkv
+    from fpsa_train.fps.reference import select_tiles
+
+    reason = unsupported_reason(q)
+    if reason:
+        raise ValueError(reason)
+    if q.dim() != 4 or q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"q must be (B, H, L, D) with D in {HEAD_DIMS}; got shape {tuple(q.shape)}")
+    if not regime.quantized:
+        raise ValueError(f"regime {regime.name!r} does not quantize (quant: null): the FP8 kernel needs FP8 inputs; "
+                         "run unquantized regimes through the reference (fps/reference.py) or dense SDPA")
+    if layout.order != "tile":
+        raise ValueError("the kernel needs tokens in tile-major order: set model.token_order=tile")
+    if mask is None:
+        if regime.pattern == "learned":
+            raise ValueError(f"regime {regime.name!r} is `learned`: pass the selector's mask")
+        if regime.pattern != "dense":
+            mask = select_tiles(q, k, layout, regime).mask
+    bm, bn = block_m or DEFAULT_BLOCKS[0], block_n or DEFAULT_BLOCKS[1]
+    plan = plan_for(mask, layout, regime, bm, bn, q.device)
+    qkv = quantize_qkv(q, k, v, layout, regime.quant, q_mult=LOG2E / math.sqrt(q.shape[-1]))
+    return attention_forward(qkv, plan, num_warps=num_warps, num_stages=num_stages)

@@ -1,0 +1,252 @@
+"""Benchmark the FP8 tile-sparse attention forward against PyTorch SDPA (FLASH, cuDNN) at Wan2.1 shapes, on one GPU.
+
+    python scripts/bench_attention.py [--shapes 480p,720p] [--configs 128x128w4s2,...] [--out DIR]
+
+Per shape (wan1.3B-480p: B=1, H=12, grid 21×30×52 = 32,760 tokens; wan14B-720p: B=1, H=40, grid 21×45×80 = 75,600;
+D = 128, tiles 6×8×8), median times from `triton.testing.do_bench`, random normal bf16 inputs:
+- SDPA FLASH_ATTENTION and CUDNN_ATTENTION in bf16 (the baselines, timed in the same run);
+- our kernel, dense with per-tile scales, for each block config (the best is used for the rest);
+- each regime of the default schedule (configs/fps/default.yaml): the forward kernel alone, and the whole call
+  (pre-pass + mask selection + plan for dynamic masks + forward), each with its best block config;
+- the pre-pass alone (Q, K, V quantization);
+- sparse efficiency: top-k masks at tile-pair density d ∈ {0.5, 0.25, 0.1}: time / (d · dense time);
+- the schedule averaged over Wan's 50-step sampling (UniPC, shift 5): mean whole-call time over the steps' regimes.
+TFLOP/s: actual = 4·D·(kept query-key pairs)/time; dense-equivalent = 4·B·H·L²·D/time. Writes a markdown table
+(bench_attention.md), the raw numbers (bench_attention.json) and a plot (bench_attention.png) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from omegaconf import OmegaConf
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from fpsa_kernels import quantize_qkv
+from fpsa_kernels.attention import LOG2E, attention_forward, fps_attention, plan_for
+from fpsa_kernels.plan import sparse_plan
+from fpsa_train.fps.fp8 import QuantGranularity
+from fpsa_train.fps.masks import token_ranges, topk_mask
+from fpsa_train.fps.reference import select_tiles
+from fpsa_train.fps.schedule import FPSConfig, Regime, Schedule
+from fpsa_train.models.token_order import TokenLayout
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPES = {"480p": ("wan1.3B-480p", 12, (21, 30, 52)), "720p": ("wan14B-720p", 40, (21, 45, 80))}
+TILE = (6, 8, 8)
+
+
+def bench(fn) -> float:
+    """Median milliseconds."""
+    return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+
+
+def parse_config(text: str) -> dict:
+    blocks, rest = text.split("w")
+    bm, bn = (int(x) for x in blocks.split("x"))
+    warps, stages = (int(x) for x in rest.split("s"))
+    return {"block_m": bm, "block_n": bn, "num_warps": warps, "num_stages": stages, "name": text}
+
+
+def default_schedule() -> Schedule:
+    cfg = OmegaConf.merge(OmegaConf.structured(FPSConfig), OmegaConf.load(REPO / "configs/fps/default.yaml"))
+    return Schedule.from_config(OmegaConf.to_object(cfg), TILE)
+
+
+def sampling_sigmas(steps: int = 50, shift: float = 5.0) -> list[float]:
+    """Wan's flow-matching sampler: σ from 1 towards 0 in `steps` equal steps of t, shifted σ' = sσ/(1+(s−1)σ)."""
+    ts = [1.0 - i / steps for i in range(steps)]
+    return [shift * t / (1 + (shift - 1) * t) for t in ts]
+
+
+def run_shape(key: str, configs: list[dict], log) -> dict:
+    name, heads, grid = SHAPES[key]
+    layout = TokenLayout(grid, "tile", TILE)
+    seq, d, batch = layout.seq_len, 128, 1
+    dense_flops = 4.0 * batch * heads * seq * seq * d
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, seq, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    res: dict = {"name": name, "shape": [batch, heads, seq, d], "grid": list(grid), "dense_flops": dense_flops}
+
+    for backend, label in ((SDPBackend.FLASH_ATTENTION, "sdpa_flash"), (SDPBackend.CUDNN_ATTENTION, "sdpa_cudnn")):
+        with sdpa_kernel(backend):
+            res[label] = bench(lambda: F.scaled_dot_product_attention(q, k, v))
+        log(f"{name} {label}: {res[label]:.2f} ms, {dense_flops / res[label] / 1e9:.0f} TFLOP/s")
+    cudnn = res["sdpa_cudnn"]
+
+    def kernel_ms(regime: Regime, mask, cfg: dict, qkv=None) -> tuple[float, object]:
+        plan = plan_for(mask, layout, regime, cfg["block_m"], cfg["block_n"], q.device)
+        qkv = qkv or quantize_qkv(q, k, v, layout, regime.quant, q_mult=LOG2E / math.sqrt(d))
+        out = torch.empty_like(q)
+        ms = bench(lambda: attention_forward(qkv, plan, out, num_warps=cfg["num_warps"],
+                                             num_stages=cfg["num_stages"]))
+        return ms, plan
+
+    dense = Regime("dense", 0.0, 1.0, QuantGranularity("tile"), "dense", None, None, None, 1.0)
+    res["dense"] = {}
+    for cfg in configs:
+        try:
+            ms, _ = kernel_ms(dense, None, cfg)
+        except Exception as err:  # noqa: BLE001  a config that does not compile or fit is reported, not fatal
+            log(f"{name} dense {cfg['name']}: failed: {type(err).__name__}: {str(err)[:200]}")
+            continue
+        res["dense"][cfg["name"]] = ms
+        log(f"{name} dense {cfg['name']}: {ms:.2f} ms, {dense_flops / ms / 1e9:.0f} TFLOP/s, "
+            f"{cudnn / ms:.2f}× cuDNN")
+    best_dense = min(res["dense"], key=res["dense"].get)
+    dense_ms = res["dense"][best_dense]
+    res["best_dense_config"] = best_dense
+
+    qkv_tile = quantize_qkv(q, k, v, layout, QuantGranularity("tile"), q_mult=LOG2E / math.sqrt(d))
+    res["prepass"] = bench(lambda: quantize_qkv(q, k, v, layout, QuantGranularity("tile"), q_mult=1.0))
+    log(f"{name} pre-pass (tile scales): {res['prepass']:.3f} ms = {100 * res['prepass'] / dense_ms:.1f}% of dense")
+
+    res["regimes"] = {}
+    for regime in default_schedule().regimes:
+        mask = None if regime.pattern == "dense" else select_tiles(q, k, layout, regime).mask
+        best = None
+        for cfg in configs:
+            try:
+                ms, plan = kernel_ms(regime, mask, cfg)
+            except Exception as err:  # noqa: BLE001
+                log(f"{name} {regime.name} {cfg['name']}: failed: {type(err).__name__}: {str(err)[:200]}")
+                continue
+            if best is None or ms < best[0]:
+                best = (ms, cfg, plan)
+        ms, cfg, plan = best
+        call = bench(lambda: fps_attention(q, k, v, layout, regime, block_m=cfg["block_m"], block_n=cfg["block_n"],
+                                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+        density = plan.useful / (seq * seq * (plan.chunk_count.shape[0] * plan.chunk_count.shape[1]))
+        entry = {"describe": regime.describe(), "config": cfg["name"], "kernel_ms": ms, "call_ms": call,
+                 "density": density, "waste": plan.waste, "actual_tflops": density * dense_flops / ms / 1e9,
+                 "dense_equiv_tflops": dense_flops / ms / 1e9, "speedup_cudnn": cudnn / ms,
+                 "speedup_flash": res["sdpa_flash"] / ms, "call_speedup_cudnn": cudnn / call}
+        res["regimes"][regime.name] = entry
+        log(f"{name} {regime.describe()}: kernel {ms:.2f} ms ({cfg['name']}), whole call {call:.2f} ms, "
+            f"density {density:.3f}, waste {plan.waste:.3f}, {entry['speedup_cudnn']:.2f}× cuDNN "
+            f"(whole call {entry['call_speedup_cudnn']:.2f}×)")
+
+    n = len(layout.tile_sizes())
+    res["sparse_efficiency"] = {}
+    for target in (0.5, 0.25, 0.1):
+        scores = torch.randn(batch, heads, n, n, device="cuda", generator=g)
+        mask = topk_mask(scores, max(1, round(target * n)))
+        rows = []
+        for cfg in configs:  # the same block config as dense, and the best one for this density
+            plan = sparse_plan(mask.to_dense(), token_ranges(layout), cfg["block_m"], cfg["block_n"])
+            try:
+                ms = bench(lambda: attention_forward(qkv_tile, plan, num_warps=cfg["num_warps"],
+                                                     num_stages=cfg["num_stages"]))
+            except Exception:  # noqa: BLE001
+                continue
+            rows.append((ms, cfg["name"], plan))
+        same = next(r for r in rows if r[1] == best_dense)
+        best = min(rows)
+        density = same[2].useful / (seq * seq * batch * heads)
+        res["sparse_efficiency"][str(target)] = {
+            "density": density, "ms_dense_config": same[0], "ratio_dense_config": same[0] / (density * dense_ms),
+            "waste": same[2].waste, "best_config": best[1], "ms_best": best[0],
+            "ratio_best": best[0] / (density * dense_ms)}
+        log(f"{name} top-k density {density:.3f}: {same[0]:.2f} ms = {same[0] / (density * dense_ms):.2f}·d·dense "
+            f"({best_dense}, waste {same[2].waste:.3f}); best {best[1]} {best[0]:.2f} ms = "
+            f"{best[0] / (density * dense_ms):.2f}·d·dense")
+
+    schedule = default_schedule()
+    steps = [schedule.regime_for(s).name for s in sampling_sigmas()]
+    res["schedule_steps"] = {r: steps.count(r) for r in res["regimes"]}
+    avg_call = sum(res["regimes"][r]["call_ms"] for r in steps) / len(steps)
+    avg_kernel = sum(res["regimes"][r]["kernel_ms"] for r in steps) / len(steps)
+    res["schedule_avg_call_ms"], res["schedule_avg_kernel_ms"] = avg_call, avg_kernel
+    log(f"{name} 50-step schedule {res['schedule_steps']}: mean whole call {avg_call:.2f} ms = "
+        f"{cudnn / avg_call:.2f}× cuDNN (kernel only {cudnn / avg_kernel:.2f}×)")
+    return res
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| shape | what | config | ms | actual TFLOP/s | dense-equiv. TFLOP/s | vs FLASH | vs cuDNN |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        f, flash, cudnn = r["dense_flops"], r["sdpa_flash"], r["sdpa_cudnn"]
+
+        def row(what, cfg, ms, density=1.0):
+            lines.append(f"| {r['name']} | {what} | {cfg} | {ms:.2f} | {density * f / ms / 1e9:.0f} | "
+                         f"{f / ms / 1e9:.0f} | {flash / ms:.2f}× | {cudnn / ms:.2f}× |")
+
+        row("SDPA FLASH bf16", "", flash)
+        row("SDPA cuDNN bf16", "", cudnn)
+        for cfg, ms in r["dense"].items():
+            row("ours dense FP8 (tile scales)", cfg, ms)
+        for name, e in r["regimes"].items():
+            row(f"ours `{e['describe']}` kernel", e["config"], e["kernel_ms"], e["density"])
+            row(f"ours `{name}` whole call (pre-pass, mask, plan, kernel)", e["config"], e["call_ms"], e["density"])
+        lines.append(f"| {r['name']} | pre-pass alone (tile scales) | | {r['prepass']:.3f} | | | | "
+                     f"{100 * r['prepass'] / r['dense'][r['best_dense_config']]:.1f}% of dense |")
+        lines.append(f"| {r['name']} | 50-step schedule mean {r['schedule_steps']} | | {r['schedule_avg_call_ms']:.2f} "
+                     f"| | {f / r['schedule_avg_call_ms'] / 1e9:.0f} | {flash / r['schedule_avg_call_ms']:.2f}× | "
+                     f"{cudnn / r['schedule_avg_call_ms']:.2f}× |")
+    lines += ["", "| shape | top-k density d | ms (dense config) | time / (d · dense) | padding waste | best config: "
+              "time / (d · dense) |", "|---|---|---|---|---|---|"]
+    for r in results:
+        for e in r["sparse_efficiency"].values():
+            lines.append(f"| {r['name']} | {e['density']:.3f} | {e['ms_dense_config']:.2f} | "
+                         f"{e['ratio_dense_config']:.2f} | {e['waste']:.3f} | {e['best_config']}: "
+                         f"{e['ratio_best']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+    for ax, r in zip(axes[0], results):
+        labels = ["FLASH bf16", "cuDNN bf16", "ours dense"] + [f"ours {n}" for n in r["regimes"]] + ["ours 50-step"]
+        ms = [r["sdpa_flash"], r["sdpa_cudnn"], r["dense"][r["best_dense_config"]]]
+        ms += [e["call_ms"] for e in r["regimes"].values()] + [r["schedule_avg_call_ms"]]
+        speed = [r["sdpa_cudnn"] / t for t in ms]
+        ax.bar(range(len(ms)), speed, color=["grey", "grey"] + ["tab:blue"] * (len(ms) - 2))
+        ax.set_xticks(range(len(ms)), labels, rotation=30, ha="right")
+        ax.set_ylabel("speedup over SDPA cuDNN bf16 (×)")
+        ax.set_title(f"{r['name']} {r['shape']}")
+        for i, s in enumerate(speed):
+            ax.text(i, s, f"{s:.2f}×", ha="center", va="bottom", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="480p,720p")
+    parser.add_argument("--configs", default="128x128w4s2,128x128w8s2,128x64w4s3,64x128w4s2,128x128w4s3")
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    configs = [parse_config(c) for c in args.configs.split(",")]
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    results = [run_shape(s, configs, log) for s in args.shapes.split(",")]
+    header = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+              f"CUDA {torch.version.cuda}, Python {platform.python_version()}, {started}")
+    text = f"{header}\n\n{table(results)}\n"
+    (out / "bench_attention.md").write_text(text)
+    (out / "bench_attention.json").write_text(json.dumps({"header": header, "results": results}, indent=1))
+    plot(results, out / "bench_attention.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""The forward kernel on a Hopper GPU at Wan's full shapes, against the reference run tile by tile in fp32 there.
+
+Budgets as in helpers.py (twice the reference's own P-rounding error plus one bf16 step). Marked `gpu`: they run on
+the lent H100 (`pytest -m gpu tests/kernels`), not in CI.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from fpsa_kernels import fps_attention, unsupported_reason
+from fpsa_train.fps.fp8 import QuantGranularity, round_e4m3
+from fpsa_train.fps.reference import select_tiles
+from fpsa_train.fps.schedule import Regime
+from fpsa_train.models.token_order import TokenLayout
+
+from .helpers import KINDS, make_inputs, reference_and_budget
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available() or unsupported_reason(torch.zeros(1, device="cuda"))
+                                 is not None, reason="needs a Hopper GPU")]
+
+TILE = (6, 8, 8)
+REGIMES = {
+    "dense": Regime("dense", 0, 1, QuantGranularity("tile"), "dense", None, None, None, 1.0),
+    "early": Regime("early", 0, 1, QuantGranularity("tiles", (2, 2, 2)), "window", (6, 6, 1), None, None, 1.0),
+    "middle": Regime("middle", 0, 1, QuantGranularity("subtile", (2, 2, 2)), "dense", None, None, None, 1.0),
+    "late": Regime("late", 0, 1, QuantGranularity("tile"), "window_topk", (6, 6, 3), 4, None, 1.0),
+    "token": Regime("token", 0, 1, QuantGranularity("token"), "topk", None, 8, None, 1.0),
+}
+
+
+def check(kind, heads, grid, regime, seed=0, blocks=(None, None)):
+    layout = TokenLayout(grid, "tile", TILE)
+    q, k, v = make_inputs(kind, 1, heads, layout, 128, seed=seed, device="cuda")
+    mask = None if regime.pattern == "dense" else select_tiles(q, k, layout, regime).mask
+    out, lse = fps_attention(q, k, v, layout, regime, mask, block_m=blocks[0], block_n=blocks[1])
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    with torch.no_grad():
+        ref, budget = reference_and_budget(q, k, v, layout, regime, mask)
+    err = torch.linalg.vector_norm(out.float() - ref).item()
+    assert err <= budget, (err, budget)
+    return err / torch.linalg.vector_norm(ref).item()
+
+
+@pytest.mark.parametrize("regime", ["dense", "early", "middle", "late"])
+@pytest.mark.parametrize("kind", ["normal", "peaked"])
+def test_wan_480p_full_shape(kind, regime):
+    check(kind, 12, (21, 30, 52), REGIMES[regime])
+
+
+@pytest.mark.parametrize("regime", ["dense", "early", "late"])
+def test_wan_720p_full_shape(regime):
+    check("normal", 40, (21, 45, 80), REGIMES[regime])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("regime", ["dense", "late", "token"])
+@pytest.mark.parametrize("blocks", [(128, 128), (64, 128), (128, 64)])
+def test_stress_inputs_and_block_shapes(kind, regime, blocks):
+    check(kind, 4, (7, 16, 24), REGIMES[regime], seed=1, blocks=blocks)
+
+
+@triton.jit
+def _cast_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + i, mask=i < n)
+    tl.store(y_ptr + i, x.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.float32), mask=i < n)
+
+
+def test_hardware_fp8_cast_rounds_as_the_reference():
+    """The forward quantizes 448·P with the hardware cast: it must round like fps/fp8.round_e4m3 on [0, 448]."""
+    grid = round_e4m3(torch.linspace(0, 448, 5001, device="cuda"))
+    x = torch.cat([torch.rand(1 << 20, device="cuda") * 448, (grid[1:] + grid[:-1]) / 2, grid,
+                   torch.tensor([448.0, 448.01, 2.0 ** -10, 3 * 2.0 ** -10], device="cuda")])
+    y = torch.empty_like(x)
+    _cast_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
+    assert torch.equal(y, round_e4m3(x))
+    assert math.isfinite(float(y.max()))
