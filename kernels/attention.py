@@ -4,15 +4,17 @@ One program owns `BLOCK_M` query rows of one query group (kernels/plan.py) for o
 group's key chunks of `BLOCK_N` keys, each a TMA load of K (B·H, L, D) and of V transposed (B·H, D, L_pad):
 
     S   = (Q8 · K8ᵀ) · s_k · s_q'                     fp32 accumulation; s_q' = s_q · softmax_scale · log2(e)
-    P   = 2^(S − m)                                   online softmax in base 2 against the running row max m
-    ℓ   = ℓ · 2^(m_old − m) + Σ P                     fp32, from the unquantized P
-    acc = acc · 2^(m_old − m) + e4m3(448 P) · V8      fp32 accumulation
-    O   = acc · s_v / (448 ℓ)  (bf16),  lse = ln 2 · (m + log2 ℓ)
+    P'  = 2^(S − m + log2 448) = 448 P               online softmax in base 2 against the running row max m
+    ℓ'  = ℓ' · 2^(m_old − m) + Σ P'                   fp32, from the unquantized P (ℓ' = 448 ℓ)
+    acc = acc · 2^(m_old − m) + e4m3(P') · V8         fp32 accumulation
+    O   = acc · s_v / ℓ'  (bf16),  lse = ln 2 · (m + log2 ℓ' − log2 448)
 
-A chunk's columns outside its valid range [lo, hi) (before or after a run of kept tiles) get score −∞ through a
-per-column bias folded into the scale multiply (s·s_k + bias is one FMA per score). S is rounded before the max is
-taken, so S − m <= 0 exactly and 448 P never exceeds 448 even with logits of 1e8 (folding log2 448 into the exponent,
-or fusing S − m into one FMA, breaks that at such magnitudes: a P of 4096 would saturate while ℓ counted it whole).
+Per score that is two FMAs (s·s_k + bias, then t·s_q' + (log2 448 − m)), a min, exp2 and the FP8 cast. The bias is
+−∞ for a chunk's columns outside its valid range [lo, hi) (before or after a run of kept tiles), so masking is free.
+The min caps P' at 448: the row max is taken over rounded products and the FMA uses the unrounded one, so without it
+an exponent could exceed log2 448 by a rounding error (at logits of 1e8, by several units) and saturate while ℓ'
+counted it whole. FP8 Q·Kᵀ on Hopper accumulates in the tensor cores' reduced precision by default (about 14 bits,
+Triton's `max_num_imprecise_acc`); `qk_imprecise_acc=32` promotes to fp32 after every 32 products instead.
 
 Differences from the reference, all rounding-level: P is quantized against the running max instead of the exact row
 max (so a value may round once more, by at most one e4m3 step, relative 2^-4, after rescaling), scales are applied
@@ -39,10 +41,11 @@ LOG2_448 = math.log2(448.0)
 
 @triton.jit
 def _fwd_kernel(q_desc, k_desc, v_desc, sq_ptr, sk_ptr, sv_ptr, o_ptr, lse_ptr,
-                item_group, item_row, item_rows, chunk_start, chunk_lo, chunk_hi, chunk_count,
+                item_group, item_row, item_rows, chunks, chunk_count,
                 H, L, stride_ob, stride_oh, stride_ol,
                 mask_sb, mask_sh, mask_sg, C,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, EMULATE_CAST: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, QK_IMPRECISE: tl.constexpr,
+                EMULATE_CAST: tl.constexpr):
     item = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -61,35 +64,37 @@ def _fwd_kernel(q_desc, k_desc, v_desc, sq_ptr, sk_ptr, sv_ptr, o_ptr, lse_ptr,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     for i in range(count):
-        start = tl.load(chunk_start + mask_base + i)
-        lo = tl.load(chunk_lo + mask_base + i)
-        hi = tl.load(chunk_hi + mask_base + i)
+        packed = tl.load(chunks + mask_base + i)  # (start / 16) << 16 | lo << 8 | hi
+        start = (packed >> 16) * 16
+        lo = (packed >> 8) & 0xFF
+        hi = packed & 0xFF
         k = k_desc.load([bh, start, 0]).reshape(BLOCK_N, D)
         valid = (cols >= lo) & (cols < hi)
         sk = tl.load(sk_ptr + bh.to(tl.int64) * L + start + cols, mask=valid, other=0.0)
         bias = tl.where(valid, 0.0, float("-inf"))
-        s = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N) fp32
-        u = (s * sk[None, :] + bias[None, :]) * sq[:, None]  # log2 units; rounded, so u - max(u) <= 0 exactly
-        m_new = tl.maximum(m_i, tl.max(u, axis=1))
-        # the min guards against the compiler fusing u − m into an FMA with the unrounded product (p > 1)
-        p = tl.math.exp2(tl.minimum(u - m_new[:, None], 0.0))  # in [0, 1]
+        s = tl.dot(q, tl.trans(k), max_num_imprecise_acc=QK_IMPRECISE)  # (BLOCK_M, BLOCK_N) fp32
+        t = s * sk[None, :] + bias[None, :]  # one FMA; u = t · s_q' in log2 units
+        m_new = tl.maximum(m_i, tl.max(t, axis=1) * sq)
+        # 448 P = 2^(u − m + log2 448) in one FMA per score; the min keeps it <= 448 whatever the rounding
+        x = t * sq[:, None] + (8.807354922057604 - m_new)[:, None]
+        p = tl.math.exp2(tl.minimum(x, 8.807354922057604))
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if EMULATE_CAST:
-            p8 = round_e4m3(p * 448.0).to(tl.float8e4nv)
+            p8 = round_e4m3(p).to(tl.float8e4nv)
         else:
-            p8 = (p * 448.0).to(tl.float8e4nv, fp_downcast_rounding="rtne")
+            p8 = p.to(tl.float8e4nv, fp_downcast_rounding="rtne")
         v = v_desc.load([bh, 0, start]).reshape(D, BLOCK_N)
         acc = acc * alpha[:, None] + tl.dot(p8, tl.trans(v))
         m_i = m_new
 
     sv = tl.load(sv_ptr + bh * D + tl.arange(0, D))
-    out = acc * sv[None, :] / (l_i * 448.0)[:, None]
+    out = acc * sv[None, :] / l_i[:, None]  # acc and ℓ both carry the factor 448
     keep = tl.arange(0, BLOCK_M) < nrows
     dst = o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     tl.store(dst + rows[:, None].to(tl.int64) * stride_ol + tl.arange(0, D)[None, :], out.to(tl.bfloat16),
              mask=keep[:, None])
-    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+    lse = (m_i + tl.math.log2(l_i) - 8.807354922057604) * 0.6931471805599453
     tl.store(lse_ptr + bh.to(tl.int64) * L + rows, lse, mask=keep)
 
 
@@ -98,7 +103,7 @@ def interpreted() -> bool:
 
 
 def attention_forward(qkv: QuantizedQKV, plan: Plan, out: torch.Tensor | None = None, num_warps: int = 4,
-                      num_stages: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+                      num_stages: int = 2, qk_imprecise_acc: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the forward on quantized inputs and a plan: (out bf16 (B, H, L, D), lse fp32 (B, H, L))."""
     bh, seq, d = qkv.q8.shape
     b, h = qkv.batch, qkv.heads
@@ -111,7 +116,7 @@ def attention_forward(qkv: QuantizedQKV, plan: Plan, out: torch.Tensor | None = 
     seq_pad = qkv.vt8.shape[-1]
     v_desc = TensorDescriptor(qkv.vt8, shape=[bh, d, seq], strides=[d * seq_pad, seq_pad, 1],
                               block_shape=[1, d, bn])
-    cs, cc = plan.chunk_start, plan.chunk_count
+    cs, cc = plan.chunks, plan.chunk_count
     mb, mh, ng, c = cs.shape
     if (mb not in (1, b)) or (mh not in (1, h)):
         raise ValueError(f"the plan's mask is for (B, H) = ({mb}, {mh}); the inputs have ({b}, {h})")
@@ -120,9 +125,10 @@ def attention_forward(qkv: QuantizedQKV, plan: Plan, out: torch.Tensor | None = 
     sh = 0 if mh == 1 else ng * c
     grid = (plan.item_group.numel(), bh)
     _fwd_kernel[grid](q_desc, k_desc, v_desc, qkv.sq, qkv.sk, qkv.sv, out, lse,
-                      plan.item_group, plan.item_row, plan.item_rows, cs, plan.chunk_lo, plan.chunk_hi, cc,
+                      plan.item_group, plan.item_row, plan.item_rows, cs, cc,
                       h, seq, out.stride(0), out.stride(1), out.stride(2), sb, sh, c, c,
-                      BLOCK_M=bm, BLOCK_N=bn, D=d, EMULATE_CAST=interpreted(),
+                      BLOCK_M=bm, BLOCK_N=bn, D=d, QK_IMPRECISE=min(qk_imprecise_acc or d, d),
+                      EMULATE_CAST=interpreted(),
                       num_warps=num_warps, num_stages=num_stages)
     return out, lse
 
@@ -168,7 +174,7 @@ def plan_for(mask, layout, regime, block_m: int, block_n: int, device) -> Plan:
 
 def fps_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, regime, mask=None, *,
                   block_m: int | None = None, block_n: int | None = None, num_warps: int = 4,
-                  num_stages: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+                  num_stages: int = 2, qk_imprecise_acc: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 tile-sparse attention forward for one regime of the schedule (DESIGN.md numerics, Hopper).
 
     q, k, v: (B, H, L, D) bf16 (or fp16/fp32), tokens in tile-major order of `layout` (models/token_order.py), any
@@ -202,4 +208,4 @@ def fps_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, reg
     bm, bn = block_m or DEFAULT_BLOCKS[0], block_n or DEFAULT_BLOCKS[1]
     plan = plan_for(mask, layout, regime, bm, bn, q.device)
     qkv = quantize_qkv(q, k, v, layout, regime.quant, q_mult=LOG2E / math.sqrt(q.shape[-1]))
-    return attention_forward(qkv, plan, num_warps=num_warps, num_stages=num_stages)
+    return attention_forward(qkv, plan, num_warps=num_warps, num_stages=num_stages, qk_imprecise_acc=qk_imprecise_acc)

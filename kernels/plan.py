@@ -19,7 +19,7 @@ Masks broadcast over batch and heads (B or H = 1) keep that shape here; the kern
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -43,10 +43,17 @@ class Plan:
     """int32 (B|1, H|1, G, C): end of the valid columns (0 past the group's count)."""
     chunk_count: Tensor
     """int32 (B|1, H|1, G): chunks per group."""
+    chunks: Tensor = field(init=False, repr=False)
+    """int32 (B|1, H|1, G, C): the three above packed for the kernel, (start / 16) << 16 | lo << 8 | hi."""
     useful: int
     """Score entries of the kept tile pairs, summed over the mask's batch and heads."""
     computed: int
     """Score entries the kernel computes (block_m × block_n per item and chunk), same sum."""
+
+    def __post_init__(self) -> None:
+        if self.block_n > 128 or self.block_m > 256:
+            raise ValueError(f"blocks of at most 256 query rows and 128 keys (got {self.block_m}×{self.block_n})")
+        self.chunks = (self.chunk_start // 16) << 16 | self.chunk_lo << 8 | self.chunk_hi
 
     @property
     def waste(self) -> float:

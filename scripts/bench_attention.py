@@ -50,10 +50,13 @@ def bench(fn) -> float:
 
 
 def parse_config(text: str) -> dict:
+    """BMxBNwWARPSsSTAGES[aN]: aN promotes Q·Kᵀ's FP8 accumulation to fp32 every N products."""
     blocks, rest = text.split("w")
+    rest, _, acc = rest.partition("a")
     bm, bn = (int(x) for x in blocks.split("x"))
     warps, stages = (int(x) for x in rest.split("s"))
-    return {"block_m": bm, "block_n": bn, "num_warps": warps, "num_stages": stages, "name": text}
+    return {"block_m": bm, "block_n": bn, "num_warps": warps, "num_stages": stages, "name": text,
+            "qk_imprecise_acc": int(acc) if acc else None}
 
 
 def default_schedule() -> Schedule:
@@ -87,7 +90,7 @@ def run_shape(key: str, configs: list[dict], log) -> dict:
         qkv = qkv or quantize_qkv(q, k, v, layout, regime.quant, q_mult=LOG2E / math.sqrt(d))
         out = torch.empty_like(q)
         ms = bench(lambda: attention_forward(qkv, plan, out, num_warps=cfg["num_warps"],
-                                             num_stages=cfg["num_stages"]))
+                                             num_stages=cfg["num_stages"], qk_imprecise_acc=cfg["qk_imprecise_acc"]))
         return ms, plan
 
     dense = Regime("dense", 0.0, 1.0, QuantGranularity("tile"), "dense", None, None, None, 1.0)
@@ -123,7 +126,8 @@ def run_shape(key: str, configs: list[dict], log) -> dict:
                 best = (ms, cfg, plan)
         ms, cfg, plan = best
         call = bench(lambda: fps_attention(q, k, v, layout, regime, block_m=cfg["block_m"], block_n=cfg["block_n"],
-                                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+                                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                                           qk_imprecise_acc=cfg["qk_imprecise_acc"]))
         density = plan.useful / (seq * seq * (plan.chunk_count.shape[0] * plan.chunk_count.shape[1]))
         entry = {"describe": regime.describe(), "config": cfg["name"], "kernel_ms": ms, "call_ms": call,
                  "density": density, "waste": plan.waste, "actual_tflops": density * dense_flops / ms / 1e9,
@@ -144,7 +148,8 @@ def run_shape(key: str, configs: list[dict], log) -> dict:
             plan = sparse_plan(mask.to_dense(), token_ranges(layout), cfg["block_m"], cfg["block_n"])
             try:
                 ms = bench(lambda: attention_forward(qkv_tile, plan, num_warps=cfg["num_warps"],
-                                                     num_stages=cfg["num_stages"]))
+                                                     num_stages=cfg["num_stages"],
+                                                     qk_imprecise_acc=cfg["qk_imprecise_acc"]))
             except Exception:  # noqa: BLE001
                 continue
             rows.append((ms, cfg["name"], plan))
@@ -227,7 +232,7 @@ def plot(results: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="480p,720p")
-    parser.add_argument("--configs", default="128x128w4s2,128x128w8s2,128x64w4s3,64x128w4s2,128x128w4s3")
+    parser.add_argument("--configs", default="64x128w4s2,64x128w4s3,128x128w4s2,128x128w8s3,64x64w4s3,64x128w4s2a32")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
     out = Path(args.out)

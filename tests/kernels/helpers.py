@@ -5,7 +5,9 @@ level: it quantizes P against the running row max, the reference against the exa
 differently once (by at most an e4m3 step). The reference's own P rounding is the same size of error, so the budget
 for ‖kernel − reference‖ is twice ‖reference − (reference with P unquantized)‖ on the same quantized Q, K, V and the
 same mask, plus the bf16 rounding of the output (one bf16 ulp, relative 2^-7 per element: Triton's interpreter
-truncates when it casts to bf16, the GPU rounds to nearest, half that). Per element the
+truncates when it casts to bf16, the GPU rounds to nearest, half that), plus what the reduced-precision accumulation
+of FP8 Q·Kᵀ on Hopper can do (`score_error_term`; it matters only for huge logits, where near-ties of the row max
+can flip). Per element the
 worst case is |ΔO| ≤ Σ_j (2^-3 P_j + 2^-9/448) |v̂_j| / ℓ (two roundings of at most half an e4m3 step, relative
 2^-4 for normal values, 2^-10/448 absolute for subnormals), checked at small shapes.
 """
@@ -69,7 +71,25 @@ def reference_and_budget(q, k, v, layout: TokenLayout, regime, mask) -> tuple[to
     unquantized_p = dataclasses.replace(regime, quant=None)  # same mask, Q/K/V already quantized: only P differs
     ref_p, _ = attention_tiles(qh, kh, vh, layout, unquantized_p, mask=mask)
     budget = 2.0 * torch.linalg.vector_norm(ref - ref_p).item() + BF16_ULP * torch.linalg.vector_norm(ref).item()
-    return ref, budget
+    return ref, budget + score_error_term(qh, kh, vh, layout, unquantized_p, mask)
+
+
+def score_error_term(qh, kh, vh, layout: TokenLayout, regime, mask) -> float:
+    """L2 bound of what the error of Q·Kᵀ's accumulation can do to the output.
+
+    A dot of D products accumulated with relative precision ε is off by at most ε·Σ_d |q_d k_d| <= ε·|q|·k_max,
+    with k_max the per-channel max of |k| over all keys: logit error δ_i per row. Perturbing every logit of a row by
+    at most δ moves each softmax weight by a factor within e^(±2δ), so |ΔO| <= (e^(2δ) − 1)·(softmax·|v̂|), and never
+    more than the spread of v̂ (both outputs are, up to P's rounding, averages of v̂'s rows). ε: Hopper's FP8 tensor
+    cores keep about 14 bits while accumulating (Triton's default for FP8 dots on sm_90); we allow 2^-12. The CPU
+    interpreter accumulates in fp32 (2^-22 allowed).
+    """
+    eps = 2.0 ** -12 if qh.is_cuda else 2.0 ** -22
+    k_max = kh.abs().amax(dim=-2, keepdim=True)  # (B, H, 1, D)
+    delta = eps * (qh.abs() * k_max).sum(-1, keepdim=True) / math.sqrt(qh.shape[-1])  # (B, H, L, 1)
+    spread = 2.2 * vh.abs().amax(dim=-2, keepdim=True)  # (B, H, 1, D)
+    weighted, _ = attention_tiles(qh, kh, vh.abs(), layout, regime, mask=mask)  # softmax · |v̂|
+    return torch.linalg.vector_norm(torch.minimum(torch.expm1(2 * delta) * weighted, spread)).item()
 
 
 def elementwise_bound(q, k, v, layout: TokenLayout, regime, keep_tokens: torch.Tensor) -> torch.Tensor:

@@ -35,11 +35,12 @@ REGIMES = {
 }
 
 
-def check(kind, heads, grid, regime, seed=0, blocks=(None, None)):
+def check(kind, heads, grid, regime, seed=0, blocks=(None, None), qk_imprecise_acc=None):
     layout = TokenLayout(grid, "tile", TILE)
     q, k, v = make_inputs(kind, 1, heads, layout, 128, seed=seed, device="cuda")
     mask = None if regime.pattern == "dense" else select_tiles(q, k, layout, regime).mask
-    out, lse = fps_attention(q, k, v, layout, regime, mask, block_m=blocks[0], block_n=blocks[1])
+    out, lse = fps_attention(q, k, v, layout, regime, mask, block_m=blocks[0], block_n=blocks[1],
+                             qk_imprecise_acc=qk_imprecise_acc)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     with torch.no_grad():
         ref, budget = reference_and_budget(q, k, v, layout, regime, mask)
@@ -64,6 +65,33 @@ def test_wan_720p_full_shape(regime):
 @pytest.mark.parametrize("blocks", [(128, 128), (64, 128), (128, 64)])
 def test_stress_inputs_and_block_shapes(kind, regime, blocks):
     check(kind, 4, (7, 16, 24), REGIMES[regime], seed=1, blocks=blocks)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_promoted_qk_accumulation(kind):
+    check(kind, 4, (7, 16, 24), REGIMES["late"], seed=2, qk_imprecise_acc=32)
+
+
+@triton.jit
+def _dot_kernel(a_ptr, b_ptr, c_ptr, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
+    m, n, k = tl.arange(0, M), tl.arange(0, N), tl.arange(0, K)
+    a = tl.load(a_ptr + m[:, None] * K + k[None, :])
+    b = tl.load(b_ptr + n[:, None] * K + k[None, :])
+    tl.store(c_ptr + m[:, None] * N + n[None, :], tl.dot(a, tl.trans(b)))
+
+
+def test_fp8_dot_accumulation_error_is_within_the_budget_constant():
+    """helpers.score_error_term assumes FP8 dots are exact to 2^-12 · Σ|a·b|; measure it on this GPU."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    worst = 0.0
+    for scale in (1.0, 100.0):
+        a = (torch.randn(128, 128, device="cuda", generator=g) * scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+        b = (torch.randn(128, 128, device="cuda", generator=g) * scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+        c = torch.empty(128, 128, device="cuda")
+        _dot_kernel[(1,)](a, b, c, M=128, N=128, K=128)
+        exact = a.double() @ b.double().T
+        worst = max(worst, float(((c.double() - exact).abs() / (a.double().abs() @ b.double().abs().T)).max()))
+    assert worst <= 2.0 ** -12, worst
 
 
 @triton.jit
