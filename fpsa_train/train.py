@@ -77,7 +77,7 @@ def train(cfg: DictConfig | TrainConfig) -> dict[str, float]:
     schedule = None
     if conf.fps.enabled:
         schedule = Schedule.from_config(conf.fps, tuple(conf.model.tile_shape))
-        apply_fps_attention(model, schedule, materialize=conf.fps.materialize)
+        apply_fps_attention(model, schedule, materialize=conf.fps.materialize, backend=conf.fps.backend)
     else:
         log.info("FPS attention off (fps.enabled=false): dense SDPA self-attention")
     module = FlowMatchingModule(model, conf.objective, conf.optim, schedule, conf.fps.selector_reg_weight)

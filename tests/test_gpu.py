@@ -57,3 +57,33 @@ def test_tiny_trains_with_fps_on_gpu(tmp_path):
     metrics = train(compose_train(["+experiment=tiny", "data=synthetic", "fps=learned", "trainer.max_steps=60",
                                    "trainer.val_every_n_steps=30", "data.num_samples=128"], tmp_path))
     assert metrics["val/loss_end"] < 0.6 * metrics["val/loss_start"], metrics
+
+
+def test_fps_inference_picks_the_hopper_kernel_on_gpu():
+    """fps.backend=auto: forward-only calls on H100/H200 run the FP8 kernel, training runs the reference."""
+    from fpsa_kernels import unsupported_reason
+
+    from fpsa_train.fps.schedule import FPSConfig, QuantConfig, RegimeConfig, Schedule, SparsityConfig
+    from fpsa_train.fps.transform import apply_fps_attention
+    from fpsa_train.models.config import WanConfig
+    from fpsa_train.models.wan import WanModel
+
+    if unsupported_reason(torch.zeros(1, device="cuda")) is not None:
+        pytest.skip("not a Hopper GPU")
+    cfg = WanConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=32, freq_dim=32, text_len=16,
+                    token_order="tile", tile_shape=[2, 4, 4])
+    model = WanModel(cfg).cuda()
+    regimes = [RegimeConfig("all", [0.0, 1.0], QuantConfig("tile"), SparsityConfig("window_topk", [1, 1, 1], 2))]
+    apply_fps_attention(model, Schedule.from_config(FPSConfig(regimes=regimes), tuple(cfg.tile_shape)))
+    with torch.no_grad():
+        model.head.head.weight.normal_(0, 0.1)  # zero-initialised in Wan
+    x = torch.randn(1, cfg.in_dim, 5, 16, 16, device="cuda")
+    ctx = torch.randn(1, cfg.text_len, cfg.text_dim, device="cuda")
+    t = torch.tensor([500.0], device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(x, t, ctx, attn_kwargs={"sigma": t / 1000})
+    assert torch.isfinite(out).all() and out.abs().sum() > 0
+    assert model.blocks[0].self_attn.core.last_backend == "kernel"
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(x, t, ctx, attn_kwargs={"sigma": t / 1000}).float().pow(2).mean().backward()
+    assert model.blocks[0].self_attn.core.last_backend == "reference"

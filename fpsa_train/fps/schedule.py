@@ -77,6 +77,11 @@ class FPSConfig:
     """Weight of the learned selectors' density regulariser in the training loss."""
     materialize: bool = False
     """Use the fully materialised reference (tiny shapes only) instead of the tile loop."""
+    backend: str = "auto"
+    """auto: the Hopper FP8 kernel (fpsa_kernels) for forward-only calls on H100/H200, the reference otherwise;
+    reference: always the PyTorch reference; kernel: the kernel for every forward-only call (error where it cannot
+    run; on CPU it needs TRITON_INTERPRET=1, for tests). Training (autograd) uses the reference until the training
+    kernel exists."""
 
 
 @dataclass(frozen=True)

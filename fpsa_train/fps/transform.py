@@ -1,7 +1,9 @@
 """`apply_fps_attention(model, schedule)`: put FPS attention into a built Wan DiT (a module swap).
 
 Every block's `self_attn.core` (dense SDPA by default, models/attention.py) is replaced by `FPSAttention`, which
-reads each sample's noise level from `attn_kwargs["sigma"]` and runs the sample through the regime that owns it.
+reads each sample's noise level from `attn_kwargs["sigma"]` and runs the sample through the regime that owns it:
+in the Hopper FP8 kernel (fpsa_kernels) for forward-only calls on H100/H200, in the PyTorch reference otherwise
+(`backend`, logged once per choice).
 A batch whose samples fall into different regimes is split by regime and reassembled in order, so every sample
 is computed exactly as it would be alone. Cross-attention stays dense, as in the paper. The model file never
 imports this module.
@@ -19,21 +21,46 @@ import torch
 from torch import nn
 
 from fpsa_train.fps.masks import LearnedSelector
-from fpsa_train.fps.reference import attention_materialized, attention_tiles
+from fpsa_train.fps.reference import attention_materialized, attention_tiles, select_tiles
 from fpsa_train.fps.schedule import Schedule, ScheduleError
 from fpsa_train.models.token_order import TokenLayout
 
 log = logging.getLogger(__name__)
 
 
-class FPSAttention(nn.Module):
-    """Self-attention core running the regime that each sample's σ selects (PyTorch reference)."""
+BACKENDS = ("auto", "reference", "kernel")
+_announced: set[str] = set()
 
-    def __init__(self, schedule: Schedule, num_heads: int, layer: int, materialize: bool = False):
+
+def _announce(message: str) -> None:
+    """Log which implementation runs, once per distinct message (not once per layer and step)."""
+    if message not in _announced:
+        _announced.add(message)
+        log.info(message)
+
+
+def kernel_unavailable(q: torch.Tensor) -> str | None:
+    """Why the FP8 kernel cannot run on q's device (None when it can)."""
+    try:
+        from fpsa_kernels import unsupported_reason
+    except ImportError as err:  # no triton on this platform
+        return f"fpsa_kernels cannot be imported ({err})"
+    return unsupported_reason(q)
+
+
+class FPSAttention(nn.Module):
+    """Self-attention core running the regime that each sample's σ selects (kernel or PyTorch reference)."""
+
+    def __init__(self, schedule: Schedule, num_heads: int, layer: int, materialize: bool = False,
+                 backend: str = "auto"):
         super().__init__()
+        if backend not in BACKENDS:
+            raise ScheduleError(f"fps.backend={backend!r}: expected one of {BACKENDS}")
         self.schedule = schedule
         self.layer = layer
         self.materialize = materialize
+        self.backend = backend
+        self.last_backend: str | None = None  # "kernel" or "reference": what the last forward ran
         self.selectors = nn.ModuleDict({
             r.name: LearnedSelector(num_heads, r.target_density, r.temperature)
             for r in schedule.regimes if r.pattern == "learned"})
@@ -53,14 +80,13 @@ class FPSAttention(nn.Module):
         elif sigma.numel() != b:
             raise ValueError(f"sigma has {sigma.numel()} values for a batch of {b}")
         which = self.schedule.regime_index(sigma)  # (B,)
-        attend = attention_materialized if self.materialize else attention_tiles
         outputs, order, aux = [], [], []
         self.last_density = {}
         for r in torch.unique(which).tolist():
             regime = self.schedule.regimes[r]
             idx = (which == r).nonzero().flatten()  # the samples in this regime
-            out, sel = attend(q[idx], k[idx], v[idx], layout, regime, self.selectors[regime.name]
-                              if regime.name in self.selectors else None)
+            selector = self.selectors[regime.name] if regime.name in self.selectors else None
+            out, sel = self._attend(q[idx], k[idx], v[idx], layout, regime, selector)
             outputs.append(out)
             order.append(idx)
             self.last_density[regime.name] = float(sel.mask.density().mean())
@@ -70,8 +96,40 @@ class FPSAttention(nn.Module):
         out = torch.cat(outputs) if len(outputs) == 1 else torch.cat(outputs)[torch.argsort(torch.cat(order))]
         return out.to(v.dtype)  # (B, H, L, D)
 
+    def _use_kernel(self, q: torch.Tensor, regime) -> bool:
+        if self.backend == "reference" or self.materialize:
+            return False
+        if torch.is_grad_enabled() and q.requires_grad:
+            _announce("FPS attention: PyTorch reference for training (the FP8 kernel is forward-only)")
+            return False
+        if not regime.quantized or q.shape[-1] not in (64, 128):
+            _announce(f"FPS attention: reference for regime {regime.name!r} (the kernel needs FP8 quantization and "
+                      f"head_dim 64 or 128)")
+            return False
+        reason = kernel_unavailable(q)
+        if self.backend == "auto" and (reason is not None or not q.is_cuda):
+            _announce(f"FPS attention: PyTorch reference ({reason or 'no CUDA device'})")
+            return False
+        if reason is not None:
+            raise ScheduleError(f"fps.backend=kernel but {reason}; use fps.backend=auto to fall back to the reference")
+        return True
 
-def apply_fps_attention(model: nn.Module, schedule: Schedule, materialize: bool = False) -> nn.Module:
+    def _attend(self, q, k, v, layout: TokenLayout, regime, selector):
+        if not self._use_kernel(q, regime):
+            self.last_backend = "reference"
+            attend = attention_materialized if self.materialize else attention_tiles
+            return attend(q, k, v, layout, regime, selector)
+        self.last_backend = "kernel"
+        from fpsa_kernels import fps_attention
+
+        _announce(f"FPS attention: Hopper FP8 Triton kernel (fpsa_kernels) on {q.device} for forward-only calls")
+        sel = select_tiles(q, k, layout, regime, selector)
+        out, _ = fps_attention(q, k, v, layout, regime, None if regime.pattern == "dense" else sel.mask)
+        return out, sel
+
+
+def apply_fps_attention(model: nn.Module, schedule: Schedule, materialize: bool = False,
+                        backend: str = "auto") -> nn.Module:
     """Swap every block's self-attention core for FPS attention (in place; returns the model)."""
     cfg = model.cfg
     if cfg.token_order != "tile":
@@ -81,8 +139,8 @@ def apply_fps_attention(model: nn.Module, schedule: Schedule, materialize: bool 
         if regime.quant is not None:
             regime.quant.group_shape(tuple(cfg.tile_shape))  # raises naming the axis if it does not fit the tile
     for i, block in enumerate(model.blocks):
-        block.self_attn.core = FPSAttention(schedule, cfg.num_heads, i, materialize)
-    log.info("FPS attention (PyTorch reference%s) in %d blocks:\n  %s", ", materialised" if materialize else "",
+        block.self_attn.core = FPSAttention(schedule, cfg.num_heads, i, materialize, backend)
+    log.info("FPS attention (backend %s%s) in %d blocks:\n  %s", backend, ", materialised" if materialize else "",
              len(model.blocks), "\n  ".join(r.describe() for r in schedule.regimes))
     return model
 

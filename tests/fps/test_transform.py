@@ -109,3 +109,33 @@ def test_tiny_training_with_fps_lowers_the_loss(tmp_path):
     logged = set().union(*(r.keys() for r in rows))
     assert {"train/loss/early", "train/loss/middle", "train/loss/late"} <= logged
     assert any(k.startswith("train/density/") for k in logged)
+
+
+def test_kernel_backend_matches_the_reference_in_inference():
+    """fps.backend=kernel runs the FP8 kernel (here in Triton's CPU interpreter) for forward-only calls; the model's
+    output stays within FP8 rounding of the reference backend's, and training still takes the reference."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("CPU interpreter test")
+    cfg = dataclasses.replace(CFG, dim=128, num_heads=2)  # head_dim 64: the kernel's smallest
+    torch.manual_seed(0)
+    reference = apply_fps_attention(WanModel(cfg).eval(), schedule(), backend="reference")
+    with torch.no_grad():
+        reference.head.head.weight.normal_(0, 0.1)  # zero-initialised in Wan: the output would be 0
+    kernel = apply_fps_attention(WanModel(cfg).eval(), schedule(), backend="kernel")
+    kernel.load_state_dict(reference.state_dict())
+    x = torch.randn(2, cfg.in_dim, 5, 12, 18)
+    ctx = torch.randn(2, cfg.text_len, cfg.text_dim)
+    t = torch.tensor([300.0, 800.0])  # one sample in each regime
+    with torch.no_grad():
+        ref = reference(x, t, ctx, attn_kwargs={"sigma": t / 1000})
+        out = kernel(x, t, ctx, attn_kwargs={"sigma": t / 1000})
+    assert sqnr_db(ref, out) > 30  # bf16 output + per-chunk P rounding vs fp32 reference
+    core = kernel.blocks[0].self_attn.core
+    assert core.last_backend == "kernel" and reference.blocks[0].self_attn.core.last_backend == "reference"
+    assert not core._use_kernel(torch.zeros(1, 2, 8, 64, requires_grad=True), schedule().regimes[0])
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ScheduleError, match="backend"):
+        apply_fps_attention(WanModel(CFG).eval(), schedule(), backend="cuda")

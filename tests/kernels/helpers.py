@@ -87,6 +87,7 @@ def score_error_term(qh, kh, vh, layout: TokenLayout, regime, mask) -> float:
     eps = 2.0 ** -12 if qh.is_cuda else 2.0 ** -22
     k_max = kh.abs().amax(dim=-2, keepdim=True)  # (B, H, 1, D)
     delta = eps * (qh.abs() * k_max).sum(-1, keepdim=True) / math.sqrt(qh.shape[-1])  # (B, H, L, 1)
+    delta = delta.clamp(max=30.0)  # e^60 already exceeds any spread; keeps inf · 0 = NaN out
     spread = 2.2 * vh.abs().amax(dim=-2, keepdim=True)  # (B, H, 1, D)
     weighted, _ = attention_tiles(qh, kh, vh.abs(), layout, regime, mask=mask)  # softmax · |v̂|
     return torch.linalg.vector_norm(torch.minimum(torch.expm1(2 * delta) * weighted, spread)).item()
