@@ -234,8 +234,10 @@ class TrainConfig:
             from fpsa_train.fps.schedule import Schedule  # validates every regime, naming the bad field
 
             Schedule.from_config(self.fps, tuple(self.model.tile_shape))
-        if self.fps.backend not in ("auto", "reference", "kernel"):
-            raise ConfigError(f"fps.backend={self.fps.backend!r}: expected auto, reference or kernel")
+        from fpsa_train.fps.schedule import BACKENDS
+
+        if self.fps.backend not in BACKENDS:
+            raise ConfigError(f"fps.backend={self.fps.backend!r}: expected one of {BACKENDS}")
         if self.fps.enabled and self.model.token_order != "tile":
             raise ConfigError(f"fps.enabled needs tile-major tokens but model.token_order={self.model.token_order!r}: "
                               "set model.token_order=tile (or fps=dense)")

@@ -156,21 +156,22 @@ _STATIC_PLANS: dict[tuple, Plan] = {}
 
 
 def plan_for(mask, layout, regime, block_m: int, block_n: int, device) -> Plan:
-    """The work plan of a regime's mask; dense and window plans are cached (they depend only on the layout)."""
+    """The work plan of `mask`; with mask None, the regime's static plan (dense or window), cached per layout."""
     from fpsa_kernels.plan import dense_plan, sparse_plan
-    from fpsa_train.fps.masks import token_ranges
+    from fpsa_train.fps.masks import token_ranges, window_mask
 
-    static = regime.pattern in ("dense", "window")
+    if mask is not None:
+        return sparse_plan(mask.to_dense(), token_ranges(layout), block_m, block_n)
+    if regime.pattern not in ("dense", "window"):
+        raise ValueError(f"regime {regime.name!r} ({regime.pattern}) selects its tiles from q and k: pass its mask")
     key = (tuple(layout.grid), tuple(layout.tile_shape), regime.pattern, regime.window, block_m, block_n, str(device))
-    if static and key in _STATIC_PLANS:
-        return _STATIC_PLANS[key]
-    if regime.pattern == "dense":
-        plan = dense_plan(layout.seq_len, block_m, block_n, device)
-    else:
-        plan = sparse_plan(mask.to_dense(), token_ranges(layout), block_m, block_n)
-    if static:
-        _STATIC_PLANS[key] = plan
-    return plan
+    if key not in _STATIC_PLANS:
+        if regime.pattern == "dense":
+            _STATIC_PLANS[key] = dense_plan(layout.seq_len, block_m, block_n, device)
+        else:
+            keep = window_mask(layout.tile_grid, regime.window, device=device).to_dense()
+            _STATIC_PLANS[key] = sparse_plan(keep, token_ranges(layout), block_m, block_n)
+    return _STATIC_PLANS[key]
 
 
 def fps_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, regime, mask=None, *,
@@ -181,7 +182,8 @@ def fps_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, reg
     q, k, v: (B, H, L, D) bf16 (or fp16/fp32), tokens in tile-major order of `layout` (models/token_order.py), any
     strides with a contiguous last dimension; D 64 or 128; any L. `regime` (fps/schedule.py) must quantize; its
     Q/K scale groups, window and top-k are applied as fps/reference.py defines them. `mask` (fps/masks.TileMask) is
-    the tile mask to use; None selects it from q, k as the reference does (a `learned` regime needs its mask given).
+    the tile mask to use; None takes the regime's own (dense and window plans are built once per layout and cached;
+    top-k masks are selected from q, k as the reference does; a `learned` regime needs its mask given).
 
     Returns (out bf16 (B, H, L, D) contiguous, lse fp32 (B, H, L): the natural log-sum-exp of each row's scaled
     scores over its kept keys, for the backward). Numerics: Q, K → e4m3 with scale amax/448 per group, V → e4m3 per
@@ -201,11 +203,10 @@ def fps_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, reg
                          "run unquantized regimes through the reference (fps/reference.py) or dense SDPA")
     if layout.order != "tile":
         raise ValueError("the kernel needs tokens in tile-major order: set model.token_order=tile")
-    if mask is None:
-        if regime.pattern == "learned":
-            raise ValueError(f"regime {regime.name!r} is `learned`: pass the selector's mask")
-        if regime.pattern != "dense":
-            mask = select_tiles(q, k, layout, regime).mask
+    if mask is None and regime.pattern in ("topk", "window_topk"):  # dense and window plans are static, cached
+        mask = select_tiles(q, k, layout, regime).mask
+    if mask is None and regime.pattern == "learned":
+        raise ValueError(f"regime {regime.name!r} is `learned`: pass the selector's mask")
     bm, bn = block_m or DEFAULT_BLOCKS[0], block_n or DEFAULT_BLOCKS[1]
     plan = plan_for(mask, layout, regime, bm, bn, q.device)
     qkv = quantize_qkv(q, k, v, layout, regime.quant, q_mult=LOG2E / math.sqrt(q.shape[-1]))

@@ -59,10 +59,6 @@ class Plan:
     def waste(self) -> float:
         return self.computed / max(self.useful, 1) - 1.0
 
-    @property
-    def num_groups(self) -> int:
-        return self.chunk_count.shape[-1]
-
 
 def dense_plan(seq_len: int, block_m: int, block_n: int, device: torch.device | str = "cpu") -> Plan:
     """Every query row against every key: one group, items of block_m rows, chunks of block_n keys."""

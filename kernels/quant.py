@@ -127,10 +127,6 @@ class QuantizedQKV:
     batch: int
     heads: int
 
-    @property
-    def seq_len(self) -> int:
-        return self.q8.shape[1]
-
 
 @functools.lru_cache(maxsize=64)
 def _group_order(grid, order, tile_shape, group_shape, device: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -65,6 +65,10 @@ class RegimeConfig:
     """Which tile pairs are computed."""
 
 
+BACKENDS = ("auto", "reference", "kernel")
+"""fps.backend values: which implementation runs FPS attention (see FPSConfig.backend)."""
+
+
 @dataclass
 class FPSConfig:
     enabled: bool = True

@@ -22,13 +22,12 @@ from torch import nn
 
 from fpsa_train.fps.masks import LearnedSelector
 from fpsa_train.fps.reference import attention_materialized, attention_tiles, select_tiles
-from fpsa_train.fps.schedule import Schedule, ScheduleError
+from fpsa_train.fps.schedule import BACKENDS, Schedule, ScheduleError
 from fpsa_train.models.token_order import TokenLayout
 
 log = logging.getLogger(__name__)
 
 
-BACKENDS = ("auto", "reference", "kernel")
 _announced: set[str] = set()
 
 
@@ -46,6 +45,15 @@ def kernel_unavailable(q: torch.Tensor) -> str | None:
     except ImportError as err:  # no triton on this platform
         return f"fpsa_kernels cannot be imported ({err})"
     return unsupported_reason(q)
+
+
+def kernel_fits(q: torch.Tensor, regime) -> bool:
+    """Whether the kernel implements this regime at q's head dim (FP8 regimes only; its head dims)."""
+    try:
+        from fpsa_kernels.attention import HEAD_DIMS
+    except ImportError:
+        return False
+    return regime.quantized and q.shape[-1] in HEAD_DIMS
 
 
 class FPSAttention(nn.Module):
@@ -102,9 +110,9 @@ class FPSAttention(nn.Module):
         if torch.is_grad_enabled() and q.requires_grad:
             _announce("FPS attention: PyTorch reference for training (the FP8 kernel is forward-only)")
             return False
-        if not regime.quantized or q.shape[-1] not in (64, 128):
+        if not kernel_fits(q, regime):
             _announce(f"FPS attention: reference for regime {regime.name!r} (the kernel needs FP8 quantization and "
-                      f"head_dim 64 or 128)")
+                      f"its head dims; head_dim is {q.shape[-1]})")
             return False
         reason = kernel_unavailable(q)
         if self.backend == "auto" and (reason is not None or not q.is_cuda):
@@ -123,8 +131,9 @@ class FPSAttention(nn.Module):
         from fpsa_kernels import fps_attention
 
         _announce(f"FPS attention: Hopper FP8 Triton kernel (fpsa_kernels) on {q.device} for forward-only calls")
-        sel = select_tiles(q, k, layout, regime, selector)
-        out, _ = fps_attention(q, k, v, layout, regime, None if regime.pattern == "dense" else sel.mask)
+        sel = select_tiles(q, k, layout, regime, selector)  # also for density logging
+        static = regime.pattern in ("dense", "window")  # the kernel reuses its cached plan for these
+        out, _ = fps_attention(q, k, v, layout, regime, None if static else sel.mask)
         return out, sel
 
 

@@ -102,6 +102,8 @@ def test_static_mask_broadcast_over_batch_and_heads():
     out, _ = run(q, k, v, reg, mask)
     ref, budget = reference_and_budget(q, k, v, LAYOUT, reg, mask)
     assert torch.linalg.vector_norm(out - ref) <= budget
+    cached, _ = run(q, k, v, reg, None)  # the regime's own window: the plan cached per layout
+    assert torch.equal(cached, out)
 
 
 def test_refuses_what_it_does_not_support():
