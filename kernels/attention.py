@@ -40,12 +40,12 @@ LOG2_448 = math.log2(448.0)
 
 
 @triton.jit
-def _fwd_kernel(q_desc, k_desc, v_desc, sq_ptr, sk_ptr, sv_ptr, o_ptr, lse_ptr,
+def _fwd_kernel(q_desc, k_desc, v_desc, sq_ptr, sk_ptr, sv_ptr, o_ptr, lse_ptr, m_ptr, l_ptr,
                 item_group, item_row, item_rows, chunks, chunk_count,
                 H, L, stride_ob, stride_oh, stride_ol,
                 mask_sb, mask_sh, mask_sg, C,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, QK_IMPRECISE: tl.constexpr,
-                EMULATE_CAST: tl.constexpr):
+                EMULATE_CAST: tl.constexpr, SAVE_STATS: tl.constexpr):
     item = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -96,6 +96,9 @@ def _fwd_kernel(q_desc, k_desc, v_desc, sq_ptr, sk_ptr, sv_ptr, o_ptr, lse_ptr,
              mask=keep[:, None])
     lse = (m_i + tl.math.log2(l_i) - 8.807354922057604) * 0.6931471805599453
     tl.store(lse_ptr + bh.to(tl.int64) * L + rows, lse, mask=keep)
+    if SAVE_STATS:  # for the backward (training.py): the row max (log2 units) and ℓ' = 448 ℓ
+        tl.store(m_ptr + bh.to(tl.int64) * L + rows, m_i, mask=keep)
+        tl.store(l_ptr + bh.to(tl.int64) * L + rows, l_i, mask=keep)
 
 
 def interpreted() -> bool:
@@ -103,8 +106,12 @@ def interpreted() -> bool:
 
 
 def attention_forward(qkv: QuantizedQKV, plan: Plan, out: torch.Tensor | None = None, num_warps: int = 4,
-                      num_stages: int = 2, qk_imprecise_acc: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the forward on quantized inputs and a plan: (out bf16 (B, H, L, D), lse fp32 (B, H, L))."""
+                      num_stages: int = 2, qk_imprecise_acc: int | None = None,
+                      stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the forward on quantized inputs and a plan: (out bf16 (B, H, L, D), lse fp32 (B, H, L)).
+
+    `stats`: two fp32 (B·H, L) buffers that receive each row's final max m (log2 units, scores · log2 e) and
+    ℓ' = 448 ℓ, which the backward needs to recompute P exactly as the reference quantizes it."""
     bh, seq, d = qkv.q8.shape
     b, h = qkv.batch, qkv.heads
     bm, bn = plan.block_m, plan.block_n
@@ -124,11 +131,12 @@ def attention_forward(qkv: QuantizedQKV, plan: Plan, out: torch.Tensor | None = 
     sb = 0 if mb == 1 else mh * ng * c
     sh = 0 if mh == 1 else ng * c
     grid = (plan.item_group.numel(), bh)
-    _fwd_kernel[grid](q_desc, k_desc, v_desc, qkv.sq, qkv.sk, qkv.sv, out, lse,
+    m_buf, l_buf = stats if stats is not None else (lse, lse)
+    _fwd_kernel[grid](q_desc, k_desc, v_desc, qkv.sq, qkv.sk, qkv.sv, out, lse, m_buf, l_buf,
                       plan.item_group, plan.item_row, plan.item_rows, cs, cc,
                       h, seq, out.stride(0), out.stride(1), out.stride(2), sb, sh, c, c,
                       BLOCK_M=bm, BLOCK_N=bn, D=d, QK_IMPRECISE=min(qk_imprecise_acc or d, d),
-                      EMULATE_CAST=interpreted(),
+                      EMULATE_CAST=interpreted(), SAVE_STATS=stats is not None,
                       num_warps=num_warps, num_stages=num_stages)
     return out, lse
 
@@ -155,42 +163,55 @@ def unsupported_reason(x: torch.Tensor) -> str | None:
 _STATIC_PLANS: dict[tuple, Plan] = {}
 
 
-def plan_for(mask, layout, regime, block_m: int, block_n: int, device) -> Plan:
-    """The work plan of `mask`; with mask None, the regime's static plan (dense or window), cached per layout."""
+def plan_for(mask, layout, regime, block_m: int, block_n: int, device, transpose: bool = False) -> Plan:
+    """The work plan of `mask`; with mask None, the regime's static plan (dense or window), cached per layout.
+
+    `transpose`: the plan of the transposed mask (items over key tiles, chunks over the query tiles attending them),
+    for the backward's dK/dV kernel; a key tile that no query attends gets an item with no chunks."""
     from fpsa_kernels.plan import dense_plan, sparse_plan
     from fpsa_train.fps.masks import token_ranges, window_mask
 
+    def tile_plan(keep):
+        keep = keep.transpose(-1, -2) if transpose else keep
+        return sparse_plan(keep, token_ranges(layout), block_m, block_n, allow_empty=transpose)
+
     if mask is not None:
-        return sparse_plan(mask.to_dense(), token_ranges(layout), block_m, block_n)
+        return tile_plan(mask.to_dense())
     if regime.pattern not in ("dense", "window"):
         raise ValueError(f"regime {regime.name!r} ({regime.pattern}) selects its tiles from q and k: pass its mask")
-    key = (tuple(layout.grid), tuple(layout.tile_shape), regime.pattern, regime.window, block_m, block_n, str(device))
+    key = (tuple(layout.grid), tuple(layout.tile_shape), regime.pattern, regime.window, block_m, block_n, str(device),
+           transpose)
     if key not in _STATIC_PLANS:
         if regime.pattern == "dense":
             _STATIC_PLANS[key] = dense_plan(layout.seq_len, block_m, block_n, device)
         else:
-            keep = window_mask(layout.tile_grid, regime.window, device=device).to_dense()
-            _STATIC_PLANS[key] = sparse_plan(keep, token_ranges(layout), block_m, block_n)
+            _STATIC_PLANS[key] = tile_plan(window_mask(layout.tile_grid, regime.window, device=device).to_dense())
     return _STATIC_PLANS[key]
 
 
-def fps_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, regime, mask=None, *,
+def fps_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, regime, mask=None, gate=None, *,
                   block_m: int | None = None, block_n: int | None = None, num_warps: int = 4,
-                  num_stages: int = 2, qk_imprecise_acc: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """FP8 tile-sparse attention forward for one regime of the schedule (DESIGN.md numerics, Hopper).
+                  num_stages: int = 2, qk_imprecise_acc: int | None = None, bwd_blocks: tuple | None = None,
+                  bwd_warps: int = 4, bwd_stages: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 tile-sparse attention for one regime of the schedule (DESIGN.md numerics, Hopper), differentiable.
 
     q, k, v: (B, H, L, D) bf16 (or fp16/fp32), tokens in tile-major order of `layout` (models/token_order.py), any
     strides with a contiguous last dimension; D 64 or 128; any L. `regime` (fps/schedule.py) must quantize; its
     Q/K scale groups, window and top-k are applied as fps/reference.py defines them. `mask` (fps/masks.TileMask) is
     the tile mask to use; None takes the regime's own (dense and window plans are built once per layout and cached;
-    top-k masks are selected from q, k as the reference does; a `learned` regime needs its mask given).
+    top-k masks are selected from q, k as the reference does; a `learned` regime needs its mask given, and its
+    selector's `gate` (B, H, N, N), forward value 1, to receive the gate's gradient).
 
     Returns (out bf16 (B, H, L, D) contiguous, lse fp32 (B, H, L): the natural log-sum-exp of each row's scaled
-    scores over its kept keys, for the backward). Numerics: Q, K → e4m3 with scale amax/448 per group, V → e4m3 per
-    channel (pre-pass, `quantize_qkv`); S = Q8·K8ᵀ·s_q·s_k/√D in fp32; online softmax in base 2; P → e4m3 with the
-    fixed scale 448; P·V in fp32; O = acc·s_v/ℓ. Raises ValueError for unsupported devices, head dims or regimes.
+    scores over its kept keys). Numerics: Q, K → e4m3 with scale amax/448 per group, V → e4m3 per channel
+    (pre-pass, `quantize_qkv`); S = Q8·K8ᵀ·s_q·s_k/√D in fp32; online softmax in base 2; P → e4m3 with the fixed
+    scale 448; P·V in fp32; O = acc·s_v/ℓ. When grad is enabled and q, k, v or gate require it, the call is an
+    autograd op whose backward runs the Triton backward of training.py over the same tile lists (gradients of
+    the reference's straight-through definition; `bwd_blocks` = (dQ rows, dQ key chunk, dK/dV key rows, dK/dV query
+    chunk)). Raises ValueError for unsupported devices, head dims or regimes.
     """
     from fpsa_kernels.quant import quantize_qkv
+    from fpsa_kernels.training import BWD_BLOCKS, FPSAttentionFunction
     from fpsa_train.fps.reference import select_tiles
 
     reason = unsupported_reason(q)
@@ -207,7 +228,18 @@ def fps_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, reg
         mask = select_tiles(q, k, layout, regime).mask
     if mask is None and regime.pattern == "learned":
         raise ValueError(f"regime {regime.name!r} is `learned`: pass the selector's mask")
+    if gate is not None:
+        if mask is None:
+            raise ValueError("a gate needs its mask: pass the selector's mask with its gate")
+        want = (q.shape[0], q.shape[1], mask.num_kv_tiles, mask.num_kv_tiles)
+        if tuple(gate.shape) != want:
+            raise ValueError(f"gate must be (B, H, N, N) = {want}; got {tuple(gate.shape)}")
     bm, bn = block_m or DEFAULT_BLOCKS[0], block_n or DEFAULT_BLOCKS[1]
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, gate)):
+        opts = dict(block_m=bm, block_n=bn, num_warps=num_warps, num_stages=num_stages,
+                    qk_imprecise_acc=qk_imprecise_acc, bwd_blocks=tuple(bwd_blocks or BWD_BLOCKS),
+                    bwd_warps=bwd_warps, bwd_stages=bwd_stages)
+        return FPSAttentionFunction.apply(q, k, v, gate, layout, regime, mask, opts)
     plan = plan_for(mask, layout, regime, bm, bn, q.device)
     qkv = quantize_qkv(q, k, v, layout, regime.quant, q_mult=LOG2E / math.sqrt(q.shape[-1]))
     return attention_forward(qkv, plan, num_warps=num_warps, num_stages=num_stages, qk_imprecise_acc=qk_imprecise_acc)

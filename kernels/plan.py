@@ -75,13 +75,14 @@ def dense_plan(seq_len: int, block_m: int, block_n: int, device: torch.device | 
                 useful=seq_len * seq_len, computed=items * block_m * starts.numel() * block_n)
 
 
-def sparse_plan(keep: Tensor, offsets: Tensor, block_m: int, block_n: int) -> Plan:
-    """Plan for a tile mask. keep: bool (B|1, H|1, N, N) kept (query tile, key tile) pairs; offsets: (N+1,) token
-    offsets of the tiles in tile-major order. Every query tile must keep at least one key tile."""
+def sparse_plan(keep: Tensor, offsets: Tensor, block_m: int, block_n: int, allow_empty: bool = False) -> Plan:
+    """Plan for a tile mask. keep: bool (B|1, H|1, N, N) kept (row tile, column tile) pairs; offsets: (N+1,) token
+    offsets of the tiles in tile-major order. Every query tile must keep at least one key tile, unless
+    `allow_empty` (the backward's transposed plan: a key tile no query attends gets zero gradient)."""
     if keep.dim() != 4 or keep.shape[-1] != keep.shape[-2] or offsets.numel() != keep.shape[-1] + 1:
         raise ValueError(f"keep must be (B, H, N, N) with offsets (N+1,); got {tuple(keep.shape)} and "
                          f"{tuple(offsets.shape)}")
-    if not keep.any(-1).all():
+    if not allow_empty and not keep.any(-1).all():
         raise ValueError("every query tile must keep at least one key tile (an empty row has no softmax)")
     dev = keep.device
     off = offsets.to(dev, torch.int64)
@@ -93,7 +94,7 @@ def sparse_plan(keep: Tensor, offsets: Tensor, block_m: int, block_n: int) -> Pl
     # the k-th run start pairs with the k-th run end: both ascend along the key tiles
     run_start = torch.where(starts_run, off[:-1], big).sort(-1).values  # (B, H, N, N)
     run_end = torch.where(ends_run, off[1:], big).sort(-1).values
-    runs = int(starts_run.sum(-1).max())
+    runs = max(int(starts_run.sum(-1).max()), 1)
     run_start, run_end = run_start[..., :runs], run_end[..., :runs]  # (B, H, N, R)
     valid = run_start != big
     run_start = torch.where(valid, run_start, 0)
@@ -101,7 +102,7 @@ def sparse_plan(keep: Tensor, offsets: Tensor, block_m: int, block_n: int) -> Pl
     run_chunks = torch.where(valid, (run_end - aligned + block_n - 1) // block_n, 0)  # (B, H, N, R)
     cum = run_chunks.cumsum(-1)
     count = cum[..., -1]  # (B, H, N)
-    c = torch.arange(int(count.max()), device=dev).expand(*count.shape, -1).contiguous()  # (B, H, N, C)
+    c = torch.arange(max(int(count.max()), 1), device=dev).expand(*count.shape, -1).contiguous()  # (B, H, N, C)
     r = torch.searchsorted(cum, c, right=True).clamp(max=runs - 1)  # the run each chunk slot falls in
     first = cum.gather(-1, r) - run_chunks.gather(-1, r)  # chunks before that run
     start = aligned.gather(-1, r) + (c - first) * block_n

@@ -69,7 +69,7 @@ def quantize_inputs(q, k, v, layout: TokenLayout, regime: Regime):
     return quantize_qk(q, layout, regime.quant)[0], quantize_qk(k, layout, regime.quant)[0], quantize_v(v)[0]
 
 
-def _softmax_pv(s: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None, quantized: bool) -> torch.Tensor:
+def softmax_pv(s: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None, quantized: bool) -> torch.Tensor:
     """O = e4m3(P·448)/448 · V / ℓ with P = exp(S − rowmax) (masked scores are −inf → P = 0)."""
     p = torch.exp(s - s.amax(dim=-1, keepdim=True).detach())  # (..., Lq, Lk), in [0, 1]
     if gate is not None:
@@ -113,7 +113,7 @@ def attention_tiles(q, k, v, layout: TokenLayout, regime: Regime, selector: Lear
         if sel.gate is not None:
             gate = sel.gate[:, :, u].gather(-1, tile)  # (B, H, K) one gate per kept tile pair
             gate = gate.unsqueeze(-1).expand(-1, -1, -1, span.numel()).flatten(2).unsqueeze(-2)  # (B, H, 1, K·T)
-        outputs.append(_softmax_pv(s, vh.gather(2, idx), gate, regime.quantized))  # (B, H, Lu, D)
+        outputs.append(softmax_pv(s, vh.gather(2, idx), gate, regime.quantized))  # (B, H, Lu, D)
     return torch.cat(outputs, dim=2), sel
 
 
@@ -129,7 +129,7 @@ def attention_materialized(q, k, v, layout: TokenLayout, regime: Regime, selecto
     s = (qh @ kh.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, H, L, L)
     s = s.masked_fill(~keep, float("-inf"))
     gate = None if sel.gate is None else sel.gate[..., tile_of, :][..., tile_of]
-    return _softmax_pv(s, vh, gate, regime.quantized), sel
+    return softmax_pv(s, vh, gate, regime.quantized), sel
 
 
 def _require_tile_order(layout: TokenLayout) -> None:

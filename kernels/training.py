@@ -1,0 +1,282 @@
+"""FP8 tile-sparse attention for training: the forward kernel plus a Triton backward over the same tile lists.
+
+The gradient is the reference's autograd (fps/reference.py), written out. Per row i and kept key j, with
+q̂, k̂, v̂ the fake-quantized inputs, s = q̂·k̂/√D, m the exact row max, p = exp(s − m), ℓ = Σ p and
+P̂ = e4m3(448 p)/448 (quantized against the row max, as the reference does):
+
+    O = Σ_j P̂_ij v̂_j / ℓ_i                          forward (attention.py)
+    dv̂_j = Σ_i (P̂_ij / ℓ_i) dO_i                    through the P quantization's straight-through estimator
+    dS_ij = (p_ij / ℓ_i) · (dO_i · v̂_j − Δ_i)        Δ_i = dO_i · O_i (the ℓ term), P unquantized here
+    dq̂_i = Σ_j dS_ij k̂_j / √D,  dk̂_j = Σ_i dS_ij q̂_i / √D
+    dgate_uv = Σ_{i ∈ u, j ∈ v} dS_ij                 the learned selector's gate (forward value 1) multiplies p
+
+The straight-through estimators of the Q/K/V roundings pass the gradient where |x/scale| <= 464: with scales
+from the group amax every element is within 448·(1 + 2^-23) of it, so they pass everything and dq = dq̂. P is at
+most 448 after scaling, so its estimator passes everything too.
+
+Three kernels, none holding more than a block of scores (no L² buffer anywhere):
+- `_bwd_pre_kernel`: Δ_i = Σ_d O_id dO_id in fp32, from the bf16 output the forward wrote.
+- `_bwd_dq_kernel`: one program per query item of the forward's plan, looping over its key chunks (dQ and the gate
+  gradient);
+- `_bwd_dkdv_kernel`: one program per key item of the transposed plan (items over key tiles, chunks over the
+  query tiles that attend them), looping over query chunks (dK, dV).
+Each recomputes S with the FP8 product of the saved Q8, K8 and scales and P against the forward's final row max m
+and ℓ (saved by the forward), so P̂ is quantized as the reference quantizes it. The other products run in bf16
+with fp32 accumulation: dO·v̂ᵀ (dO scaled by V's channel scales, or v̂ = V8·s_v, rounded to bf16 once per program),
+P̂/ℓ · dO, and dS·k̂, dSᵀ·q̂ (dS rounded to bf16; the FP8 operands are exact in bf16). The tests derive their
+tolerance from those roundings (tests/kernels/helpers.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from fpsa_kernels.attention import LOG2E, attention_forward, interpreted
+from fpsa_kernels.plan import Plan
+from fpsa_kernels.quant import QuantizedQKV, round_e4m3
+
+BWD_BLOCKS = (64, 64, 64, 64)
+"""(dQ kernel query rows, its key chunk, dK/dV kernel key rows, its query chunk) unless the caller asks otherwise."""
+
+
+@triton.jit
+def _bwd_pre_kernel(o_ptr, do_ptr, delta_ptr, L, BLOCK: tl.constexpr, D: tl.constexpr):
+    """Δ = rowsum(O ∘ dO) in fp32 for BLOCK rows of one (batch, head); O and dO contiguous (B·H, L, D)."""
+    bh = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = bh.to(tl.int64) * L * D + rows[:, None].to(tl.int64) * D + tl.arange(0, D)[None, :]
+    o = tl.load(o_ptr + offs, mask=(rows < L)[:, None], other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + offs, mask=(rows < L)[:, None], other=0.0).to(tl.float32)
+    tl.store(delta_ptr + bh.to(tl.int64) * L + rows, tl.sum(o * do, axis=1), mask=rows < L)
+
+
+@triton.jit
+def _chunk(chunks, i):
+    packed = tl.load(chunks + i)  # (start / 16) << 16 | lo << 8 | hi, as in the forward
+    return (packed >> 16) * 16, (packed >> 8) & 0xFF, packed & 0xFF
+
+
+@triton.jit
+def _probabilities(s, s_row, s_col, bias, m, inv_l, ROWS_ARE_QUERIES: tl.constexpr, EMULATE_CAST: tl.constexpr):
+    """(448 P̂ as fp8, P/ℓ) of a block of FP8 scores, P against the final row max m (log2 units), as the forward.
+
+    `s_row`/`s_col` are the scales along the block's rows/columns; the key scale multiplies first, then the query
+    scale (which carries softmax scale · log2 e) in the FMA with −m, as in the forward kernel."""
+    if ROWS_ARE_QUERIES:  # s (queries, keys): s_row = s_q', s_col = s_k
+        t = s * s_col[None, :] + bias[None, :]
+        x = t * s_row[:, None] + (8.807354922057604 - m[:, None])
+        p = tl.math.exp2(tl.minimum(x, 8.807354922057604))  # 448 p
+        pn = p * inv_l[:, None]
+    else:  # sᵀ (keys, queries): s_row = s_k, s_col = s_q'
+        t = s * s_row[:, None] + bias[None, :]
+        x = t * s_col[None, :] + (8.807354922057604 - m[None, :])
+        p = tl.math.exp2(tl.minimum(x, 8.807354922057604))
+        pn = p * inv_l[None, :]
+    if EMULATE_CAST:
+        p8 = round_e4m3(p).to(tl.float8e4nv)
+    else:
+        p8 = p.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+    return p8, pn
+
+
+@triton.jit
+def _bwd_dq_kernel(q_desc, k_desc, v_desc, do_ptr, sq_ptr, sk_ptr, sv_ptr, m_ptr, l_ptr, delta_ptr, dq_ptr,
+                   dgate_ptr, tile_of_ptr, item_group, item_row, item_rows, chunks, chunk_count, H, L, N,
+                   mask_sb, mask_sh, mask_sg, C,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, QK_IMPRECISE: tl.constexpr,
+                   EMULATE_CAST: tl.constexpr, GATE: tl.constexpr, INV_SQRT_D: tl.constexpr):
+    item = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    g = tl.load(item_group + item)
+    row0 = tl.load(item_row + item)
+    nrows = tl.load(item_rows + item)
+    mask_base = b * mask_sb + h * mask_sh + g * mask_sg
+    count = tl.load(chunk_count + mask_base // C)
+
+    r = tl.arange(0, BLOCK_M)
+    rows = row0 + r
+    own = r < nrows  # rows past the item (the next tile's) contribute nothing, also not to the gate gradient
+    base = bh.to(tl.int64) * L
+    q = q_desc.load([bh, row0, 0]).reshape(BLOCK_M, D)
+    sq = tl.load(sq_ptr + base + rows, mask=own, other=1.0)
+    m = tl.load(m_ptr + base + rows, mask=own, other=0.0)
+    inv_l = tl.where(own, 1.0 / tl.load(l_ptr + base + rows, mask=own, other=1.0), 0.0)
+    delta = tl.load(delta_ptr + base + rows, mask=own, other=0.0)
+    d = tl.arange(0, D)
+    do = tl.load(do_ptr + (base + rows[:, None]) * D + d[None, :], mask=own[:, None], other=0.0)
+    sv = tl.load(sv_ptr + bh * D + d)
+    dos = (do.to(tl.float32) * sv[None, :]).to(tl.bfloat16)  # dO · v̂ = (dO ∘ s_v) · V8
+    cols = tl.arange(0, BLOCK_N)
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    for i in range(count):
+        start, lo, hi = _chunk(chunks + mask_base, i)
+        valid = (cols >= lo) & (cols < hi)
+        k = k_desc.load([bh, start, 0]).reshape(BLOCK_N, D)
+        sk = tl.load(sk_ptr + base + start + cols, mask=valid, other=0.0)
+        s = tl.dot(q, tl.trans(k), max_num_imprecise_acc=QK_IMPRECISE)
+        _, pn = _probabilities(s, sq, sk, tl.where(valid, 0.0, float("-inf")), m, inv_l, True, EMULATE_CAST)
+        v = v_desc.load([bh, 0, start]).reshape(D, BLOCK_N).to(tl.bfloat16)
+        dp = tl.dot(dos, v)  # (BLOCK_M, BLOCK_N): dO_i · v̂_j
+        ds = pn * (dp - delta[:, None])
+        dq += tl.dot((ds * sk[None, :]).to(tl.bfloat16), k.to(tl.bfloat16))
+        if GATE:  # one sum per kept (query tile g, key tile) pair; a chunk may span several key tiles
+            tiles = tl.load(tile_of_ptr + start + cols, mask=valid, other=0)
+            dst = dgate_ptr + bh.to(tl.int64) * N * N + g * N + tiles
+            tl.atomic_add(dst, tl.sum(ds, axis=0), mask=valid)
+    dq = dq * INV_SQRT_D  # dq̂ = Σ dS k̂ / √D with k̂ = K8 s_k
+    tl.store(dq_ptr + (base + rows[:, None]) * D + d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=own[:, None])
+
+
+@triton.jit
+def _bwd_dkdv_kernel(q_desc, k_desc, do_desc, vt_ptr, sq_ptr, sk_ptr, sv_ptr, m_ptr, l_ptr, delta_ptr, dk_ptr,
+                     dv_ptr, item_group, item_row, item_rows, chunks, chunk_count, H, L, L_pad,
+                     mask_sb, mask_sh, mask_sg, C,
+                     BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr, D: tl.constexpr, QK_IMPRECISE: tl.constexpr,
+                     EMULATE_CAST: tl.constexpr):
+    item = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    g = tl.load(item_group + item)
+    row0 = tl.load(item_row + item)
+    nrows = tl.load(item_rows + item)
+    mask_base = b * mask_sb + h * mask_sh + g * mask_sg
+    count = tl.load(chunk_count + mask_base // C)
+
+    r = tl.arange(0, BLOCK_K)
+    keys = row0 + r
+    own = r < nrows
+    base = bh.to(tl.int64) * L
+    d = tl.arange(0, D)
+    k = k_desc.load([bh, row0, 0]).reshape(BLOCK_K, D)
+    sk = tl.load(sk_ptr + base + keys, mask=own, other=0.0)
+    sv = tl.load(sv_ptr + bh * D + d)
+    v8 = tl.load(vt_ptr + bh.to(tl.int64) * D * L_pad + d[:, None] * L_pad + keys[None, :], mask=own[None, :],
+                 other=0.0)  # (D, BLOCK_K): this item's keys are fixed, so V is read once, by pointer
+    vh = tl.trans(v8.to(tl.float32) * sv[:, None]).to(tl.bfloat16)  # (BLOCK_K, D) v̂ = V8 · s_v
+    cols = tl.arange(0, BLOCK_Q)
+    dk = tl.zeros([BLOCK_K, D], tl.float32)
+    dv = tl.zeros([BLOCK_K, D], tl.float32)
+    for i in range(count):
+        start, lo, hi = _chunk(chunks + mask_base, i)
+        valid = (cols >= lo) & (cols < hi)
+        q = q_desc.load([bh, start, 0]).reshape(BLOCK_Q, D)
+        sq = tl.load(sq_ptr + base + start + cols, mask=valid, other=1.0)
+        m = tl.load(m_ptr + base + start + cols, mask=valid, other=0.0)
+        inv_l = tl.where(valid, 1.0 / tl.load(l_ptr + base + start + cols, mask=valid, other=1.0), 0.0)
+        delta = tl.load(delta_ptr + base + start + cols, mask=valid, other=0.0)
+        do = do_desc.load([bh, start, 0]).reshape(BLOCK_Q, D)
+        st = tl.dot(k, tl.trans(q), max_num_imprecise_acc=QK_IMPRECISE)  # (BLOCK_K, BLOCK_Q) = Sᵀ
+        p8, pn = _probabilities(st, sk, sq, tl.where(valid, 0.0, float("-inf")), m, inv_l, False, EMULATE_CAST)
+        dv += tl.dot((p8.to(tl.float32) * inv_l[None, :]).to(tl.bfloat16), do)  # P̂/ℓ (448s cancel) · dO
+        dpt = tl.dot(vh, tl.trans(do))  # (BLOCK_K, BLOCK_Q): v̂_j · dO_i
+        dst = pn * (dpt - delta[None, :])
+        dk += tl.dot((dst * sq[None, :]).to(tl.bfloat16), q.to(tl.bfloat16))
+    dk = dk * (1.0 / 1.4426950408889634)  # s_q' carries softmax scale · log2 e: q̂/√D = Q8 s_q' / log2 e
+    offs = (base + keys[:, None]) * D + d[None, :]
+    tl.store(dk_ptr + offs, dk.to(dk_ptr.dtype.element_ty), mask=own[:, None])
+    tl.store(dv_ptr + offs, dv.to(dv_ptr.dtype.element_ty), mask=own[:, None])
+
+
+def _mask_strides(plan: Plan, b: int, h: int) -> tuple[int, int, int]:
+    mb, mh, ng, c = plan.chunks.shape
+    if (mb not in (1, b)) or (mh not in (1, h)):
+        raise ValueError(f"the plan's mask is for (B, H) = ({mb}, {mh}); the inputs have ({b}, {h})")
+    return (0 if mb == 1 else mh * ng * c), (0 if mh == 1 else ng * c), c
+
+
+def attention_backward(qkv: QuantizedQKV, out: torch.Tensor, dout: torch.Tensor, m: torch.Tensor, ell: torch.Tensor,
+                       plan_q: Plan, plan_kv: Plan, grad_dtype: torch.dtype, gate_tiles: torch.Tensor | None = None,
+                       num_warps: int = 4, num_stages: int = 2, qk_imprecise_acc: int | None = None):
+    """(dq, dk, dv (B, H, L, D) in grad_dtype, dgate fp32 (B, H, N, N) or None) for the forward's outputs.
+
+    out: the forward's bf16 output (B, H, L, D); dout: its gradient; m, ell: the forward's saved stats (B·H, L);
+    plan_q: plan over query items (the forward's kind); plan_kv: plan of the transposed mask (key items, query
+    chunks); gate_tiles: int32 (L,) tile of every token when the gate gradient is wanted (sparse plans only)."""
+    bh, seq, d = qkv.q8.shape
+    b, h = qkv.batch, qkv.heads
+    dev = qkv.q8.device
+    out = out.reshape(bh, seq, d)
+    dout = dout.to(out.dtype).contiguous().reshape(bh, seq, d)
+    delta = torch.empty(bh, seq, dtype=torch.float32, device=dev)
+    _bwd_pre_kernel[(triton.cdiv(seq, 64), bh)](out, dout, delta, seq, BLOCK=64, D=d)
+    dq, dk, dv = (torch.empty(b, h, seq, d, dtype=grad_dtype, device=dev) for _ in range(3))
+    seq_pad = qkv.vt8.shape[-1]
+    imprecise = min(qk_imprecise_acc or d, d)
+    common = dict(num_warps=num_warps, num_stages=num_stages)
+
+    bm, bn = plan_q.block_m, plan_q.block_n
+    q_desc = TensorDescriptor(qkv.q8, shape=[bh, seq, d], strides=[seq * d, d, 1], block_shape=[1, bm, d])
+    k_desc = TensorDescriptor(qkv.k8, shape=[bh, seq, d], strides=[seq * d, d, 1], block_shape=[1, bn, d])
+    v_desc = TensorDescriptor(qkv.vt8, shape=[bh, d, seq], strides=[d * seq_pad, seq_pad, 1], block_shape=[1, d, bn])
+    n_tiles = 0
+    dgate = None
+    if gate_tiles is not None:
+        n_tiles = int(plan_q.chunks.shape[2])
+        dgate = torch.zeros(b, h, n_tiles, n_tiles, dtype=torch.float32, device=dev)
+    sb, sh, c = _mask_strides(plan_q, b, h)
+    _bwd_dq_kernel[(plan_q.item_group.numel(), bh)](
+        q_desc, k_desc, v_desc, dout, qkv.sq, qkv.sk, qkv.sv, m, ell, delta, dq,
+        dgate if dgate is not None else delta, gate_tiles if gate_tiles is not None else plan_q.item_group,
+        plan_q.item_group, plan_q.item_row, plan_q.item_rows, plan_q.chunks, plan_q.chunk_count, h, seq, n_tiles,
+        sb, sh, c, c, BLOCK_M=bm, BLOCK_N=bn, D=d, QK_IMPRECISE=imprecise, EMULATE_CAST=interpreted(),
+        GATE=dgate is not None, INV_SQRT_D=1.0 / math.sqrt(d), **common)
+
+    bk, bq = plan_kv.block_m, plan_kv.block_n
+    kk_desc = TensorDescriptor(qkv.k8, shape=[bh, seq, d], strides=[seq * d, d, 1], block_shape=[1, bk, d])
+    qq_desc = TensorDescriptor(qkv.q8, shape=[bh, seq, d], strides=[seq * d, d, 1], block_shape=[1, bq, d])
+    do_desc = TensorDescriptor(dout, shape=[bh, seq, d], strides=[seq * d, d, 1], block_shape=[1, bq, d])
+    sb, sh, c = _mask_strides(plan_kv, b, h)
+    _bwd_dkdv_kernel[(plan_kv.item_group.numel(), bh)](
+        qq_desc, kk_desc, do_desc, qkv.vt8, qkv.sq, qkv.sk, qkv.sv, m, ell, delta, dk, dv,
+        plan_kv.item_group, plan_kv.item_row, plan_kv.item_rows, plan_kv.chunks, plan_kv.chunk_count, h, seq,
+        seq_pad, sb, sh, c, c, BLOCK_K=bk, BLOCK_Q=bq, D=d, QK_IMPRECISE=imprecise, EMULATE_CAST=interpreted(),
+        **common)
+    return dq, dk, dv, dgate
+
+
+class FPSAttentionFunction(torch.autograd.Function):
+    """Autograd op: the forward kernel (saving m and ℓ) and the backward kernels above. See `fps_attention`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, gate, layout, regime, mask, opts):
+        from fpsa_kernels.attention import plan_for
+        from fpsa_kernels.quant import quantize_qkv
+        from fpsa_train.fps.masks import token_ranges
+
+        b, h, seq, d = q.shape
+        plan = plan_for(mask, layout, regime, opts["block_m"], opts["block_n"], q.device)
+        qkv = quantize_qkv(q, k, v, layout, regime.quant, q_mult=LOG2E / math.sqrt(d))
+        stats = torch.empty(2, b * h, seq, dtype=torch.float32, device=q.device)
+        out, lse = attention_forward(qkv, plan, num_warps=opts["num_warps"], num_stages=opts["num_stages"],
+                                     qk_imprecise_acc=opts["qk_imprecise_acc"], stats=(stats[0], stats[1]))
+        ctx.save_for_backward(qkv.q8, qkv.k8, qkv.vt8, qkv.sq, qkv.sk, qkv.sv, out, stats)
+        ctx.args = (b, h, q.dtype, layout, regime, mask, opts, gate is not None)
+        if gate is not None:
+            sizes = token_ranges(layout).diff()
+            ctx.tile_of = torch.repeat_interleave(torch.arange(sizes.numel(), dtype=torch.int32), sizes.cpu()
+                                                  ).to(q.device)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        from fpsa_kernels.attention import plan_for
+
+        q8, k8, vt8, sq, sk, sv, out, stats = ctx.saved_tensors
+        b, h, dtype, layout, regime, mask, opts, want_gate = ctx.args
+        bm, bn, bk, bq = opts["bwd_blocks"]
+        plan_q = plan_for(mask, layout, regime, bm, bn, q8.device)
+        plan_kv = plan_for(mask, layout, regime, bk, bq, q8.device, transpose=True)
+        dq, dk, dv, dgate = attention_backward(
+            QuantizedQKV(q8, k8, vt8, sq, sk, sv, b, h), out, dout, stats[0], stats[1], plan_q, plan_kv, dtype,
+            gate_tiles=ctx.tile_of if want_gate else None, num_warps=opts["bwd_warps"],
+            num_stages=opts["bwd_stages"], qk_imprecise_acc=opts["qk_imprecise_acc"])
+        return dq, dk, dv, dgate, None, None, None, None
