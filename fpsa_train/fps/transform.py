@@ -2,8 +2,8 @@
 
 Every block's `self_attn.core` (dense SDPA by default, models/attention.py) is replaced by `FPSAttention`, which
 reads each sample's noise level from `attn_kwargs["sigma"]` and runs the sample through the regime that owns it:
-in the Hopper FP8 kernel (fpsa_kernels) for forward-only calls on H100/H200, in the PyTorch reference otherwise
-(`backend`, logged once per choice).
+in the Hopper FP8 kernels (fpsa_kernels: forward, and the Triton backward when training) on H100/H200, in the
+PyTorch reference otherwise (`backend`, logged once per choice).
 A batch whose samples fall into different regimes is split by regime and reassembled in order, so every sample
 is computed exactly as it would be alone. Cross-attention stays dense, as in the paper. The model file never
 imports this module.
@@ -107,9 +107,6 @@ class FPSAttention(nn.Module):
     def _use_kernel(self, q: torch.Tensor, regime) -> bool:
         if self.backend == "reference" or self.materialize:
             return False
-        if torch.is_grad_enabled() and q.requires_grad:
-            _announce("FPS attention: PyTorch reference for training (the FP8 kernel is forward-only)")
-            return False
         if not kernel_fits(q, regime):
             _announce(f"FPS attention: reference for regime {regime.name!r} (the kernel needs FP8 quantization and "
                       f"its head dims; head_dim is {q.shape[-1]})")
@@ -130,10 +127,12 @@ class FPSAttention(nn.Module):
         self.last_backend = "kernel"
         from fpsa_kernels import fps_attention
 
-        _announce(f"FPS attention: Hopper FP8 Triton kernel (fpsa_kernels) on {q.device} for forward-only calls")
+        training = torch.is_grad_enabled() and q.requires_grad
+        _announce(f"FPS attention: Hopper FP8 Triton kernel (fpsa_kernels) on {q.device}, "
+                  f"{'forward and backward (training)' if training else 'forward'}")
         sel = select_tiles(q, k, layout, regime, selector)  # also for density logging
         static = regime.pattern in ("dense", "window")  # the kernel reuses its cached plan for these
-        out, _ = fps_attention(q, k, v, layout, regime, None if static else sel.mask)
+        out, _ = fps_attention(q, k, v, layout, regime, None if static else sel.mask, sel.gate)
         return out, sel
 
 
