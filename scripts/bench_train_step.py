@@ -1,8 +1,8 @@
 """Time whole training steps (forward, backward, AdamW) of a Wan DiT on synthetic latents.
 
-Random weights, dense bf16 SDPA attention (or FPS attention: `--fps default`), bf16 autocast with fp32 master weights, activation checkpointing on
-(as the wan experiments train). Prints one table row per configuration: median step time, tokens/s and peak
-CUDA memory. The baseline for later attention variants, which are timed against it in the same run.
+Random weights, dense bf16 SDPA attention (or FPS attention: `--fps default`), bf16 autocast with fp32 master
+weights, activation checkpointing on (as the wan experiments train). Prints one table row: median step time,
+tokens/s and peak CUDA memory. scripts/bench_training.py times dense and FPS steps against each other in one run.
 
   python scripts/bench_train_step.py --model wan1_3b --latent 21 60 104 --steps 6
 """
