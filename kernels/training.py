@@ -15,16 +15,19 @@ from the group amax every element is within 448·(1 + 2^-23) of it, so they pass
 most 448 after scaling, so its estimator passes everything too.
 
 Three kernels, none holding more than a block of scores (no L² buffer anywhere):
-- `_bwd_pre_kernel`: Δ_i = Σ_d O_id dO_id in fp32, from the bf16 output the forward wrote.
-- `_bwd_dq_kernel`: one program per query item of the forward's plan, looping over its key chunks (dQ and the gate
-  gradient);
+- `_bwd_pre_kernel`: dO ∘ s_v in bf16 (dO·v̂ = (dO ∘ s_v)·V8, the one rounding of dP's operands);
+- `_bwd_dq_kernel`: one program per query item of the forward's plan, two passes over its key chunks: the first
+  computes Δ_i = Σ_j (P̂_ij/ℓ_i)·dP_ij (= dO_i·O_i, the reference's definition, from the same rounded dP that the
+  second pass uses, so rounding errors common to a row cancel in dP − Δ); the second dQ and the gate gradient;
 - `_bwd_dkdv_kernel`: one program per key item of the transposed plan (items over key tiles, chunks over the
-  query tiles that attend them), looping over query chunks (dK, dV).
+  query tiles that attend them), looping over query chunks (dK, dV), with the Δ the dQ kernel wrote.
 Each recomputes S with the FP8 product of the saved Q8, K8 and scales and P against the forward's final row max m
 and ℓ (saved by the forward), so P̂ is quantized as the reference quantizes it. The other products run in bf16
-with fp32 accumulation: dO·v̂ᵀ (dO scaled by V's channel scales, or v̂ = V8·s_v, rounded to bf16 once per program),
-P̂/ℓ · dO, and dS·k̂, dSᵀ·q̂ (dS rounded to bf16; the FP8 operands are exact in bf16). The tests derive their
-tolerance from those roundings (tests/kernels/helpers.py).
+with fp32 accumulation: dP = (dO ∘ s_v)·V8ᵀ, P̂/ℓ · dO, dS·k̂ and dSᵀ·q̂ (dS·s_k and dS·s_q' rounded to bf16;
+the FP8 operands are exact in bf16). The tests derive their tolerance from those roundings
+(tests/kernels/grad_reference.py). Why the Δ pass: taking Δ from the bf16 output, as FlashAttention does, made dQ
+15-25% wrong on video-like inputs (keys sharing a large component, dQ a small difference of large terms); with it
+the error is that of the bf16 operands alone (measured in the note of issue 6 and docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -45,14 +48,15 @@ BWD_BLOCKS = (64, 64, 64, 64)
 
 
 @triton.jit
-def _bwd_pre_kernel(o_ptr, do_ptr, delta_ptr, L, BLOCK: tl.constexpr, D: tl.constexpr):
-    """Δ = rowsum(O ∘ dO) in fp32 for BLOCK rows of one (batch, head); O and dO contiguous (B·H, L, D)."""
+def _bwd_pre_kernel(do_ptr, sv_ptr, dos_ptr, L, BLOCK: tl.constexpr, D: tl.constexpr):
+    """dO ∘ s_v in bf16 (so dO·v̂ = (dO ∘ s_v)·V8) for BLOCK rows of one (batch, head); contiguous (B·H, L, D)."""
     bh = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    offs = bh.to(tl.int64) * L * D + rows[:, None].to(tl.int64) * D + tl.arange(0, D)[None, :]
-    o = tl.load(o_ptr + offs, mask=(rows < L)[:, None], other=0.0).to(tl.float32)
+    d = tl.arange(0, D)
+    offs = bh.to(tl.int64) * L * D + rows[:, None].to(tl.int64) * D + d[None, :]
     do = tl.load(do_ptr + offs, mask=(rows < L)[:, None], other=0.0).to(tl.float32)
-    tl.store(delta_ptr + bh.to(tl.int64) * L + rows, tl.sum(o * do, axis=1), mask=rows < L)
+    sv = tl.load(sv_ptr + bh * D + d)
+    tl.store(dos_ptr + offs, (do * sv[None, :]).to(tl.bfloat16), mask=(rows < L)[:, None])
 
 
 @triton.jit
@@ -85,7 +89,7 @@ def _probabilities(s, s_row, s_col, bias, m, inv_l, ROWS_ARE_QUERIES: tl.constex
 
 
 @triton.jit
-def _bwd_dq_kernel(q_desc, k_desc, v_desc, do_ptr, sq_ptr, sk_ptr, sv_ptr, m_ptr, l_ptr, delta_ptr, dq_ptr,
+def _bwd_dq_kernel(q_desc, k_desc, v_desc, dos_ptr, sq_ptr, sk_ptr, m_ptr, l_ptr, delta_ptr, dq_ptr,
                    dgate_ptr, tile_of_ptr, item_group, item_row, item_rows, chunks, chunk_count, H, L, N,
                    mask_sb, mask_sh, mask_sg, C,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, QK_IMPRECISE: tl.constexpr,
@@ -108,12 +112,25 @@ def _bwd_dq_kernel(q_desc, k_desc, v_desc, do_ptr, sq_ptr, sk_ptr, sv_ptr, m_ptr
     sq = tl.load(sq_ptr + base + rows, mask=own, other=1.0)
     m = tl.load(m_ptr + base + rows, mask=own, other=0.0)
     inv_l = tl.where(own, 1.0 / tl.load(l_ptr + base + rows, mask=own, other=1.0), 0.0)
-    delta = tl.load(delta_ptr + base + rows, mask=own, other=0.0)
     d = tl.arange(0, D)
-    do = tl.load(do_ptr + (base + rows[:, None]) * D + d[None, :], mask=own[:, None], other=0.0)
-    sv = tl.load(sv_ptr + bh * D + d)
-    dos = (do.to(tl.float32) * sv[None, :]).to(tl.bfloat16)  # dO · v̂ = (dO ∘ s_v) · V8
+    dos = tl.load(dos_ptr + (base + rows[:, None]) * D + d[None, :], mask=own[:, None], other=0.0)
     cols = tl.arange(0, BLOCK_N)
+    # pass 1: Δ_i = dO_i · O_i = Σ_j (P̂_ij / ℓ_i) dP_ij from the same rounded dP as pass 2, so rounding errors
+    # common to a row cancel in dP − Δ (taking Δ from the bf16 output instead costs dQ up to ~20% on video-like
+    # inputs, where the keys share a large component and dQ is a small difference)
+    delta = tl.zeros([BLOCK_M], tl.float32)
+    for i in range(count):
+        start, lo, hi = _chunk(chunks + mask_base, i)
+        valid = (cols >= lo) & (cols < hi)
+        k = k_desc.load([bh, start, 0]).reshape(BLOCK_N, D)
+        sk = tl.load(sk_ptr + base + start + cols, mask=valid, other=0.0)
+        s = tl.dot(q, tl.trans(k), max_num_imprecise_acc=QK_IMPRECISE)
+        p8, _ = _probabilities(s, sq, sk, tl.where(valid, 0.0, float("-inf")), m, inv_l, True, EMULATE_CAST)
+        v = v_desc.load([bh, 0, start]).reshape(D, BLOCK_N).to(tl.bfloat16)
+        dp = tl.dot(dos, v)
+        delta += tl.sum(p8.to(tl.float32) * dp, axis=1) * inv_l
+    tl.store(delta_ptr + base + rows, delta, mask=own)
+    # pass 2: dS = P/ℓ · (dP − Δ), dQ = dS · k̂ / √D
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     for i in range(count):
         start, lo, hi = _chunk(chunks + mask_base, i)
@@ -135,7 +152,7 @@ def _bwd_dq_kernel(q_desc, k_desc, v_desc, do_ptr, sq_ptr, sk_ptr, sv_ptr, m_ptr
 
 
 @triton.jit
-def _bwd_dkdv_kernel(q_desc, k_desc, do_desc, vt_ptr, sq_ptr, sk_ptr, sv_ptr, m_ptr, l_ptr, delta_ptr, dk_ptr,
+def _bwd_dkdv_kernel(q_desc, k_desc, do_desc, dos_desc, vt_ptr, sq_ptr, sk_ptr, m_ptr, l_ptr, delta_ptr, dk_ptr,
                      dv_ptr, item_group, item_row, item_rows, chunks, chunk_count, H, L, L_pad,
                      mask_sb, mask_sh, mask_sg, C,
                      BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr, D: tl.constexpr, QK_IMPRECISE: tl.constexpr,
@@ -157,10 +174,9 @@ def _bwd_dkdv_kernel(q_desc, k_desc, do_desc, vt_ptr, sq_ptr, sk_ptr, sv_ptr, m_
     d = tl.arange(0, D)
     k = k_desc.load([bh, row0, 0]).reshape(BLOCK_K, D)
     sk = tl.load(sk_ptr + base + keys, mask=own, other=0.0)
-    sv = tl.load(sv_ptr + bh * D + d)
     v8 = tl.load(vt_ptr + bh.to(tl.int64) * D * L_pad + d[:, None] * L_pad + keys[None, :], mask=own[None, :],
                  other=0.0)  # (D, BLOCK_K): this item's keys are fixed, so V is read once, by pointer
-    vh = tl.trans(v8.to(tl.float32) * sv[:, None]).to(tl.bfloat16)  # (BLOCK_K, D) v̂ = V8 · s_v
+    v8 = tl.trans(v8).to(tl.bfloat16)  # (BLOCK_K, D), exact
     cols = tl.arange(0, BLOCK_Q)
     dk = tl.zeros([BLOCK_K, D], tl.float32)
     dv = tl.zeros([BLOCK_K, D], tl.float32)
@@ -173,10 +189,11 @@ def _bwd_dkdv_kernel(q_desc, k_desc, do_desc, vt_ptr, sq_ptr, sk_ptr, sv_ptr, m_
         inv_l = tl.where(valid, 1.0 / tl.load(l_ptr + base + start + cols, mask=valid, other=1.0), 0.0)
         delta = tl.load(delta_ptr + base + start + cols, mask=valid, other=0.0)
         do = do_desc.load([bh, start, 0]).reshape(BLOCK_Q, D)
+        dos = dos_desc.load([bh, start, 0]).reshape(BLOCK_Q, D)
         st = tl.dot(k, tl.trans(q), max_num_imprecise_acc=QK_IMPRECISE)  # (BLOCK_K, BLOCK_Q) = Sᵀ
         p8, pn = _probabilities(st, sk, sq, tl.where(valid, 0.0, float("-inf")), m, inv_l, False, EMULATE_CAST)
         dv += tl.dot((p8.to(tl.float32) * inv_l[None, :]).to(tl.bfloat16), do)  # P̂/ℓ (448s cancel) · dO
-        dpt = tl.dot(vh, tl.trans(do))  # (BLOCK_K, BLOCK_Q): v̂_j · dO_i
+        dpt = tl.dot(v8, tl.trans(dos))  # (BLOCK_K, BLOCK_Q): v̂_j · dO_i, rounded as in the dQ kernel
         dst = pn * (dpt - delta[None, :])
         dk += tl.dot((dst * sq[None, :]).to(tl.bfloat16), q.to(tl.bfloat16))
     dk = dk * (1.0 / 1.4426950408889634)  # s_q' carries softmax scale · log2 e: q̂/√D = Q8 s_q' / log2 e
@@ -192,21 +209,21 @@ def _mask_strides(plan: Plan, b: int, h: int) -> tuple[int, int, int]:
     return (0 if mb == 1 else mh * ng * c), (0 if mh == 1 else ng * c), c
 
 
-def attention_backward(qkv: QuantizedQKV, out: torch.Tensor, dout: torch.Tensor, m: torch.Tensor, ell: torch.Tensor,
+def attention_backward(qkv: QuantizedQKV, dout: torch.Tensor, m: torch.Tensor, ell: torch.Tensor,
                        plan_q: Plan, plan_kv: Plan, grad_dtype: torch.dtype, gate_tiles: torch.Tensor | None = None,
                        num_warps: int = 4, num_stages: int = 2, qk_imprecise_acc: int | None = None):
     """(dq, dk, dv (B, H, L, D) in grad_dtype, dgate fp32 (B, H, N, N) or None) for the forward's outputs.
 
-    out: the forward's bf16 output (B, H, L, D); dout: its gradient; m, ell: the forward's saved stats (B·H, L);
+    dout: the output's gradient (B, H, L, D); m, ell: the forward's saved stats (B·H, L);
     plan_q: plan over query items (the forward's kind); plan_kv: plan of the transposed mask (key items, query
     chunks); gate_tiles: int32 (L,) tile of every token when the gate gradient is wanted (sparse plans only)."""
     bh, seq, d = qkv.q8.shape
     b, h = qkv.batch, qkv.heads
     dev = qkv.q8.device
-    out = out.reshape(bh, seq, d)
-    dout = dout.to(out.dtype).contiguous().reshape(bh, seq, d)
-    delta = torch.empty(bh, seq, dtype=torch.float32, device=dev)
-    _bwd_pre_kernel[(triton.cdiv(seq, 64), bh)](out, dout, delta, seq, BLOCK=64, D=d)
+    dout = dout.to(torch.bfloat16).contiguous().reshape(bh, seq, d)
+    dos = torch.empty_like(dout)
+    _bwd_pre_kernel[(triton.cdiv(seq, 64), bh)](dout, qkv.sv, dos, seq, BLOCK=64, D=d)
+    delta = torch.empty(bh, seq, dtype=torch.float32, device=dev)  # written by the dQ kernel, read by dK/dV
     dq, dk, dv = (torch.empty(b, h, seq, d, dtype=grad_dtype, device=dev) for _ in range(3))
     seq_pad = qkv.vt8.shape[-1]
     imprecise = min(qk_imprecise_acc or d, d)
@@ -223,7 +240,7 @@ def attention_backward(qkv: QuantizedQKV, out: torch.Tensor, dout: torch.Tensor,
         dgate = torch.zeros(b, h, n_tiles, n_tiles, dtype=torch.float32, device=dev)
     sb, sh, c = _mask_strides(plan_q, b, h)
     _bwd_dq_kernel[(plan_q.item_group.numel(), bh)](
-        q_desc, k_desc, v_desc, dout, qkv.sq, qkv.sk, qkv.sv, m, ell, delta, dq,
+        q_desc, k_desc, v_desc, dos, qkv.sq, qkv.sk, m, ell, delta, dq,
         dgate if dgate is not None else delta, gate_tiles if gate_tiles is not None else plan_q.item_group,
         plan_q.item_group, plan_q.item_row, plan_q.item_rows, plan_q.chunks, plan_q.chunk_count, h, seq, n_tiles,
         sb, sh, c, c, BLOCK_M=bm, BLOCK_N=bn, D=d, QK_IMPRECISE=imprecise, EMULATE_CAST=interpreted(),
@@ -233,9 +250,10 @@ def attention_backward(qkv: QuantizedQKV, out: torch.Tensor, dout: torch.Tensor,
     kk_desc = TensorDescriptor(qkv.k8, shape=[bh, seq, d], strides=[seq * d, d, 1], block_shape=[1, bk, d])
     qq_desc = TensorDescriptor(qkv.q8, shape=[bh, seq, d], strides=[seq * d, d, 1], block_shape=[1, bq, d])
     do_desc = TensorDescriptor(dout, shape=[bh, seq, d], strides=[seq * d, d, 1], block_shape=[1, bq, d])
+    dos_desc = TensorDescriptor(dos, shape=[bh, seq, d], strides=[seq * d, d, 1], block_shape=[1, bq, d])
     sb, sh, c = _mask_strides(plan_kv, b, h)
     _bwd_dkdv_kernel[(plan_kv.item_group.numel(), bh)](
-        qq_desc, kk_desc, do_desc, qkv.vt8, qkv.sq, qkv.sk, qkv.sv, m, ell, delta, dk, dv,
+        qq_desc, kk_desc, do_desc, dos_desc, qkv.vt8, qkv.sq, qkv.sk, m, ell, delta, dk, dv,
         plan_kv.item_group, plan_kv.item_row, plan_kv.item_rows, plan_kv.chunks, plan_kv.chunk_count, h, seq,
         seq_pad, sb, sh, c, c, BLOCK_K=bk, BLOCK_Q=bq, D=d, QK_IMPRECISE=imprecise, EMULATE_CAST=interpreted(),
         **common)
@@ -257,7 +275,7 @@ class FPSAttentionFunction(torch.autograd.Function):
         stats = torch.empty(2, b * h, seq, dtype=torch.float32, device=q.device)
         out, lse = attention_forward(qkv, plan, num_warps=opts["num_warps"], num_stages=opts["num_stages"],
                                      qk_imprecise_acc=opts["qk_imprecise_acc"], stats=(stats[0], stats[1]))
-        ctx.save_for_backward(qkv.q8, qkv.k8, qkv.vt8, qkv.sq, qkv.sk, qkv.sv, out, stats)
+        ctx.save_for_backward(qkv.q8, qkv.k8, qkv.vt8, qkv.sq, qkv.sk, qkv.sv, stats)
         ctx.args = (b, h, q.dtype, layout, regime, mask, opts, gate is not None)
         if gate is not None:
             sizes = token_ranges(layout).diff()
@@ -270,13 +288,13 @@ class FPSAttentionFunction(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         from fpsa_kernels.attention import plan_for
 
-        q8, k8, vt8, sq, sk, sv, out, stats = ctx.saved_tensors
+        q8, k8, vt8, sq, sk, sv, stats = ctx.saved_tensors
         b, h, dtype, layout, regime, mask, opts, want_gate = ctx.args
         bm, bn, bk, bq = opts["bwd_blocks"]
         plan_q = plan_for(mask, layout, regime, bm, bn, q8.device)
         plan_kv = plan_for(mask, layout, regime, bk, bq, q8.device, transpose=True)
         dq, dk, dv, dgate = attention_backward(
-            QuantizedQKV(q8, k8, vt8, sq, sk, sv, b, h), out, dout, stats[0], stats[1], plan_q, plan_kv, dtype,
+            QuantizedQKV(q8, k8, vt8, sq, sk, sv, b, h), dout, stats[0], stats[1], plan_q, plan_kv, dtype,
             gate_tiles=ctx.tile_of if want_gate else None, num_warps=opts["bwd_warps"],
             num_stages=opts["bwd_stages"], qk_imprecise_acc=opts["qk_imprecise_acc"])
         return dq, dk, dv, dgate, None, None, None, None
