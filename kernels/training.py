@@ -14,8 +14,8 @@ The straight-through estimators of the Q/K/V roundings pass the gradient where |
 from the group amax every element is within 448·(1 + 2^-23) of it, so they pass everything and dq = dq̂. P is at
 most 448 after scaling, so its estimator passes everything too.
 
-Three kernels, none holding more than a block of scores (no L² buffer anywhere):
-- `_bwd_pre_kernel`: dO ∘ s_v in bf16 (dO·v̂ = (dO ∘ s_v)·V8, the one rounding of dP's operands);
+Two kernels, none holding more than a block of scores (no L² buffer anywhere), both rounding dO ∘ s_v to bf16 the
+same way for dP = (dO ∘ s_v)·V8ᵀ (recomputed per block rather than stored, to stay within dense SDPA's memory):
 - `_bwd_dq_kernel`: one program per query item of the forward's plan, two passes over its key chunks: the first
   computes Δ_i = Σ_j (P̂_ij/ℓ_i)·dP_ij (= dO_i·O_i, the reference's definition, from the same rounded dP that the
   second pass uses, so rounding errors common to a row cancel in dP − Δ); the second dQ and the gate gradient;
@@ -48,15 +48,9 @@ BWD_BLOCKS = (64, 64, 64, 64)
 
 
 @triton.jit
-def _bwd_pre_kernel(do_ptr, sv_ptr, dos_ptr, L, BLOCK: tl.constexpr, D: tl.constexpr):
-    """dO ∘ s_v in bf16 (so dO·v̂ = (dO ∘ s_v)·V8) for BLOCK rows of one (batch, head); contiguous (B·H, L, D)."""
-    bh = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    d = tl.arange(0, D)
-    offs = bh.to(tl.int64) * L * D + rows[:, None].to(tl.int64) * D + d[None, :]
-    do = tl.load(do_ptr + offs, mask=(rows < L)[:, None], other=0.0).to(tl.float32)
-    sv = tl.load(sv_ptr + bh * D + d)
-    tl.store(dos_ptr + offs, (do * sv[None, :]).to(tl.bfloat16), mask=(rows < L)[:, None])
+def _scale_do(do, sv):
+    """dO ∘ s_v rounded to bf16, so dO·v̂ = (dO ∘ s_v)·V8: the same rounding in both kernels (no buffer for it)."""
+    return (do.to(tl.float32) * sv[None, :]).to(tl.bfloat16)
 
 
 @triton.jit
@@ -89,7 +83,7 @@ def _probabilities(s, s_row, s_col, bias, m, inv_l, ROWS_ARE_QUERIES: tl.constex
 
 
 @triton.jit
-def _bwd_dq_kernel(q_desc, k_desc, v_desc, dos_ptr, sq_ptr, sk_ptr, m_ptr, l_ptr, delta_ptr, dq_ptr,
+def _bwd_dq_kernel(q_desc, k_desc, v_desc, do_ptr, sq_ptr, sk_ptr, sv_ptr, m_ptr, l_ptr, delta_ptr, dq_ptr,
                    dgate_ptr, tile_of_ptr, item_group, item_row, item_rows, chunks, chunk_count, H, L, N,
                    mask_sb, mask_sh, mask_sg, C,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, QK_IMPRECISE: tl.constexpr,
@@ -113,7 +107,8 @@ def _bwd_dq_kernel(q_desc, k_desc, v_desc, dos_ptr, sq_ptr, sk_ptr, m_ptr, l_ptr
     m = tl.load(m_ptr + base + rows, mask=own, other=0.0)
     inv_l = tl.where(own, 1.0 / tl.load(l_ptr + base + rows, mask=own, other=1.0), 0.0)
     d = tl.arange(0, D)
-    dos = tl.load(dos_ptr + (base + rows[:, None]) * D + d[None, :], mask=own[:, None], other=0.0)
+    do = tl.load(do_ptr + (base + rows[:, None]) * D + d[None, :], mask=own[:, None], other=0.0)
+    dos = _scale_do(do, tl.load(sv_ptr + bh * D + d))
     cols = tl.arange(0, BLOCK_N)
     # pass 1: Δ_i = dO_i · O_i = Σ_j (P̂_ij / ℓ_i) dP_ij from the same rounded dP as pass 2, so rounding errors
     # common to a row cancel in dP − Δ (taking Δ from the bf16 output instead costs dQ up to ~20% on video-like
@@ -152,7 +147,7 @@ def _bwd_dq_kernel(q_desc, k_desc, v_desc, dos_ptr, sq_ptr, sk_ptr, m_ptr, l_ptr
 
 
 @triton.jit
-def _bwd_dkdv_kernel(q_desc, k_desc, do_desc, dos_desc, vt_ptr, sq_ptr, sk_ptr, m_ptr, l_ptr, delta_ptr, dk_ptr,
+def _bwd_dkdv_kernel(q_desc, k_desc, do_desc, vt_ptr, sq_ptr, sk_ptr, sv_ptr, m_ptr, l_ptr, delta_ptr, dk_ptr,
                      dv_ptr, item_group, item_row, item_rows, chunks, chunk_count, H, L, L_pad,
                      mask_sb, mask_sh, mask_sg, C,
                      BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr, D: tl.constexpr, QK_IMPRECISE: tl.constexpr,
@@ -177,6 +172,7 @@ def _bwd_dkdv_kernel(q_desc, k_desc, do_desc, dos_desc, vt_ptr, sq_ptr, sk_ptr, 
     v8 = tl.load(vt_ptr + bh.to(tl.int64) * D * L_pad + d[:, None] * L_pad + keys[None, :], mask=own[None, :],
                  other=0.0)  # (D, BLOCK_K): this item's keys are fixed, so V is read once, by pointer
     v8 = tl.trans(v8).to(tl.bfloat16)  # (BLOCK_K, D), exact
+    sv = tl.load(sv_ptr + bh * D + d)
     cols = tl.arange(0, BLOCK_Q)
     dk = tl.zeros([BLOCK_K, D], tl.float32)
     dv = tl.zeros([BLOCK_K, D], tl.float32)
@@ -189,7 +185,7 @@ def _bwd_dkdv_kernel(q_desc, k_desc, do_desc, dos_desc, vt_ptr, sq_ptr, sk_ptr, 
         inv_l = tl.where(valid, 1.0 / tl.load(l_ptr + base + start + cols, mask=valid, other=1.0), 0.0)
         delta = tl.load(delta_ptr + base + start + cols, mask=valid, other=0.0)
         do = do_desc.load([bh, start, 0]).reshape(BLOCK_Q, D)
-        dos = dos_desc.load([bh, start, 0]).reshape(BLOCK_Q, D)
+        dos = _scale_do(do, sv)
         st = tl.dot(k, tl.trans(q), max_num_imprecise_acc=QK_IMPRECISE)  # (BLOCK_K, BLOCK_Q) = Sᵀ
         p8, pn = _probabilities(st, sk, sq, tl.where(valid, 0.0, float("-inf")), m, inv_l, False, EMULATE_CAST)
         dv += tl.dot((p8.to(tl.float32) * inv_l[None, :]).to(tl.bfloat16), do)  # P̂/ℓ (448s cancel) · dO
@@ -221,8 +217,6 @@ def attention_backward(qkv: QuantizedQKV, dout: torch.Tensor, m: torch.Tensor, e
     b, h = qkv.batch, qkv.heads
     dev = qkv.q8.device
     dout = dout.to(torch.bfloat16).contiguous().reshape(bh, seq, d)
-    dos = torch.empty_like(dout)
-    _bwd_pre_kernel[(triton.cdiv(seq, 64), bh)](dout, qkv.sv, dos, seq, BLOCK=64, D=d)
     delta = torch.empty(bh, seq, dtype=torch.float32, device=dev)  # written by the dQ kernel, read by dK/dV
     dq, dk, dv = (torch.empty(b, h, seq, d, dtype=grad_dtype, device=dev) for _ in range(3))
     seq_pad = qkv.vt8.shape[-1]
@@ -240,7 +234,7 @@ def attention_backward(qkv: QuantizedQKV, dout: torch.Tensor, m: torch.Tensor, e
         dgate = torch.zeros(b, h, n_tiles, n_tiles, dtype=torch.float32, device=dev)
     sb, sh, c = _mask_strides(plan_q, b, h)
     _bwd_dq_kernel[(plan_q.item_group.numel(), bh)](
-        q_desc, k_desc, v_desc, dos, qkv.sq, qkv.sk, m, ell, delta, dq,
+        q_desc, k_desc, v_desc, dout, qkv.sq, qkv.sk, qkv.sv, m, ell, delta, dq,
         dgate if dgate is not None else delta, gate_tiles if gate_tiles is not None else plan_q.item_group,
         plan_q.item_group, plan_q.item_row, plan_q.item_rows, plan_q.chunks, plan_q.chunk_count, h, seq, n_tiles,
         sb, sh, c, c, BLOCK_M=bm, BLOCK_N=bn, D=d, QK_IMPRECISE=imprecise, EMULATE_CAST=interpreted(),
@@ -250,10 +244,9 @@ def attention_backward(qkv: QuantizedQKV, dout: torch.Tensor, m: torch.Tensor, e
     kk_desc = TensorDescriptor(qkv.k8, shape=[bh, seq, d], strides=[seq * d, d, 1], block_shape=[1, bk, d])
     qq_desc = TensorDescriptor(qkv.q8, shape=[bh, seq, d], strides=[seq * d, d, 1], block_shape=[1, bq, d])
     do_desc = TensorDescriptor(dout, shape=[bh, seq, d], strides=[seq * d, d, 1], block_shape=[1, bq, d])
-    dos_desc = TensorDescriptor(dos, shape=[bh, seq, d], strides=[seq * d, d, 1], block_shape=[1, bq, d])
     sb, sh, c = _mask_strides(plan_kv, b, h)
     _bwd_dkdv_kernel[(plan_kv.item_group.numel(), bh)](
-        qq_desc, kk_desc, do_desc, dos_desc, qkv.vt8, qkv.sq, qkv.sk, m, ell, delta, dk, dv,
+        qq_desc, kk_desc, do_desc, qkv.vt8, qkv.sq, qkv.sk, qkv.sv, m, ell, delta, dk, dv,
         plan_kv.item_group, plan_kv.item_row, plan_kv.item_rows, plan_kv.chunks, plan_kv.chunk_count, h, seq,
         seq_pad, sb, sh, c, c, BLOCK_K=bk, BLOCK_Q=bq, D=d, QK_IMPRECISE=imprecise, EMULATE_CAST=interpreted(),
         **common)
