@@ -43,7 +43,7 @@ from fpsa_kernels.attention import LOG2E, attention_forward, interpreted
 from fpsa_kernels.plan import Plan
 from fpsa_kernels.quant import QuantizedQKV, round_e4m3
 
-BWD_BLOCKS = (64, 64, 64, 64)
+BWD_BLOCKS = (64, 128, 64, 32)
 """(dQ kernel query rows, its key chunk, dK/dV kernel key rows, its query chunk) unless the caller asks otherwise."""
 
 

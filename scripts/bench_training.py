@@ -42,7 +42,7 @@ from fpsa_train.fps.reference import select_tiles  # noqa: E402
 from fpsa_train.fps.schedule import Regime  # noqa: E402
 from fpsa_train.models.token_order import TokenLayout  # noqa: E402
 
-BWD_CONFIGS = ["64x64x64x64w4s2", "64x128x128x64w8s2"]
+BWD_CONFIGS = ["64x128x64x32w4s2", "64x64x64x64w4s2", "64x128x128x64w8s2"]
 """dQ rows x dQ key chunk x dK/dV key rows x dK/dV query chunk, warps, stages."""
 
 
