@@ -40,21 +40,27 @@ LOG2_448 = math.log2(448.0)
 
 
 @triton.jit
+def _program_item(item_group, item_row, item_rows, chunk_count, H, mask_sb, mask_sh, mask_sg, C):
+    """This program's plan item: (bh, b, h, group, first row, valid rows, offset of its chunk list, chunk count)."""
+    item = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    g = tl.load(item_group + item)
+    mask_base = b * mask_sb + h * mask_sh + g * mask_sg  # chunk lists of this (b, h, group); stride 0 broadcasts
+    return bh, b, h, g, tl.load(item_row + item), tl.load(item_rows + item), mask_base, tl.load(
+        chunk_count + mask_base // C)
+
+
+@triton.jit
 def _fwd_kernel(q_desc, k_desc, v_desc, sq_ptr, sk_ptr, sv_ptr, o_ptr, lse_ptr, m_ptr, l_ptr,
                 item_group, item_row, item_rows, chunks, chunk_count,
                 H, L, stride_ob, stride_oh, stride_ol,
                 mask_sb, mask_sh, mask_sg, C,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, QK_IMPRECISE: tl.constexpr,
                 EMULATE_CAST: tl.constexpr, SAVE_STATS: tl.constexpr):
-    item = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    g = tl.load(item_group + item)
-    row0 = tl.load(item_row + item)
-    nrows = tl.load(item_rows + item)
-    mask_base = b * mask_sb + h * mask_sh + g * mask_sg  # chunk lists of this (b, h, group); stride 0 broadcasts
-    count = tl.load(chunk_count + mask_base // C)
+    bh, b, h, g, row0, nrows, mask_base, count = _program_item(item_group, item_row, item_rows, chunk_count, H,
+                                                                mask_sb, mask_sh, mask_sg, C)
 
     rows = row0 + tl.arange(0, BLOCK_M)
     q = q_desc.load([bh, row0, 0]).reshape(BLOCK_M, D)

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from fpsa_kernels.attention import LOG2E, attention_forward, interpreted
+from fpsa_kernels.attention import LOG2E, _program_item, attention_forward, interpreted
 from fpsa_kernels.plan import Plan
 from fpsa_kernels.quant import QuantizedQKV, round_e4m3
 
@@ -83,20 +83,28 @@ def _probabilities(s, s_row, s_col, bias, m, inv_l, ROWS_ARE_QUERIES: tl.constex
 
 
 @triton.jit
+def _dq_chunk(q_desc, k_desc, v_desc, chunks, i, q, dos, sq, m, inv_l, sk_ptr, bh, BLOCK_N: tl.constexpr,
+              D: tl.constexpr, QK_IMPRECISE: tl.constexpr, EMULATE_CAST: tl.constexpr):
+    """One key chunk of a dQ program: (start, valid columns, K8, s_k, 448 P̂ fp8, P/ℓ, dP = dO·v̂ᵀ)."""
+    start, lo, hi = _chunk(chunks, i)
+    cols = tl.arange(0, BLOCK_N)
+    valid = (cols >= lo) & (cols < hi)
+    k = k_desc.load([bh, start, 0]).reshape(BLOCK_N, D)
+    sk = tl.load(sk_ptr + start + cols, mask=valid, other=0.0)
+    s = tl.dot(q, tl.trans(k), max_num_imprecise_acc=QK_IMPRECISE)
+    p8, pn = _probabilities(s, sq, sk, tl.where(valid, 0.0, float("-inf")), m, inv_l, True, EMULATE_CAST)
+    v = v_desc.load([bh, 0, start]).reshape(D, BLOCK_N).to(tl.bfloat16)
+    return start, valid, k, sk, p8, pn, tl.dot(dos, v)  # dP (BLOCK_M, BLOCK_N): dO_i · v̂_j
+
+
+@triton.jit
 def _bwd_dq_kernel(q_desc, k_desc, v_desc, do_ptr, sq_ptr, sk_ptr, sv_ptr, m_ptr, l_ptr, delta_ptr, dq_ptr,
                    dgate_ptr, tile_of_ptr, item_group, item_row, item_rows, chunks, chunk_count, H, L, N,
                    mask_sb, mask_sh, mask_sg, C,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, QK_IMPRECISE: tl.constexpr,
                    EMULATE_CAST: tl.constexpr, GATE: tl.constexpr, INV_SQRT_D: tl.constexpr):
-    item = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    g = tl.load(item_group + item)
-    row0 = tl.load(item_row + item)
-    nrows = tl.load(item_rows + item)
-    mask_base = b * mask_sb + h * mask_sh + g * mask_sg
-    count = tl.load(chunk_count + mask_base // C)
+    bh, b, h, g, row0, nrows, mask_base, count = _program_item(item_group, item_row, item_rows, chunk_count, H,
+                                                                mask_sb, mask_sh, mask_sg, C)
 
     r = tl.arange(0, BLOCK_M)
     rows = row0 + r
@@ -115,27 +123,15 @@ def _bwd_dq_kernel(q_desc, k_desc, v_desc, do_ptr, sq_ptr, sk_ptr, sv_ptr, m_ptr
     # inputs, where the keys share a large component and dQ is a small difference)
     delta = tl.zeros([BLOCK_M], tl.float32)
     for i in range(count):
-        start, lo, hi = _chunk(chunks + mask_base, i)
-        valid = (cols >= lo) & (cols < hi)
-        k = k_desc.load([bh, start, 0]).reshape(BLOCK_N, D)
-        sk = tl.load(sk_ptr + base + start + cols, mask=valid, other=0.0)
-        s = tl.dot(q, tl.trans(k), max_num_imprecise_acc=QK_IMPRECISE)
-        p8, _ = _probabilities(s, sq, sk, tl.where(valid, 0.0, float("-inf")), m, inv_l, True, EMULATE_CAST)
-        v = v_desc.load([bh, 0, start]).reshape(D, BLOCK_N).to(tl.bfloat16)
-        dp = tl.dot(dos, v)
+        start, valid, k, sk, p8, _, dp = _dq_chunk(q_desc, k_desc, v_desc, chunks + mask_base, i, q, dos, sq, m,
+                                                   inv_l, sk_ptr + base, bh, BLOCK_N, D, QK_IMPRECISE, EMULATE_CAST)
         delta += tl.sum(p8.to(tl.float32) * dp, axis=1) * inv_l
     tl.store(delta_ptr + base + rows, delta, mask=own)
     # pass 2: dS = P/ℓ · (dP − Δ), dQ = dS · k̂ / √D
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     for i in range(count):
-        start, lo, hi = _chunk(chunks + mask_base, i)
-        valid = (cols >= lo) & (cols < hi)
-        k = k_desc.load([bh, start, 0]).reshape(BLOCK_N, D)
-        sk = tl.load(sk_ptr + base + start + cols, mask=valid, other=0.0)
-        s = tl.dot(q, tl.trans(k), max_num_imprecise_acc=QK_IMPRECISE)
-        _, pn = _probabilities(s, sq, sk, tl.where(valid, 0.0, float("-inf")), m, inv_l, True, EMULATE_CAST)
-        v = v_desc.load([bh, 0, start]).reshape(D, BLOCK_N).to(tl.bfloat16)
-        dp = tl.dot(dos, v)  # (BLOCK_M, BLOCK_N): dO_i · v̂_j
+        start, valid, k, sk, _, pn, dp = _dq_chunk(q_desc, k_desc, v_desc, chunks + mask_base, i, q, dos, sq, m,
+                                                   inv_l, sk_ptr + base, bh, BLOCK_N, D, QK_IMPRECISE, EMULATE_CAST)
         ds = pn * (dp - delta[:, None])
         dq += tl.dot((ds * sk[None, :]).to(tl.bfloat16), k.to(tl.bfloat16))
         if GATE:  # one sum per kept (query tile g, key tile) pair; a chunk may span several key tiles
@@ -152,15 +148,8 @@ def _bwd_dkdv_kernel(q_desc, k_desc, do_desc, vt_ptr, sq_ptr, sk_ptr, sv_ptr, m_
                      mask_sb, mask_sh, mask_sg, C,
                      BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr, D: tl.constexpr, QK_IMPRECISE: tl.constexpr,
                      EMULATE_CAST: tl.constexpr):
-    item = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    g = tl.load(item_group + item)
-    row0 = tl.load(item_row + item)
-    nrows = tl.load(item_rows + item)
-    mask_base = b * mask_sb + h * mask_sh + g * mask_sg
-    count = tl.load(chunk_count + mask_base // C)
+    bh, b, h, g, row0, nrows, mask_base, count = _program_item(item_group, item_row, item_rows, chunk_count, H,
+                                                                mask_sb, mask_sh, mask_sg, C)
 
     r = tl.arange(0, BLOCK_K)
     keys = row0 + r
