@@ -3,7 +3,8 @@
 The folder is `kernels/` in the repository and is mapped to the import name `fpsa_kernels` by pyproject's
 package-dir (a top-level `kernels` would clash with the PyPI package of that name).
 
-- `fps_attention(q, k, v, layout, regime, mask=None)`: the FP8 tile-sparse attention forward (attention.py);
+- `fps_attention(q, k, v, layout, regime, mask=None, gate=None)`: the FP8 tile-sparse attention (attention.py),
+  differentiable: with inputs that require grad its backward runs the Triton backward kernels (training.py);
 - `quantize_qkv(q, k, v, layout, granularity)`: its quantization pre-pass alone (quant.py);
 - `unsupported_reason(tensor)`: None where the kernel runs (Hopper GPUs; CPU tensors under TRITON_INTERPRET=1),
   otherwise why not.
