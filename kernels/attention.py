@@ -107,6 +107,27 @@ def _fwd_kernel(q_desc, k_desc, v_desc, sq_ptr, sk_ptr, sv_ptr, o_ptr, lse_ptr, 
         tl.store(l_ptr + bh.to(tl.int64) * L + rows, l_i, mask=keep)
 
 
+def rows_desc(x: torch.Tensor, rows: int) -> TensorDescriptor:
+    """TMA descriptor of a contiguous (B·H, L, D) tensor, loading blocks of `rows` rows."""
+    bh, seq, d = x.shape
+    return TensorDescriptor(x, shape=[bh, seq, d], strides=[seq * d, d, 1], block_shape=[1, rows, d])
+
+
+def vt_desc(vt8: torch.Tensor, seq: int, cols: int) -> TensorDescriptor:
+    """TMA descriptor of V transposed (B·H, D, L_pad), loading blocks of `cols` tokens."""
+    bh, d, seq_pad = vt8.shape
+    return TensorDescriptor(vt8, shape=[bh, d, seq], strides=[d * seq_pad, seq_pad, 1], block_shape=[1, d, cols])
+
+
+def mask_strides(plan: Plan, b: int, h: int) -> tuple[int, int, int]:
+    """Element strides of (batch, head, group) into the plan's (B|1, H|1, G, C) chunk arrays, and C (a broadcast
+    mask has stride 0; the chunk count array (B|1, H|1, G) is indexed by that offset / C)."""
+    mb, mh, ng, c = plan.chunks.shape
+    if (mb not in (1, b)) or (mh not in (1, h)):
+        raise ValueError(f"the plan's mask is for (B, H) = ({mb}, {mh}); the inputs have ({b}, {h})")
+    return (0 if mb == 1 else mh * ng * c), (0 if mh == 1 else ng * c), c
+
+
 def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -124,18 +145,10 @@ def attention_forward(qkv: QuantizedQKV, plan: Plan, out: torch.Tensor | None = 
     if out is None:
         out = torch.empty(b, h, seq, d, dtype=torch.bfloat16, device=qkv.q8.device)
     lse = torch.empty(b, h, seq, dtype=torch.float32, device=qkv.q8.device)
-    q_desc = TensorDescriptor(qkv.q8, shape=[bh, seq, d], strides=[seq * d, d, 1], block_shape=[1, bm, d])
-    k_desc = TensorDescriptor(qkv.k8, shape=[bh, seq, d], strides=[seq * d, d, 1], block_shape=[1, bn, d])
-    seq_pad = qkv.vt8.shape[-1]
-    v_desc = TensorDescriptor(qkv.vt8, shape=[bh, d, seq], strides=[d * seq_pad, seq_pad, 1],
-                              block_shape=[1, d, bn])
+    q_desc, k_desc = rows_desc(qkv.q8, bm), rows_desc(qkv.k8, bn)
+    v_desc = vt_desc(qkv.vt8, seq, bn)
     cs, cc = plan.chunks, plan.chunk_count
-    mb, mh, ng, c = cs.shape
-    if (mb not in (1, b)) or (mh not in (1, h)):
-        raise ValueError(f"the plan's mask is for (B, H) = ({mb}, {mh}); the inputs have ({b}, {h})")
-    # element strides of (b, h, group) into the (B|1, H|1, G, C) chunk arrays; count is (B|1, H|1, G) = that / C
-    sb = 0 if mb == 1 else mh * ng * c
-    sh = 0 if mh == 1 else ng * c
+    sb, sh, c = mask_strides(plan, b, h)
     grid = (plan.item_group.numel(), bh)
     m_buf, l_buf = stats if stats is not None else (lse, lse)
     _fwd_kernel[grid](q_desc, k_desc, v_desc, qkv.sq, qkv.sk, qkv.sv, out, lse, m_buf, l_buf,

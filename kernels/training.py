@@ -37,9 +37,9 @@ import math
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
-from fpsa_kernels.attention import LOG2E, _program_item, attention_forward, interpreted
+from fpsa_kernels.attention import (LOG2E, _program_item, attention_forward, interpreted, mask_strides, plan_for,
+                                    rows_desc, vt_desc)
 from fpsa_kernels.plan import Plan
 from fpsa_kernels.quant import QuantizedQKV, round_e4m3
 
@@ -187,13 +187,6 @@ def _bwd_dkdv_kernel(q_desc, k_desc, do_desc, vt_ptr, sq_ptr, sk_ptr, sv_ptr, m_
     tl.store(dv_ptr + offs, dv.to(dv_ptr.dtype.element_ty), mask=own[:, None])
 
 
-def _mask_strides(plan: Plan, b: int, h: int) -> tuple[int, int, int]:
-    mb, mh, ng, c = plan.chunks.shape
-    if (mb not in (1, b)) or (mh not in (1, h)):
-        raise ValueError(f"the plan's mask is for (B, H) = ({mb}, {mh}); the inputs have ({b}, {h})")
-    return (0 if mb == 1 else mh * ng * c), (0 if mh == 1 else ng * c), c
-
-
 def attention_backward(qkv: QuantizedQKV, dout: torch.Tensor, m: torch.Tensor, ell: torch.Tensor,
                        plan_q: Plan, plan_kv: Plan, grad_dtype: torch.dtype, gate_tiles: torch.Tensor | None = None,
                        num_warps: int = 4, num_stages: int = 2, qk_imprecise_acc: int | None = None):
@@ -208,20 +201,17 @@ def attention_backward(qkv: QuantizedQKV, dout: torch.Tensor, m: torch.Tensor, e
     dout = dout.to(torch.bfloat16).contiguous().reshape(bh, seq, d)
     delta = torch.empty(bh, seq, dtype=torch.float32, device=dev)  # written by the dQ kernel, read by dK/dV
     dq, dk, dv = (torch.empty(b, h, seq, d, dtype=grad_dtype, device=dev) for _ in range(3))
-    seq_pad = qkv.vt8.shape[-1]
     imprecise = min(qk_imprecise_acc or d, d)
     common = dict(num_warps=num_warps, num_stages=num_stages)
 
     bm, bn = plan_q.block_m, plan_q.block_n
-    q_desc = TensorDescriptor(qkv.q8, shape=[bh, seq, d], strides=[seq * d, d, 1], block_shape=[1, bm, d])
-    k_desc = TensorDescriptor(qkv.k8, shape=[bh, seq, d], strides=[seq * d, d, 1], block_shape=[1, bn, d])
-    v_desc = TensorDescriptor(qkv.vt8, shape=[bh, d, seq], strides=[d * seq_pad, seq_pad, 1], block_shape=[1, d, bn])
+    q_desc, k_desc, v_desc = rows_desc(qkv.q8, bm), rows_desc(qkv.k8, bn), vt_desc(qkv.vt8, seq, bn)
     n_tiles = 0
     dgate = None
     if gate_tiles is not None:
         n_tiles = int(plan_q.chunks.shape[2])
         dgate = torch.zeros(b, h, n_tiles, n_tiles, dtype=torch.float32, device=dev)
-    sb, sh, c = _mask_strides(plan_q, b, h)
+    sb, sh, c = mask_strides(plan_q, b, h)
     _bwd_dq_kernel[(plan_q.item_group.numel(), bh)](
         q_desc, k_desc, v_desc, dout, qkv.sq, qkv.sk, qkv.sv, m, ell, delta, dq,
         dgate if dgate is not None else delta, gate_tiles if gate_tiles is not None else plan_q.item_group,
@@ -230,15 +220,13 @@ def attention_backward(qkv: QuantizedQKV, dout: torch.Tensor, m: torch.Tensor, e
         GATE=dgate is not None, INV_SQRT_D=1.0 / math.sqrt(d), **common)
 
     bk, bq = plan_kv.block_m, plan_kv.block_n
-    kk_desc = TensorDescriptor(qkv.k8, shape=[bh, seq, d], strides=[seq * d, d, 1], block_shape=[1, bk, d])
-    qq_desc = TensorDescriptor(qkv.q8, shape=[bh, seq, d], strides=[seq * d, d, 1], block_shape=[1, bq, d])
-    do_desc = TensorDescriptor(dout, shape=[bh, seq, d], strides=[seq * d, d, 1], block_shape=[1, bq, d])
-    sb, sh, c = _mask_strides(plan_kv, b, h)
+    kk_desc, qq_desc, do_desc = rows_desc(qkv.k8, bk), rows_desc(qkv.q8, bq), rows_desc(dout, bq)
+    sb, sh, c = mask_strides(plan_kv, b, h)
     _bwd_dkdv_kernel[(plan_kv.item_group.numel(), bh)](
         qq_desc, kk_desc, do_desc, qkv.vt8, qkv.sq, qkv.sk, qkv.sv, m, ell, delta, dk, dv,
         plan_kv.item_group, plan_kv.item_row, plan_kv.item_rows, plan_kv.chunks, plan_kv.chunk_count, h, seq,
-        seq_pad, sb, sh, c, c, BLOCK_K=bk, BLOCK_Q=bq, D=d, QK_IMPRECISE=imprecise, EMULATE_CAST=interpreted(),
-        **common)
+        qkv.vt8.shape[-1], sb, sh, c, c, BLOCK_K=bk, BLOCK_Q=bq, D=d, QK_IMPRECISE=imprecise,
+        EMULATE_CAST=interpreted(), **common)
     return dq, dk, dv, dgate
 
 
@@ -247,9 +235,8 @@ class FPSAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, gate, layout, regime, mask, opts):
-        from fpsa_kernels.attention import plan_for
         from fpsa_kernels.quant import quantize_qkv
-        from fpsa_train.fps.masks import token_ranges
+        from fpsa_train.fps.masks import token_tiles
 
         b, h, seq, d = q.shape
         plan = plan_for(mask, layout, regime, opts["block_m"], opts["block_n"], q.device)
@@ -258,25 +245,22 @@ class FPSAttentionFunction(torch.autograd.Function):
         out, lse = attention_forward(qkv, plan, num_warps=opts["num_warps"], num_stages=opts["num_stages"],
                                      qk_imprecise_acc=opts["qk_imprecise_acc"], stats=(stats[0], stats[1]))
         ctx.save_for_backward(qkv.q8, qkv.k8, qkv.vt8, qkv.sq, qkv.sk, qkv.sv, stats)
-        ctx.args = (b, h, q.dtype, layout, regime, mask, opts, gate is not None)
-        if gate is not None:
-            sizes = token_ranges(layout).diff()
-            ctx.tile_of = torch.repeat_interleave(torch.arange(sizes.numel(), dtype=torch.int32), sizes.cpu()
-                                                  ).to(q.device)
+        ctx.args = (b, h, q.dtype, layout, regime, mask, opts, plan)
+        ctx.tile_of = None if gate is None else token_tiles(layout, q.device).to(torch.int32)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        from fpsa_kernels.attention import plan_for
-
         q8, k8, vt8, sq, sk, sv, stats = ctx.saved_tensors
-        b, h, dtype, layout, regime, mask, opts, want_gate = ctx.args
+        b, h, dtype, layout, regime, mask, opts, plan = ctx.args
         bm, bn, bk, bq = opts["bwd_blocks"]
-        plan_q = plan_for(mask, layout, regime, bm, bn, q8.device)
+        # the forward's plan when the blocks agree (the defaults do): a dynamic mask's plan is built once
+        same = (plan.block_m, plan.block_n) == (bm, bn)
+        plan_q = plan if same else plan_for(mask, layout, regime, bm, bn, q8.device)
         plan_kv = plan_for(mask, layout, regime, bk, bq, q8.device, transpose=True)
         dq, dk, dv, dgate = attention_backward(
             QuantizedQKV(q8, k8, vt8, sq, sk, sv, b, h), dout, stats[0], stats[1], plan_q, plan_kv, dtype,
-            gate_tiles=ctx.tile_of if want_gate else None, num_warps=opts["bwd_warps"],
+            gate_tiles=ctx.tile_of, num_warps=opts["bwd_warps"],
             num_stages=opts["bwd_stages"], qk_imprecise_acc=opts["qk_imprecise_acc"])
         return dq, dk, dv, dgate, None, None, None, None

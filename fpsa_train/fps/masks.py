@@ -130,6 +130,12 @@ def token_ranges(layout: TokenLayout) -> Tensor:
     return torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
 
 
+def token_tiles(layout: TokenLayout, device: torch.device | str = "cpu") -> Tensor:
+    """int64 (L,): the tile of every token, in tile-major order."""
+    sizes = layout.tile_sizes()
+    return torch.repeat_interleave(torch.arange(sizes.numel()), sizes).to(device)
+
+
 def pooled_tile_scores(q: Tensor, k: Tensor, layout: TokenLayout) -> Tensor:
     """Mean-pool q and k per tile, then scores = pooled_q @ pooled_kᵀ / sqrt(D): fp32 (B, H, N, N).
 
@@ -143,7 +149,7 @@ def pooled_tile_scores(q: Tensor, k: Tensor, layout: TokenLayout) -> Tensor:
                          f"got {tuple(q.shape)} and {tuple(k.shape)}")
     sizes = layout.tile_sizes().to(q.device)  # (N,)
     n, d = sizes.numel(), q.shape[-1]
-    tile_of_token = torch.repeat_interleave(torch.arange(n, device=q.device), sizes)  # (L,)
+    tile_of_token = token_tiles(layout, q.device)  # (L,)
 
     def pool(x: Tensor) -> Tensor:
         x = x.float()

@@ -26,7 +26,7 @@ import torch
 
 from fpsa_train.fps.fp8 import check_finite, quantize_p, quantize_qk, quantize_v
 from fpsa_train.fps.masks import (LearnedSelector, TileMask, dense_mask, pooled_tile_scores, token_ranges,
-                                  topk_mask, union_mask, window_mask)
+                                  token_tiles, topk_mask, union_mask, window_mask)
 from fpsa_train.fps.schedule import Regime
 from fpsa_train.models.token_order import TokenLayout
 
@@ -123,8 +123,7 @@ def attention_materialized(q, k, v, layout: TokenLayout, regime: Regime, selecto
     _require_tile_order(layout)
     sel = select_tiles(q, k, layout, regime, selector) if mask is None else RegimeMask(mask, None, None)
     qh, kh, vh = quantize_inputs(q, k, v, layout, regime)
-    sizes = layout.tile_sizes().to(q.device)
-    tile_of = torch.repeat_interleave(torch.arange(len(sizes), device=q.device), sizes)  # (L,)
+    tile_of = token_tiles(layout, q.device)  # (L,)
     keep = sel.mask.to_dense()[..., tile_of, :][..., tile_of]  # (B|1, H|1, L, L)
     s = (qh @ kh.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, H, L, L)
     s = s.masked_fill(~keep, float("-inf"))

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from fpsa_train.fps.masks import token_tiles
 from fpsa_train.fps.fp8 import (
     AMAX_FLOOR,
     E4M3_MAX,
@@ -257,8 +258,7 @@ def test_granularity_validation():
 
 
 def tile_of_each_token(layout: TokenLayout) -> torch.Tensor:
-    sizes = layout.tile_sizes()
-    return torch.repeat_interleave(torch.arange(sizes.numel()), sizes)  # (L,) tile-major order
+    return token_tiles(layout)  # (L,) tile-major order
 
 
 def test_group_ids_tile_are_the_tiles():

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from fpsa_train.fps.fp8 import E4M3_MAX, quantize_qk, quantize_v, round_e4m3
-from fpsa_train.fps.masks import token_ranges
+from fpsa_train.fps.masks import token_ranges, token_tiles
 from fpsa_train.fps.reference import softmax_pv
 
 BF16 = torch.bfloat16
@@ -90,7 +90,7 @@ def reference_grads(q, k, v, layout, regime, mask, dout, gate=None, max_rows: in
     b, h, seq, d = q.shape
     off = token_ranges(layout).to(q.device)
     n = off.numel() - 1
-    tile_of = torch.repeat_interleave(torch.arange(n, device=q.device), off.diff())
+    tile_of = token_tiles(layout, q.device)
     keep = mask.to_dense().expand(b, h, -1, -1)
     dout = dout.float()
     eps = 2.0 ** -12 if q.is_cuda else d * 2.0 ** -24
@@ -146,11 +146,7 @@ def reference_grads(q, k, v, layout, regime, mask, dout, gate=None, max_rows: in
             rss["dv"] += e_pn.square().transpose(-1, -2) @ do.square()
             if gl is not None:  # sums over each (query tile, key tile) pair
                 rows = tile_of[r0:r1] - u0
-                for name, t in (("dgate", ds_q), ):
-                    by_key = torch.zeros(b, h, r1 - r0, n, device=q.device).index_add_(-1, tile_of, t)
-                    emu[name][:, :, u0:u1] += torch.zeros(b, h, u1 - u0, n, device=q.device).index_add_(
-                        -2, rows, by_key)
-                for acc, t in ((score, e_ds), (rss, e_ds.square())):
+                for acc, t in ((emu, ds_q), (score, e_ds), (rss, e_ds.square())):
                     by_key = torch.zeros(b, h, r1 - r0, n, device=q.device).index_add_(-1, tile_of, t)
                     acc["dgate"][:, :, u0:u1] += torch.zeros(b, h, u1 - u0, n, device=q.device).index_add_(
                         -2, rows, by_key)

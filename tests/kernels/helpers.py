@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from fpsa_train.fps.masks import token_tiles
 from fpsa_train.fps.reference import attention_tiles, quantize_inputs
 from fpsa_train.models.token_order import TokenLayout
 
@@ -107,6 +108,5 @@ def elementwise_bound(q, k, v, layout: TokenLayout, regime, keep_tokens: torch.T
 
 def token_mask(mask, layout: TokenLayout) -> torch.Tensor:
     """A TileMask as a bool (B|1, H|1, L, L) token mask."""
-    sizes = layout.tile_sizes()
-    tile_of = torch.repeat_interleave(torch.arange(len(sizes)), sizes).to(mask.counts.device)
+    tile_of = token_tiles(layout, mask.counts.device)
     return mask.to_dense()[..., tile_of, :][..., tile_of]

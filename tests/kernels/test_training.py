@@ -74,6 +74,11 @@ def test_gradients_stay_finite_at_huge_logits(kind):
     assert 0.5 < norm(grads["dv"].float()) / norm(ref.grads["dv"]) < 2.0
 
 
+def test_backward_blocks_other_than_the_forwards():
+    """The backward builds its own query plan when its blocks differ from the forward's (else it reuses that one)."""
+    check("normal", regime("topk", topk=3), blocks=dict(block_m=32, block_n=16, bwd_blocks=(16, 32, 32, 16)))
+
+
 def test_per_head_masks_batch_two_and_head_dim_128():
     n = len(LAYOUT.tile_sizes())
     mask = topk_mask(torch.randn(2, 2, n, n, generator=torch.Generator().manual_seed(0)), 4)
