@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import asdict
 
 import lightning as L
 import torch
@@ -23,7 +24,7 @@ from fpsa_train.fps.transform import apply_fps_attention
 from fpsa_train.lit.checkpoint_io import AtomicCheckpointIO
 from fpsa_train.lit.datamodule import LatentDataModule
 from fpsa_train.lit.module import FlowMatchingModule
-from fpsa_train.models.build import build_model
+from fpsa_train.models.build import architecture_of, build_model
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,21 @@ def build_trainer(cfg: TrainerConfig, run_dir: str, grad_clip: float, own_sample
     )
 
 
+def run_config(conf: TrainConfig, schedule: Schedule | None) -> dict:
+    """What a checkpoint must carry for export and sampling (plain data): the architecture with its token order and
+    tile shape, the schedule, the objective's timestep scale, and the clip size and encoders it was trained on."""
+    data = conf.data
+    if data.kind == "videos":
+        (height, width), frames = data.buckets[0], data.num_frames
+    else:
+        height, width, frames = 8 * data.latent_height, 8 * data.latent_width, 4 * (data.latent_frames - 1) + 1
+    return {"version": 1, "name": conf.name, "model": asdict(architecture_of(conf.model)),
+            "schedule": schedule.to_dict() if schedule is not None else None,
+            "num_train_timesteps": conf.objective.num_train_timesteps, "train_shift": conf.objective.shift,
+            "video": {"height": int(height), "width": int(width), "frames": int(frames)},
+            "components": os.path.abspath(data.components) if data.components else None}
+
+
 def train(cfg: DictConfig | TrainConfig) -> dict[str, float]:
     conf = cfg if isinstance(cfg, TrainConfig) else resolve(cfg)
     L.seed_everything(conf.seed, workers=True)
@@ -80,7 +96,8 @@ def train(cfg: DictConfig | TrainConfig) -> dict[str, float]:
         apply_fps_attention(model, schedule, materialize=conf.fps.materialize, backend=conf.fps.backend)
     else:
         log.info("FPS attention off (fps.enabled=false): dense SDPA self-attention")
-    module = FlowMatchingModule(model, conf.objective, conf.optim, schedule, conf.fps.selector_reg_weight)
+    module = FlowMatchingModule(model, conf.objective, conf.optim, schedule, conf.fps.selector_reg_weight,
+                                run_config=run_config(conf, schedule))
     data = LatentDataModule(conf.data, text_len=conf.model.text_len)
     trainer = build_trainer(conf.trainer, conf.run_dir, conf.optim.grad_clip, own_sampler=conf.data.kind == "videos")
 

@@ -226,9 +226,20 @@ def load_schedule_file(path: str | Path) -> list[RegimeConfig]:
     path = Path(path)
     if not path.is_file():
         raise ScheduleError(f"fps.schedule_file={str(path)!r} does not exist")
-    raw = OmegaConf.load(path)
+    raw = OmegaConf.load(path)  # YAML, or the JSON an export writes
     if "regimes" not in raw:
         raise ScheduleError(f"{path}: expected a top-level `regimes:` list")
-    schema = OmegaConf.structured(FPSConfig)
-    merged = OmegaConf.merge(schema, {"regimes": raw.regimes})
+    return regimes_from_data(raw.regimes)
+
+
+def regimes_from_data(regimes) -> list[RegimeConfig]:
+    """Plain-data regimes (a list of dicts, as `Schedule.to_dict` writes them) type-checked against RegimeConfig."""
+    merged = OmegaConf.merge(OmegaConf.structured(FPSConfig), {"regimes": regimes})
     return OmegaConf.to_object(merged).regimes
+
+
+def schedule_from_data(data: dict | None, tile_shape: tuple[int, int, int]) -> Schedule | None:
+    """The inverse of `Schedule.to_dict` (validated); None for no or empty regimes (FPS attention off)."""
+    if not data or not data.get("regimes"):
+        return None
+    return Schedule.from_config(FPSConfig(regimes=regimes_from_data(data["regimes"])), tuple(tile_shape))

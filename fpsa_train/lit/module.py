@@ -3,7 +3,9 @@
 Training draws σ per sample; validation uses a fixed σ grid and fixed noise per batch (seeded by the batch
 index), so `val/loss` is a deterministic measure that can be compared before and after training and across runs.
 The optimiser is AdamW with linear warmup; gradient clipping is the Trainer's; the EMA of the weights is updated
-after every optimizer step and saved in checkpoints.
+after every optimizer step and saved in checkpoints, together with `run_config` (the architecture, token order,
+schedule and data shape of the run; plain data) so that `python -m fpsa_train.export` needs nothing but the
+checkpoint.
 """
 
 from __future__ import annotations
@@ -20,11 +22,14 @@ from fpsa_train.fps.schedule import Schedule
 from fpsa_train.fps.transform import realised_density, selector_loss
 from fpsa_train.lit.ema import EMA
 
+RUN_CONFIG_KEY = "fpsa_run_config"  # where checkpoints carry `run_config` (read by export)
+
 
 class FlowMatchingModule(L.LightningModule):
     def __init__(self, model: nn.Module, objective: ObjectiveConfig, optim: OptimConfig,
-                 schedule: Schedule | None = None, selector_reg_weight: float = 0.0):
+                 schedule: Schedule | None = None, selector_reg_weight: float = 0.0, run_config: dict | None = None):
         super().__init__()
+        self.run_config = run_config
         self.model = model
         self.objective = objective
         self.optim = optim
@@ -83,6 +88,8 @@ class FlowMatchingModule(L.LightningModule):
             self.ema.to(self.device)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.run_config is not None:
+            checkpoint[RUN_CONFIG_KEY] = self.run_config
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
 

@@ -1,0 +1,240 @@
+"""The deploy folder: what `python -m fpsa_train.export` writes, and the runtime that loads it.
+
+Layout (flat, so that a diffusers-format export is also a `WanTransformer3DModel.from_pretrained` folder):
+
+    diffusion_pytorch_model.safetensors   the weights, bf16 by default; above the shard size
+                                          `-0000N-of-0000M.safetensors` shards plus `.safetensors.index.json`;
+                                          original Wan key names or diffusers' (`key_format`)
+    config.json                           the weights' config, in the fields of the same key format
+    fps_selectors.safetensors             learned tile selectors (fp32); only when the schedule has a learned regime
+    schedule.json                         the step-aware schedule: regimes over σ (quantization group, sparsity)
+    manifest.json                         format version, sha256 and size of every other file, the whole model
+                                          config (token order, tile shape), the kernel features the schedule
+                                          needs, sampling defaults and where the weights came from
+
+Why hashes: deploy folders travel (object stores, rsync, partial copies), and a truncated shard or a hand-edited
+schedule would otherwise load and quietly produce wrong video. `load_deploy` recomputes every hash before it
+builds anything, and refuses the folder naming each missing, changed or unlisted file.
+
+The runtime builds our Wan DiT from the manifest, loads the weights (fp32 on CPU, bf16 under autocast on CUDA)
+and swaps in FPS attention with the exported schedule. Which implementation runs is decided as in training
+(`fps.backend`): the Hopper FP8 kernel on H100/H200, the PyTorch reference elsewhere; `Deployed.backend` says
+which, and loading logs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from fpsa_train.fps.fp8 import GROUPS
+from fpsa_train.fps.schedule import BACKENDS, PATTERNS, Schedule, schedule_from_data
+from fpsa_train.models.config import WanConfig
+from fpsa_train.models.wan import WanModel
+
+log = logging.getLogger(__name__)
+
+FORMAT = "fpsa-deploy"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SCHEDULE = "schedule.json"
+SELECTORS = "fps_selectors.safetensors"
+SELECTOR_PREFIX = "self_attn.core."  # learned selectors live in `blocks.N.self_attn.core.selectors.<regime>.*`
+
+
+class DeployError(ValueError):
+    """A deploy folder that cannot be used as it is; the message names the file and the fix."""
+
+
+# ------------------------------------------------------------------------------------------------ manifest
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_entries(folder: Path) -> dict[str, dict]:
+    """{name: {sha256, bytes}} of every file in `folder` except the manifest (sorted by name)."""
+    return {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+
+
+def kernel_features(cfg: WanConfig, schedule: Schedule | None) -> dict:
+    """What a kernel must implement to run this export (the runtime refuses features it does not know)."""
+    regimes = schedule.regimes if schedule is not None else ()
+    groups = sorted({r.quant.group for r in regimes if r.quant is not None})
+    return {"fp8_e4m3": bool(groups), "quant_groups": groups, "sparsity_patterns": sorted({r.pattern for r in regimes}),
+            "head_dim": cfg.head_dim, "token_order": cfg.token_order, "tile_shape": list(cfg.tile_shape),
+            "min_compute_capability": [9, 0] if groups else None}
+
+
+def check_kernel_features(features: dict, where: Path) -> None:
+    unknown = [f"quant group {g!r}" for g in features.get("quant_groups", []) if g not in GROUPS]
+    unknown += [f"sparsity pattern {p!r}" for p in features.get("sparsity_patterns", []) if p not in PATTERNS]
+    if unknown:
+        raise DeployError(f"{where / MANIFEST}: the export needs {', '.join(unknown)}, which this fpsa version does "
+                          "not implement; load it with the fpsa version that exported it (or a newer one)")
+
+
+def read_manifest(folder: str | Path) -> dict:
+    folder = Path(folder)
+    file = folder / MANIFEST
+    if not file.is_file():
+        raise DeployError(f"{folder} is not a deploy folder: no {MANIFEST} (write one with python -m fpsa_train.export)")
+    try:
+        manifest = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise DeployError(f"{file} is not valid JSON ({e}); re-export the checkpoint") from e
+    if manifest.get("format") != FORMAT:
+        raise DeployError(f"{file}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise DeployError(f"{file}: format_version {version!r} is newer than this fpsa reads ({FORMAT_VERSION}); "
+                          "upgrade fpsa")
+    return manifest
+
+
+def verify_deploy(folder: str | Path) -> dict:
+    """The manifest, after checking every listed file's size and sha256 and that no file is unlisted.
+
+    Raises DeployError listing every missing, changed or unlisted file."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    listed = manifest.get("files") or {}
+    problems = []
+    for name, entry in listed.items():
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != entry["bytes"]:
+            problems.append(f"{name} has {path.stat().st_size} bytes, the manifest says {entry['bytes']}")
+        elif sha256_file(path) != entry["sha256"]:
+            problems.append(f"{name} has changed (sha256 differs from the manifest)")
+    unlisted = [p.name for p in sorted(folder.iterdir()) if p.name not in listed and p.name != MANIFEST]
+    problems += [f"{name} is not in the manifest" for name in unlisted]
+    if problems:
+        raise DeployError(f"deploy folder {folder} failed verification: {'; '.join(problems)}. Re-export it, or copy "
+                          "the whole folder again")
+    check_kernel_features(manifest.get("kernel", {}), folder)
+    return manifest
+
+
+def model_config(manifest: dict) -> WanConfig:
+    known = {f.name for f in fields(WanConfig)}
+    return WanConfig(**{k: v for k, v in manifest["model"].items() if k in known})
+
+
+def load_schedule(folder: str | Path, cfg: WanConfig) -> Schedule | None:
+    """The exported schedule, validated as training validates it; None for an export without FPS attention."""
+    return schedule_from_data(json.loads((Path(folder) / SCHEDULE).read_text()), tuple(cfg.tile_shape))
+
+
+# ------------------------------------------------------------------------------------------------- runtime
+
+
+@dataclass
+class Deployed:
+    """A loaded deploy folder: the model with FPS attention, its schedule, and what runs it."""
+
+    model: WanModel
+    schedule: Schedule | None
+    manifest: dict
+    folder: Path
+    device: torch.device
+    backend: str
+    """Which attention implementation runs, in words (also logged at load)."""
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.manifest.get("sampling", {}).get("num_train_timesteps", 1000))
+
+    @torch.no_grad()
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor | float, context) -> torch.Tensor:
+        """The velocity (fp32) for latents x (B, C, F, H, W) at noise level σ (scalar or (B,)); the regime of each
+        sample is the one that owns its σ. bf16 autocast on CUDA, fp32 on CPU."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
+        sigma = sigma.repeat(x.shape[0]) if sigma.numel() == 1 else sigma  # (B,)
+        kwargs = {"sigma": sigma} if self.schedule is not None else {}
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+            return self.model(x, sigma * self.num_train_timesteps, context, attn_kwargs=kwargs).float()
+
+
+def describe_backend(schedule: Schedule | None, device: torch.device, backend: str, head_dim: int) -> str:
+    """Which implementation FPS attention will use on `device` (the choice FPSAttention makes per call)."""
+    if schedule is None:
+        return "dense SDPA (the export has no FPS schedule)"
+    from fpsa_train.fps.transform import kernel_unavailable
+
+    reference = [r.name for r in schedule.regimes if r.quant is None]
+    tail = f"; regimes without FP8 ({', '.join(reference)}) always run the reference" if reference else ""
+    if backend == "reference":
+        return "PyTorch reference (backend=reference)"
+    reason = kernel_unavailable(torch.empty(1, device=device))
+    if reason is None and device.type != "cuda" and backend == "auto":
+        reason = "no CUDA device"
+    try:
+        from fpsa_kernels.attention import HEAD_DIMS
+    except ImportError:
+        HEAD_DIMS = ()
+    if reason is None and head_dim not in HEAD_DIMS:
+        reason = f"head_dim {head_dim} is not one of the kernel's {HEAD_DIMS}"
+    if reason is None:
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)"
+        return f"Hopper FP8 tile-sparse kernel (fpsa_kernels) on {name}{tail}"
+    if backend == "kernel":
+        raise DeployError(f"backend=kernel but {reason}; use backend=auto to fall back to the PyTorch reference")
+    return f"PyTorch reference ({reason}){tail}"
+
+
+def load_deploy(folder: str | Path, device: str | torch.device = "cpu", backend: str = "auto",
+                dtype: torch.dtype | None = None, verify: bool = True) -> Deployed:
+    """Load a deploy folder: verify it, build the DiT from its manifest, load the weights, apply FPS attention.
+
+    `dtype` of the parameters: default fp32 on CPU (exactly the exported values, computed in fp32) and bf16 on CUDA
+    (the stored dtype; `Deployed.denoise` runs under bf16 autocast there). `verify=False` skips the hashes (the
+    manifest is still read); only for folders checked moments ago.
+    """
+    from fpsa_train.fps.transform import apply_fps_attention
+    from fpsa_train.models.checkpoint import load_wan_weights
+
+    folder, device = Path(folder), torch.device(device)
+    if backend not in BACKENDS:
+        raise DeployError(f"backend={backend!r}: expected one of {BACKENDS}")
+    manifest = verify_deploy(folder) if verify else read_manifest(folder)
+    cfg = model_config(manifest)
+    schedule = load_schedule(folder, cfg)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with torch.device("meta"):
+        model = WanModel(cfg)
+    load_wan_weights(model, folder, key_format=manifest["key_format"], dtype=dtype)
+    model = model.to(device).eval()
+    if schedule is not None:
+        apply_fps_attention(model, schedule, backend=backend)
+        _load_selectors(model, folder, device)
+    described = describe_backend(schedule, device, backend, cfg.head_dim)
+    log.info("deploy %s: %s weights (%s), attention: %s", folder, manifest["key_format"], dtype, described)
+    return Deployed(model, schedule, manifest, folder, device, described)
+
+
+def _load_selectors(model: WanModel, folder: Path, device: torch.device) -> None:
+    """Learned selectors from fps_selectors.safetensors into the FPS cores, strictly (keys listed if they differ)."""
+    expected = {k for k in model.state_dict() if SELECTOR_PREFIX in k}
+    file = folder / SELECTORS
+    stored = load_file(str(file), device=str(device)) if file.is_file() else {}
+    missing, unexpected = sorted(expected - stored.keys()), sorted(stored.keys() - expected)
+    if missing or unexpected:
+        raise DeployError(f"{file}: learned selectors do not fit the schedule: missing {missing[:20]}, "
+                          f"unexpected {unexpected[:20]}")
+    if stored:
+        model.load_state_dict(stored, strict=False)

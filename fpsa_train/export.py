@@ -1,0 +1,219 @@
+"""`python -m fpsa_train.export checkpoint=... out=...`: a training checkpoint → a deploy folder (fpsa_train/deploy.py).
+
+Input: a Lightning checkpoint file (`last.ckpt`, `stepNNNNNNN.ckpt`), a DeepSpeed ZeRO checkpoint folder (what
+Lightning's DeepSpeed strategy writes under the same names; consolidated here from its fp32 partitions), or the
+single file Lightning's `convert_zero_checkpoint_to_fp32_state_dict` makes of one. Every checkpoint fpsa writes
+carries its run config (architecture, token order, tile shape, schedule, clip size: `FlowMatchingModule.run_config`),
+so the checkpoint is all export needs. Files are read with `torch.load(weights_only=True)`: nothing is unpickled.
+
+Output: the deploy folder, written into a temporary sibling and renamed into place at the end, so a killed or
+failed export never leaves a half folder under the final name (and `overwrite=true` replaces an old export only
+once the new one is complete). The EMA weights are exported by default when the checkpoint has them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+from safetensors.torch import save_file
+
+from fpsa_train.config import ConfigError
+from fpsa_train.deploy import (FORMAT, FORMAT_VERSION, MANIFEST, SCHEDULE, SELECTOR_PREFIX, SELECTORS, file_entries,
+                               kernel_features, model_config)
+from fpsa_train.fps.schedule import FPSConfig, Schedule, load_schedule_file, schedule_from_data
+from fpsa_train.lit.module import RUN_CONFIG_KEY
+from fpsa_train.models.checkpoint import _replace_dir, save_wan_weights
+from fpsa_train.models.checkpoint_config import CheckpointError
+from fpsa_train.models.config import WanConfig
+from fpsa_train.models.state_dict import KEY_FORMATS
+from fpsa_train.models.wan import WanModel
+
+log = logging.getLogger(__name__)
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+WEIGHT_CHOICES = ("auto", "ema", "model")
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str = MISSING
+    """A Lightning checkpoint file, a DeepSpeed ZeRO checkpoint folder, or a consolidated DeepSpeed file."""
+    out: str = MISSING
+    """The deploy folder to write (must not exist unless overwrite=true)."""
+    key_format: str = "original"
+    """Weight key names: `original` (Wan's) or `diffusers` (WanTransformer3DModel; loadable by WanPipeline)."""
+    weights: str = "auto"
+    """`auto`: the EMA weights when the checkpoint has them, else the trained weights; `ema`; `model`."""
+    dtype: str = "bfloat16"
+    """Stored dtype of the weights: bfloat16 (deployment) or float32."""
+    max_shard_gb: float = 5.0
+    """Weights above this size (GiB) are split into shards with an index."""
+    schedule_file: Optional[str] = None
+    """A schedule YAML/JSON (`regimes:`) to export instead of the checkpoint's (e.g. a calibrated one)."""
+    overwrite: bool = False
+    """Replace an existing `out` (only once the new export is complete)."""
+
+    def __post_init__(self) -> None:
+        if self.key_format not in KEY_FORMATS:
+            raise ConfigError(f"key_format={self.key_format!r}: expected one of {KEY_FORMATS}")
+        if self.weights not in WEIGHT_CHOICES:
+            raise ConfigError(f"weights={self.weights!r}: expected one of {WEIGHT_CHOICES}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype={self.dtype!r}: expected one of {tuple(DTYPES)}")
+        if not self.max_shard_gb > 0:
+            raise ConfigError(f"max_shard_gb={self.max_shard_gb} must be > 0")
+
+
+ConfigStore.instance().store(name="export_schema", node=ExportConfig)
+
+
+@dataclass
+class TrainingCheckpoint:
+    """What export needs from a training checkpoint, in our key names (no `model.` prefix)."""
+
+    weights: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor] | None
+    run_config: dict
+    global_step: int | None
+    kind: str
+
+
+def _unwrap(state_dict: dict[str, torch.Tensor], where: Path) -> dict[str, torch.Tensor]:
+    """Lightning keys are the module attribute path, `model.<our key>` (under DeepSpeed maybe `_forward_module.`
+    first)."""
+    for prefix in ("_forward_module.model.", "model."):
+        if state_dict and all(k.startswith(prefix) for k in state_dict):
+            return {k[len(prefix):]: v for k, v in state_dict.items()}
+    raise CheckpointError(f"{where}: expected the LightningModule's `model.*` keys, got e.g. {list(state_dict)[:4]}")
+
+
+def read_training_checkpoint(path: str | Path) -> TrainingCheckpoint:
+    path = Path(path)
+    if path.is_dir():
+        from fpsa_train.lit.zero_checkpoint import read_zero_checkpoint
+
+        weights, client = read_zero_checkpoint(path)
+        weights, kind = _unwrap(weights, path), "deepspeed"
+    elif path.is_file():
+        try:
+            client = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # noqa: BLE001  refused pickles, truncated or foreign files: say which file
+            raise CheckpointError(f"{path}: cannot read it as a training checkpoint with torch.load(weights_only=True)"
+                                  f" ({type(e).__name__}: {e})") from e
+        if not isinstance(client, dict) or "state_dict" not in client:
+            raise CheckpointError(f"{path}: not a Lightning checkpoint (no `state_dict`); export takes the "
+                                  "checkpoints a training run writes (outputs/<name>/<run>/checkpoints/last.ckpt)")
+        weights, kind = _unwrap(client["state_dict"], path), "lightning"
+    else:
+        raise FileNotFoundError(f"checkpoint={str(path)!r} does not exist")
+    run_config = client.get(RUN_CONFIG_KEY)
+    if not isinstance(run_config, dict):
+        raise CheckpointError(f"{path}: no `{RUN_CONFIG_KEY}` in the checkpoint (architecture and schedule); it was "
+                              "not written by fpsa's training, or by a version before export existed")
+    return TrainingCheckpoint(weights, client.get("ema"), run_config, client.get("global_step"), kind)
+
+
+def pick_weights(ckpt: TrainingCheckpoint, choice: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict to export and which weights it is ("ema" or "model")."""
+    if choice == "model" or (choice == "auto" and not ckpt.ema):
+        return ckpt.weights, "model"
+    if not ckpt.ema:
+        raise CheckpointError("weights=ema but the checkpoint has no EMA (trained with optim.ema_decay=0); "
+                              "export weights=model")
+    unexpected = sorted(ckpt.ema.keys() - ckpt.weights.keys())
+    bad = [k for k, t in ckpt.ema.items() if k in ckpt.weights and t.shape != ckpt.weights[k].shape]
+    if unexpected or bad:
+        raise CheckpointError(f"the checkpoint's EMA does not match its weights (unexpected {unexpected[:10]}, "
+                              f"shape differs for {bad[:10]}); export weights=model")
+    return {**ckpt.weights, **ckpt.ema}, "ema"
+
+
+def expected_bytes(cfg: WanConfig, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of the exported weight tensors for an architecture (meta shapes; safetensors headers not counted)."""
+    with torch.device("meta"):
+        sd = WanModel(cfg).state_dict()
+    return sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size()) for t in sd.values())
+
+
+def export(cfg: ExportConfig) -> dict:
+    """Write the deploy folder; returns what was written (paths, bytes, seconds, provenance)."""
+    started = time.perf_counter()
+    out = Path(cfg.out)
+    if out.exists() and not cfg.overwrite:
+        raise FileExistsError(f"out={str(out)!r} exists; choose another folder or pass overwrite=true")
+    ckpt = read_training_checkpoint(cfg.checkpoint)
+    run = ckpt.run_config
+    arch = model_config(run)
+    schedule = _schedule(run, arch, cfg.schedule_file)
+    state, which = pick_weights(ckpt, cfg.weights)
+    selectors = {k: v for k, v in state.items() if SELECTOR_PREFIX in k}
+    wan = {k: v for k, v in state.items() if SELECTOR_PREFIX not in k}
+    log.info("exporting %s weights of %s (%s, step %s) to %s", which, cfg.checkpoint, ckpt.kind, ckpt.global_step, out)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        save_wan_weights(wan, tmp, key_format=cfg.key_format, cfg=arch, dtype=DTYPES[cfg.dtype],
+                         max_shard_bytes=int(cfg.max_shard_gb * 2**30))
+        if selectors:  # small; kept in fp32 (a threshold, not a weight)
+            save_file({k: v.detach().float().contiguous() for k, v in selectors.items()}, str(tmp / SELECTORS))
+        _write_json(tmp / SCHEDULE, schedule.to_dict() if schedule is not None else {"regimes": []})
+        for f in tmp.iterdir():  # safetensors writes 0600; a deploy folder is meant to be shared and read
+            f.chmod(0o644)
+        files = file_entries(tmp)
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "key_format": cfg.key_format, "dtype": cfg.dtype, "model": run["model"],
+            "kernel": kernel_features(arch, schedule),
+            "sampling": {"num_train_timesteps": run.get("num_train_timesteps", 1000), "video": run.get("video"),
+                         "components": run.get("components"), "train_shift": run.get("train_shift")},
+            "source": {"checkpoint": str(Path(cfg.checkpoint).resolve()), "kind": ckpt.kind,
+                       "global_step": ckpt.global_step, "weights": which,
+                       "schedule": str(cfg.schedule_file) if cfg.schedule_file else "checkpoint"},
+            "files": files,
+        }
+        _write_json(tmp / MANIFEST, manifest)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report = {"out": str(out), "weights": which, "key_format": cfg.key_format, "dtype": cfg.dtype,
+              "files": sorted(files), "bytes": sum(f["bytes"] for f in files.values()),
+              "seconds": round(time.perf_counter() - started, 3)}
+    log.info("export written: %s", report)
+    return report
+
+
+def _schedule(run: dict, arch: WanConfig, schedule_file: str | None) -> Schedule | None:
+    if schedule_file:
+        return Schedule.from_config(FPSConfig(regimes=load_schedule_file(schedule_file)), tuple(arch.tile_shape))
+    return schedule_from_data(run.get("schedule"), tuple(arch.tile_shape))
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+
+
+@hydra.main(config_path="../configs", config_name="export", version_base="1.3")
+def main(cfg) -> None:
+    from fpsa_train.config import resolve
+
+    report = export(resolve(cfg))
+    print(f"deploy folder: {report['out']} ({report['bytes'] / 2**20:.1f} MiB, {report['weights']} weights, "
+          f"{report['key_format']} keys, {report['seconds']:.2f} s)")
+
+
+if __name__ == "__main__":
+    main()

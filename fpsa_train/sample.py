@@ -1,0 +1,217 @@
+"""`python -m fpsa_train.sample deploy=... prompt=...`: text → video with an exported model (an mp4 and a PNG sheet).
+
+The chain is Wan's (reference/wan.md §4): the prompt and the negative prompt through UMT5 (unpadded embeddings,
+zero-padded to 512 inside the DiT, no mask), Gaussian noise of the latent shape, flow-matching UniPC (diffusers'
+`UniPCMultistepScheduler` with flow sigmas, order 2, bh2, shifted σ) with classifier-free guidance
+v = v_neg + g·(v_pos − v_neg), both branches in one batch of two, then the latents de-normalised with the VAE's
+16-channel mean/std and decoded by the Wan VAE. At every step the deploy runtime runs each sample through the
+regime that owns the step's σ, exactly as training did; the report counts the steps per regime.
+
+The VAE and text encoder come from a Wan2.1 diffusers-format folder (`components`: vae/, text_encoder/,
+tokenizer/); the embedded tiny default records its own in the checkpoint, so the demo needs no path. Height, width
+and frames default to the clip size the model was trained on (manifest), else Wan's 480×832, 81 frames.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+from tqdm import tqdm
+
+from fpsa_train.config import ConfigError
+from fpsa_train.fps.schedule import BACKENDS
+
+log = logging.getLogger(__name__)
+
+# Wan2.1's default negative prompt (wan/configs/shared_config.py; reference/wan.md §4), for exact reproduction.
+WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
+                       "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
+                       "三条腿，背景人很多，倒着走")
+WAN_VIDEO = {"height": 480, "width": 832, "frames": 81}
+
+
+@dataclass
+class SampleConfig:
+    deploy: str = MISSING
+    """A deploy folder written by `python -m fpsa_train.export`."""
+    prompt: str = MISSING
+    """What the video shows."""
+    negative_prompt: str = WAN_NEGATIVE_PROMPT
+    """The guidance's negative branch (Wan's default)."""
+    components: Optional[str] = None
+    """Wan2.1 diffusers-format folder with vae/, text_encoder/, tokenizer/; default: the one the run trained with."""
+    steps: int = 50
+    """Denoising steps."""
+    guidance: float = 5.0
+    """Classifier-free guidance scale (1 = no guidance: one branch only)."""
+    shift: float = 5.0
+    """Flow shift of the sampling σ schedule (Wan: 5.0 for T2V; 3.0 is common at 480p)."""
+    seed: int = 0
+    """Seed of the initial noise."""
+    height: Optional[int] = None
+    """Video height in pixels (multiple of 16); default: the training clips' (manifest), else 480."""
+    width: Optional[int] = None
+    """Video width in pixels (multiple of 16); default: the training clips', else 832."""
+    frames: Optional[int] = None
+    """Frames, 4n+1; default: the training clips', else 81."""
+    fps: float = 16.0
+    """Frame rate of the mp4."""
+    out: str = "outputs/samples"
+    """Folder for the mp4 and the PNG."""
+    name: Optional[str] = None
+    """File name stem; default: the prompt's first words and the seed."""
+    device: str = "auto"
+    """auto (CUDA when present), cpu or cuda."""
+    backend: str = "auto"
+    """FPS attention: auto (kernel on H100/H200, reference elsewhere), reference, kernel."""
+    sheet_frames: int = 8
+    """Frames on the PNG contact sheet (evenly spaced)."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"steps={self.steps} must be >= 1")
+        if self.guidance < 1:
+            raise ConfigError(f"guidance={self.guidance} must be >= 1 (1 disables classifier-free guidance)")
+        if self.shift <= 0:
+            raise ConfigError(f"shift={self.shift} must be > 0")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend={self.backend!r}: expected one of {BACKENDS}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"device={self.device!r}: expected auto, cpu or cuda[:N]")
+        if self.sheet_frames < 1:
+            raise ConfigError(f"sheet_frames={self.sheet_frames} must be >= 1")
+
+
+ConfigStore.instance().store(name="sample_schema", node=SampleConfig)
+
+
+def video_size(cfg: SampleConfig, manifest: dict) -> tuple[int, int, int]:
+    """(height, width, frames): the config's, else the training clips' from the manifest, else Wan's."""
+    trained = manifest.get("sampling", {}).get("video") or WAN_VIDEO
+    h, w, f = (v if v is not None else trained[k] for k, v in
+               (("height", cfg.height), ("width", cfg.width), ("frames", cfg.frames)))
+    if h % 16 or w % 16 or h < 16 or w < 16:
+        raise ConfigError(f"height={h}, width={w}: both must be positive multiples of 16 (VAE 8× and patch 2×)")
+    if f < 1 or (f - 1) % 4:
+        raise ConfigError(f"frames={f} must be 4n+1 (e.g. 17, 49, 81)")
+    return h, w, f
+
+
+def flow_unipc(steps: int, shift: float, num_train_timesteps: int, device: torch.device):
+    from diffusers import UniPCMultistepScheduler
+
+    scheduler = UniPCMultistepScheduler(num_train_timesteps=num_train_timesteps, prediction_type="flow_prediction",
+                                        use_flow_sigmas=True, flow_shift=shift, solver_order=2, solver_type="bh2",
+                                        lower_order_final=True, final_sigmas_type="zero")
+    scheduler.set_timesteps(steps, device=device)
+    return scheduler
+
+
+def contact_sheet(video: np.ndarray, n: int, columns: int = 4):
+    """A PIL image of n evenly spaced frames of a (T, H, W, 3) uint8 video, `columns` per row."""
+    from PIL import Image
+
+    t, h, w, _ = video.shape
+    picks = np.unique(np.linspace(0, t - 1, min(n, t)).round().astype(int))
+    cols = min(columns, len(picks))
+    rows = math.ceil(len(picks) / cols)
+    sheet = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
+    for i, frame in enumerate(picks):
+        r, c = divmod(i, cols)
+        sheet[r * h:(r + 1) * h, c * w:(c + 1) * w] = video[frame]
+    return Image.fromarray(sheet)
+
+
+def _stem(cfg: SampleConfig) -> str:
+    if cfg.name:
+        return cfg.name
+    words = re.sub(r"[^a-z0-9]+", "_", cfg.prompt.lower()).strip("_")[:48].rstrip("_") or "sample"
+    return f"{words}_seed{cfg.seed}"
+
+
+def sample(cfg: SampleConfig) -> dict:
+    """Generate one video; returns {mp4, png, seconds, seconds_per_step, steps_per_regime, backend, size}."""
+    from fpsa_train.data.synthetic_video import write_mp4
+    from fpsa_train.deploy import load_deploy
+    from fpsa_train.preprocess import Encoders
+
+    started = time.perf_counter()
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+    deployed = load_deploy(cfg.deploy, device=device, backend=cfg.backend)
+    manifest = deployed.manifest
+    height, width, frames = video_size(cfg, manifest)
+    components = cfg.components or manifest.get("sampling", {}).get("components")
+    if not components or not Path(components).is_dir():
+        raise ConfigError(f"components={components!r} is not a folder: pass components=<Wan2.1 diffusers folder with "
+                          "vae/, text_encoder/, tokenizer/> (e.g. Wan2.1-T2V-1.3B-Diffusers)")
+
+    enc = Encoders(components, device, deployed.model.cfg.text_len)
+    texts = enc.text([cfg.prompt, cfg.negative_prompt] if cfg.guidance > 1 else [cfg.prompt])
+    vae, mean, std = enc.vae, enc.mean, enc.std
+    del enc.text_encoder  # not needed past this point (UMT5-XXL is 11 GB in bf16)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    downsample = list(vae.config.temperal_downsample)
+    t_scale, s_scale = 2 ** sum(downsample), 2 ** len(downsample)
+    shape = (1, deployed.model.cfg.in_dim, (frames - 1) // t_scale + 1, height // s_scale, width // s_scale)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(cfg.seed)).to(device)  # (1, C, T, H, W) fp32
+    scheduler = flow_unipc(cfg.steps, cfg.shift, deployed.num_train_timesteps, device)
+    regimes: Counter = Counter()
+    loop_start = time.perf_counter()
+    for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", unit="step")):
+        sigma = float(scheduler.sigmas[i])
+        if deployed.schedule is not None:
+            regimes[deployed.schedule.regime_for(sigma).name] += 1
+        v = deployed.denoise(x.expand(len(texts), *shape[1:]), sigma, texts)  # (n, C, T, H, W) fp32
+        if len(texts) == 2:
+            v = v[1:] + cfg.guidance * (v[:1] - v[1:])  # v_neg + g·(v_pos − v_neg)
+        x = scheduler.step(v, t, x).prev_sample
+    loop_seconds = time.perf_counter() - loop_start
+
+    with torch.no_grad():
+        pixels = vae.decode(x * std + mean).sample  # (1, 3, F, H, W) in [-1, 1]
+    video = ((pixels[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = _stem(cfg)
+    mp4, png = out / f"{stem}.mp4", out / f"{stem}.png"
+    write_mp4(mp4, video, cfg.fps)
+    tmp = png.with_name(f".{png.name}.tmp{os.getpid()}")
+    contact_sheet(video, cfg.sheet_frames).save(tmp, format="PNG")
+    os.replace(tmp, png)
+    report = {"mp4": str(mp4), "png": str(png), "size": [height, width, frames], "steps": cfg.steps,
+              "steps_per_regime": dict(regimes), "backend": deployed.backend,
+              "seconds_denoising": round(loop_seconds, 3), "seconds_per_step": round(loop_seconds / cfg.steps, 4),
+              "seconds": round(time.perf_counter() - started, 3)}
+    log.info("sample written: %s", report)
+    return report
+
+
+@hydra.main(config_path="../configs", config_name="sample", version_base="1.3")
+def main(cfg) -> None:
+    from fpsa_train.config import resolve
+
+    report = sample(resolve(cfg))
+    print(f"video: {report['mp4']}\ncontact sheet: {report['png']}\n"
+          f"{report['steps']} steps in {report['seconds_denoising']:.1f} s ({report['steps_per_regime']}), "
+          f"attention: {report['backend']}")
+
+
+if __name__ == "__main__":
+    main()

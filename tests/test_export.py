@@ -1,0 +1,203 @@
+"""Export: a training checkpoint → a verified deploy folder, loaded back by the runtime with the same outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import fpsa_train.export as export_mod
+from fpsa_train.deploy import DeployError, load_deploy, model_config, verify_deploy
+from fpsa_train.export import ExportConfig, expected_bytes, export, read_training_checkpoint
+from fpsa_train.fps.schedule import schedule_from_data
+from fpsa_train.fps.transform import apply_fps_attention
+from fpsa_train.models.checkpoint import load_wan_weights
+from fpsa_train.models.config import WAN_1_3B, WAN_14B, WanConfig
+from fpsa_train.models.state_dict import to_diffusers
+from fpsa_train.models.wan import WanModel
+
+
+def _export(ckpt: Path, out: Path, **kw) -> dict:
+    return export(ExportConfig(checkpoint=str(ckpt), out=str(out), **kw))
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("diffusion_pytorch_model*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def trained_model(ckpt: Path, weights: str = "ema", round_to: torch.dtype | None = None) -> WanModel:
+    """The trained DiT as training built it (FPS attention from the run's schedule), with the checkpoint's weights,
+    optionally rounded to the export dtype and back (what an export in that dtype stores)."""
+    state = read_training_checkpoint(ckpt)
+    cfg = model_config(state.run_config)
+    model = WanModel(cfg).eval()
+    schedule = schedule_from_data(state.run_config["schedule"], tuple(cfg.tile_shape))
+    apply_fps_attention(model, schedule, backend="reference")
+    sd = {**state.weights, **(state.ema if weights == "ema" else {})}
+    if round_to is not None:
+        sd = {k: v.to(round_to).float() for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+@pytest.mark.parametrize("key_format", ["original", "diffusers"])
+def test_round_trip_in_both_key_formats(trained_checkpoint, tmp_path, key_format):
+    report = _export(trained_checkpoint, tmp_path / "deploy", key_format=key_format)
+    out = Path(report["out"])
+    assert report["weights"] == "ema" and sorted(p.name for p in out.iterdir()) == [
+        "config.json", "diffusion_pytorch_model.safetensors", "fps_selectors.safetensors", "manifest.json",
+        "schedule.json"]
+    manifest = verify_deploy(out)
+    assert manifest["key_format"] == key_format and manifest["source"]["weights"] == "ema"
+    assert manifest["kernel"]["quant_groups"] == ["subtile", "tile", "tiles"]
+    assert manifest["kernel"]["sparsity_patterns"] == ["dense", "learned", "window_topk"]
+
+    state = read_training_checkpoint(trained_checkpoint)
+    expected = {k: v for k, v in state.ema.items() if "self_attn.core." not in k}
+    stored = _weights(out)
+    if key_format == "diffusers":
+        expected = to_diffusers(expected)
+        assert json.loads((out / "config.json").read_text())["_class_name"] == "WanTransformer3DModel"
+    assert stored.keys() == expected.keys()
+    for k, v in expected.items():  # the EMA weights, rounded to bf16 once
+        assert stored[k].dtype == torch.bfloat16 and torch.equal(stored[k], v.to(torch.bfloat16)), k
+    selectors = load_file(out / "fps_selectors.safetensors")
+    assert selectors and all(torch.equal(v, state.ema[k]) for k, v in selectors.items())
+    exported = json.loads((out / "schedule.json").read_text())
+    assert exported == state.run_config["schedule"]
+
+    model = WanModel(model_config(manifest))  # our loader reads either format back to the same values
+    load_wan_weights(model, out)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state.ema[k].to(torch.bfloat16).float()), k
+
+
+def test_diffusers_export_loads_in_diffusers(trained_checkpoint, tmp_path):
+    from diffusers import WanTransformer3DModel
+
+    out = Path(_export(trained_checkpoint, tmp_path / "d", key_format="diffusers")["out"])
+    theirs = WanTransformer3DModel.from_pretrained(out).state_dict()  # fp32 parameters, the bf16 values loaded
+    stored = _weights(out)
+    assert theirs.keys() == stored.keys()
+    assert all(torch.equal(theirs[k], v.float()) for k, v in stored.items())
+
+
+def test_model_weights_on_request(trained_checkpoint, tmp_path):
+    out = Path(_export(trained_checkpoint, tmp_path / "m", weights="model", dtype="float32")["out"])
+    state = read_training_checkpoint(trained_checkpoint)
+    stored = _weights(out)
+    assert json.loads((out / "manifest.json").read_text())["source"]["weights"] == "model"
+    assert all(torch.equal(v, state.weights[k]) for k, v in stored.items())
+    assert any(not torch.equal(state.weights[k], state.ema[k]) for k in stored)  # the two really differ
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_exported_model_equals_trained_model_per_regime(trained_checkpoint, tmp_path, dtype):
+    """The runtime's denoiser output equals the trained model's (same weights: in bf16, rounded as stored) for the
+    same inputs and σ, in every regime of the schedule."""
+    out = _export(trained_checkpoint, tmp_path / dtype, dtype=dtype)["out"]
+    deployed = load_deploy(out, backend="reference")
+    ours = trained_model(trained_checkpoint, round_to=torch.bfloat16 if dtype == "bfloat16" else None)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 3, 8, 16, generator=g)
+    text = torch.randn(2, 5, 64, generator=g)
+    for regime in deployed.schedule.regimes:
+        sigma = torch.full((2,), (regime.lo + regime.hi) / 2)
+        with torch.no_grad():
+            ref = ours(x, sigma * 1000, text, attn_kwargs={"sigma": sigma})
+        got = deployed.denoise(x, sigma, text)
+        err = ((got - ref).norm() / ref.norm()).item()
+        assert err <= 1e-6, f"{regime.name}: relative error {err:.3g} (max abs {(got - ref).abs().max():.3g})"
+    dense = WanModel(ours.cfg).eval()  # not vacuous: FPS attention is really in the loop
+    dense.load_state_dict({k: v for k, v in ours.state_dict().items() if "self_attn.core." not in k})
+    with torch.no_grad():
+        plain = dense(x, sigma * 1000, text)
+    assert ((plain - got).norm() / plain.norm()).item() > 1e-3  # FP8 + sparsity vs dense: far above the 1e-6
+
+
+def test_tampered_missing_or_unlisted_files_are_refused(trained_checkpoint, tmp_path):
+    out = Path(_export(trained_checkpoint, tmp_path / "t")["out"])
+    verify_deploy(out)
+    weights = out / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01  # one bit of one weight, same size
+    weights.write_bytes(bytes(data))
+    with pytest.raises(DeployError, match="diffusion_pytorch_model.safetensors has changed"):
+        load_deploy(out)
+
+    out = Path(_export(trained_checkpoint, tmp_path / "t2")["out"])
+    (out / "schedule.json").unlink()
+    (out / "extra.safetensors").write_bytes(b"0")
+    with pytest.raises(DeployError, match="schedule.json is missing.*extra.safetensors is not in the manifest"):
+        load_deploy(out)
+    (out / "manifest.json").unlink()
+    with pytest.raises(DeployError, match="no manifest.json"):
+        load_deploy(out)
+
+
+def test_failed_export_leaves_no_folder_and_keeps_the_old_one(trained_checkpoint, tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full (simulated after the weights were written)")
+
+    monkeypatch.setattr(export_mod, "file_entries", fail)
+    with pytest.raises(RuntimeError, match="simulated"):
+        _export(trained_checkpoint, tmp_path / "new")
+    assert list(tmp_path.iterdir()) == []  # neither the final name nor a temporary is left
+
+    monkeypatch.undo()
+    old = Path(_export(trained_checkpoint, tmp_path / "old")["out"])
+    before = (old / "manifest.json").read_text()
+    monkeypatch.setattr(export_mod, "file_entries", fail)
+    with pytest.raises(RuntimeError, match="simulated"):
+        _export(trained_checkpoint, old, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"] and (old / "manifest.json").read_text() == before
+    verify_deploy(old)
+
+
+def test_existing_folder_needs_overwrite(trained_checkpoint, tmp_path):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(FileExistsError, match="overwrite=true"):
+        _export(trained_checkpoint, tmp_path / "x")
+    _export(trained_checkpoint, tmp_path / "x", overwrite=True)
+    verify_deploy(tmp_path / "x")
+
+
+def test_sharded_export_round_trips(trained_checkpoint, tmp_path):
+    out = Path(_export(trained_checkpoint, tmp_path / "s", max_shard_gb=200 * 2**-30)["out"])  # 200-byte shards
+    shards = sorted(out.glob("diffusion_pytorch_model-*.safetensors"))
+    assert len(shards) > 5 and (out / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    deployed = load_deploy(out)
+    single = load_deploy(_export(trained_checkpoint, tmp_path / "one")["out"])
+    assert all(torch.equal(v, single.model.state_dict()[k]) for k, v in deployed.model.state_dict().items())
+
+
+def test_expected_bytes_match_an_export_and_the_published_sizes(trained_checkpoint, tmp_path):
+    out = Path(_export(trained_checkpoint, tmp_path / "e")["out"])
+    with safe_open(out / "diffusion_pytorch_model.safetensors", "pt") as f:
+        stored = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()) * 2  # bf16
+    cfg = model_config(json.loads((out / "manifest.json").read_text()))
+    assert expected_bytes(cfg) == stored
+    assert expected_bytes(WanConfig(**WAN_1_3B)) == 2 * 1_418_996_800  # reference/wan.md §1: 1.419 B parameters
+    assert abs(expected_bytes(WanConfig(**WAN_14B)) / 2 - 14.288e9) < 1e6
+
+
+def test_non_training_checkpoints_are_refused(tmp_path, trained_checkpoint):
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a Lightning checkpoint"):
+        _export(tmp_path / "other.pt", tmp_path / "o")
+    state = torch.load(trained_checkpoint, weights_only=True)
+    del state["fpsa_run_config"]
+    torch.save(state, tmp_path / "old.ckpt")
+    with pytest.raises(ValueError, match="fpsa_run_config"):
+        _export(tmp_path / "old.ckpt", tmp_path / "o")
+    with pytest.raises(FileNotFoundError):
+        _export(tmp_path / "nope.ckpt", tmp_path / "o")
+    assert not (tmp_path / "o").exists()
