@@ -159,14 +159,18 @@ class Deployed:
         return int(self.manifest.get("sampling", {}).get("num_train_timesteps", 1000))
 
     @torch.no_grad()
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor | float, context) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor | float, context,
+                timestep: torch.Tensor | float | None = None) -> torch.Tensor:
         """The velocity (fp32) for latents x (B, C, F, H, W) at noise level σ (scalar or (B,)); the regime of each
-        sample is the one that owns its σ. bf16 autocast on CUDA, fp32 on CPU."""
+        sample is the one that owns its σ. The model's timestep is `timestep` when given (a sampler's, which may be
+        rounded to an integer as Wan's are), else num_train_timesteps·σ. bf16 autocast on CUDA, fp32 on CPU."""
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
         sigma = sigma.repeat(x.shape[0]) if sigma.numel() == 1 else sigma  # (B,)
+        t = sigma * self.num_train_timesteps if timestep is None else \
+            torch.as_tensor(timestep, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
         kwargs = {"sigma": sigma} if self.schedule is not None else {}
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-            return self.model(x, sigma * self.num_train_timesteps, context, attn_kwargs=kwargs).float()
+            return self.model(x, t, context, attn_kwargs=kwargs).float()
 
 
 def describe_backend(schedule: Schedule | None, device: torch.device, backend: str, head_dim: int) -> str:

@@ -3,7 +3,8 @@
 The chain is Wan's (reference/wan.md §4): the prompt and the negative prompt through UMT5 (unpadded embeddings,
 zero-padded to 512 inside the DiT, no mask), Gaussian noise of the latent shape, flow-matching UniPC (diffusers'
 `UniPCMultistepScheduler` with flow sigmas, order 2, bh2, shifted σ) with classifier-free guidance
-v = v_neg + g·(v_pos − v_neg), both branches in one batch of two, then the latents de-normalised with the VAE's
+v = v_neg + g·(v_pos − v_neg), both branches in one batch of two, the model fed the scheduler's integer timestep
+as Wan's sampler feeds it, then the latents de-normalised with the VAE's
 16-channel mean/std and decoded by the Wan VAE. At every step the deploy runtime runs each sample through the
 regime that owns the step's σ, exactly as training did; the report counts the steps per regime.
 
@@ -177,7 +178,7 @@ def sample(cfg: SampleConfig) -> dict:
         sigma = float(scheduler.sigmas[i])
         if deployed.schedule is not None:
             regimes[deployed.schedule.regime_for(sigma).name] += 1
-        v = deployed.denoise(x.expand(len(texts), *shape[1:]), sigma, texts)  # (n, C, T, H, W) fp32
+        v = deployed.denoise(x.expand(len(texts), *shape[1:]), sigma, texts, timestep=t)  # (n, C, T, H, W) fp32
         if len(texts) == 2:
             v = v[1:] + cfg.guidance * (v[:1] - v[1:])  # v_neg + g·(v_pos − v_neg)
         x = scheduler.step(v, t, x).prev_sample

@@ -1,0 +1,61 @@
+"""Sampling: deploy folder + tiny encoders → flow UniPC with guidance → a playable mp4 and a PNG contact sheet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import decord
+import pytest
+import torch
+from PIL import Image
+
+from fpsa_train.config import ConfigError
+from fpsa_train.export import ExportConfig, export
+from fpsa_train.sample import SampleConfig, flow_unipc, sample
+
+PROMPT = "a red circle moving left quickly on a dark blue background"
+
+
+@pytest.fixture(scope="module")
+def deploy(trained_checkpoint, tmp_path_factory) -> str:
+    return export(ExportConfig(checkpoint=str(trained_checkpoint), out=str(tmp_path_factory.mktemp("s") / "d")))["out"]
+
+
+def test_sample_writes_a_playable_mp4_and_a_contact_sheet(deploy, tiny_components, tmp_path):
+    report = sample(SampleConfig(deploy=deploy, prompt=PROMPT, components=str(tiny_components), steps=6,
+                                 height=64, width=96, frames=9, out=str(tmp_path), seed=3, shift=1.0))
+    video = decord.VideoReader(report["mp4"])
+    assert len(video) == 9 and video[0].shape == (64, 96, 3)  # frames, height, width as asked (not swapped)
+    sheet = Image.open(report["png"])
+    assert sheet.size == (4 * 96, 2 * 64)  # 8 evenly spaced frames of 9, 4 per row
+    assert sum(report["steps_per_regime"].values()) == 6 and set(report["steps_per_regime"]) == {
+        "early", "middle", "late"}  # 6 shifted steps from σ≈1 to σ≈0.2 cross all three regimes
+    assert "reference" in report["backend"]
+    frames = video.get_batch(list(range(9))).asnumpy()
+    assert frames.std() > 1  # not a constant image
+
+
+def test_regime_per_step_follows_the_scheduler_sigmas():
+    """The σ the regimes are picked from are the scheduler's: shifted, from ~1 down, ending at 0; the model's
+    timesteps are 1000σ truncated to integers, as in Wan's sampler."""
+    scheduler = flow_unipc(50, 5.0, 1000, torch.device("cpu"))
+    sigmas = scheduler.sigmas
+    assert len(scheduler.timesteps) == 50 and sigmas[0] > 0.999 and sigmas[-1] == 0
+    assert scheduler.timesteps.dtype == torch.int64
+    assert (scheduler.timesteps - sigmas[:-1] * 1000).abs().max() < 1
+    assert 0.3 < (sigmas[:-1] >= 0.9).float().mean() < 0.4  # configs/fps/default.yaml: ~36% of steps are early
+
+
+@pytest.mark.parametrize("override, key", [(dict(frames=10), "frames=10"), (dict(height=60), "height=60"),
+                                          (dict(components="/nonexistent"), "components")])
+def test_bad_sampling_options_are_named(deploy, tiny_components, tmp_path, override, key):
+    kw = dict(deploy=deploy, prompt=PROMPT, components=str(tiny_components), steps=1, out=str(tmp_path))
+    with pytest.raises(ConfigError, match=key):
+        sample(SampleConfig(**{**kw, **override}))
+
+
+def test_sample_defaults_to_the_training_clip_size(deploy, tiny_components, tmp_path):
+    report = sample(SampleConfig(deploy=deploy, prompt=PROMPT, components=str(tiny_components), steps=1,
+                                 guidance=1.0, out=str(tmp_path)))
+    assert report["size"] == [64, 128, 9]  # the synthetic latents of the run: 3×8×16 → 9 frames of 64×128
+    assert Path(report["mp4"]).is_file()
