@@ -90,7 +90,8 @@ def read_manifest(folder: str | Path) -> dict:
     folder = Path(folder)
     file = folder / MANIFEST
     if not file.is_file():
-        raise DeployError(f"{folder} is not a deploy folder: no {MANIFEST} (write one with python -m fpsa_train.export)")
+        raise DeployError(f"{folder} is not a deploy folder: no {MANIFEST} (write one with "
+                          "python -m fpsa_train.export)")
     try:
         manifest = json.loads(file.read_text())
     except json.JSONDecodeError as e:

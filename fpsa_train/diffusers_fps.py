@@ -7,7 +7,8 @@ module take a *processor* (`attn.set_processor`), so this is a transform of a bu
 How it maps onto diffusers' model:
 - diffusers keeps tokens in raster order and builds RoPE for raster order. The processor repeats diffusers'
   `WanAttnProcessor` self-attention math step by step (to_q/to_k/to_v or the fused to_qkv, norm_q/norm_k over
-  the full width, split into heads, the interleaved rotary embedding in diffusers' precision), so q/k/v equal the dense path's.
+  the full width, split into heads, the interleaved rotary embedding in diffusers' precision), so q/k/v equal
+  the dense path's.
   Only then does it permute them to tile-major order (TokenLayout order "tile"), run our `FPSAttention` core,
   permute the output back and apply to_out. RoPE acts on each token by itself, so rotating then permuting is
   what our DiT does (positions travel with their tokens).

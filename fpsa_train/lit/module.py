@@ -77,7 +77,9 @@ class FlowMatchingModule(L.LightningModule):
         return self._log_losses("val", self.per_sample_loss(batch, sigma, noise), sigma)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        self.log("train/grad_norm", grad_norm(self.model, norm_type=2)["grad_2.0_norm_total"])
+        norms = grad_norm(self.model, norm_type=2)  # empty under DeepSpeed, which keeps gradients in its own buffers
+        if "grad_2.0_norm_total" in norms:
+            self.log("train/grad_norm", norms["grad_2.0_norm_total"])
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.ema is not None and (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
