@@ -11,9 +11,16 @@ $(STAMP): pyproject.toml scripts/install.sh
 
 install: $(STAMP)
 
-## Train the embedded tiny default on CPU (or GPU when present).
+DEMO ?= outputs/demo
+DEMO_PROMPT ?= a red circle moving left quickly on a dark blue background
+
+## Train the embedded tiny default (CPU, or GPU when present), export it, and generate a video with it.
 demo: $(STAMP)
-	$(PY) -m fpsa_train +experiment=tiny
+	$(PY) -m fpsa_train +experiment=tiny hydra.run.dir=$(DEMO)/train
+	$(PY) -m fpsa_train.export checkpoint=$(DEMO)/train/checkpoints/last.ckpt out=$(DEMO)/deploy overwrite=true \
+		hydra.run.dir=$(DEMO)/export
+	$(PY) -m fpsa_train.sample deploy=$(DEMO)/deploy prompt="$(DEMO_PROMPT)" out=$(DEMO)/samples name=demo \
+		hydra.run.dir=$(DEMO)/sample
 
 ## The CPU test suite (what CI runs). Slow and GPU tests are excluded; `make test-all` runs the slow ones too.
 test: $(STAMP)
