@@ -1,0 +1,144 @@
+"""Export a Wan-size DiT, load it with the deploy runtime, and time one denoising step against dense bf16, one run.
+
+1. A training checkpoint as fpsa writes it (state dict + run config; random weights, bf16) for `+experiment=<model>`
+   with the default schedule, then `fpsa_train.export` → deploy folder (bf16 safetensors, manifest with sha256).
+   Export time and size are reported.
+2. `load_deploy(device=cuda)`: hash verification + build + load, timed; FPS attention with the exported schedule
+   (the Hopper FP8 kernel on H100/H200). The baseline is the same exported weights in a plain WanModel (dense SDPA:
+   PyTorch picks cuDNN/Flash), under the same bf16 autocast.
+3. One denoising step = one forward of the guidance batch (prompt + negative prompt: 2 samples), as the sampler
+   runs it. Median of `--reps` CUDA-event timings after warmup, per regime (σ inside it) and dense; the schedule
+   mean weights each regime by its share of Wan's 50 flow-UniPC steps (shift 5). The relative difference of each
+   regime's output from dense is printed as a sanity check (the head is re-initialised N(0, 0.02); the published
+   init zeroes it, which would make every output 0).
+
+  python scripts/bench_deploy.py --model wan1_3b --latent 21 60 104 --out docs/bench_deploy_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def training_checkpoint(model: str, latent: tuple[int, int, int], path: Path) -> None:
+    """A checkpoint shaped as training writes it: `model.*` state dict, run config, global step (random weights)."""
+    from hydra import compose, initialize_config_dir
+
+    from fpsa_train.config import resolve
+    from fpsa_train.fps.schedule import Schedule
+    from fpsa_train.lit.module import RUN_CONFIG_KEY
+    from fpsa_train.models.build import architecture_of
+    from fpsa_train.models.wan import WanModel
+    from fpsa_train.train import run_config
+
+    overrides = [f"+experiment={model}", "model.checkpoint=null", f"data.latent_frames={latent[0]}",
+                 f"data.latent_height={latent[1]}", f"data.latent_width={latent[2]}", "run_dir=/tmp/unused"]
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        conf = resolve(compose(config_name="train", overrides=overrides))
+    schedule = Schedule.from_config(conf.fps, tuple(conf.model.tile_shape))
+    with torch.device("cuda"):
+        net = WanModel(architecture_of(conf.model))
+        torch.nn.init.normal_(net.head.head.weight, std=0.02)
+    state = {f"model.{k}": v.to(torch.bfloat16).cpu() for k, v in net.state_dict().items()}
+    torch.save({"state_dict": state, RUN_CONFIG_KEY: run_config(conf, schedule), "global_step": 0}, path)
+
+
+def median_ms(fn, reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> None:
+    from fpsa_train.deploy import load_deploy
+    from fpsa_train.export import ExportConfig, export
+    from fpsa_train.models.checkpoint import load_wan_weights
+    from fpsa_train.models.wan import WanModel
+    from fpsa_train.sample import flow_unipc
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="wan1_3b")
+    p.add_argument("--latent", type=int, nargs=3, default=(21, 60, 104), help="latent T H W (480p: 21 60 104)")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--work", default="/tmp/bench_deploy")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args = p.parse_args()
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+
+    t0 = time.perf_counter()
+    training_checkpoint(args.model, tuple(args.latent), work / "last.ckpt")
+    t_ckpt = time.perf_counter() - t0
+    report = export(ExportConfig(checkpoint=str(work / "last.ckpt"), out=str(work / "deploy")))
+    t0 = time.perf_counter()
+    deployed = load_deploy(report["out"], device="cuda")
+    t_load = time.perf_counter() - t0
+    with torch.device("meta"):
+        dense = WanModel(deployed.model.cfg)
+    load_wan_weights(dense, report["out"], dtype=torch.bfloat16)
+    dense = dense.cuda().eval()
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, deployed.model.cfg.in_dim, *args.latent, generator=g).cuda()  # (2, C, T, H, W)
+    text = torch.randn(2, 512, deployed.model.cfg.text_dim, generator=g).cuda()
+    t = torch.full((2,), 500.0, device="cuda")
+
+    def dense_step():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            return dense(x, t, text).float()
+
+    ref = dense_step()
+    results = {"dense_ms": median_ms(dense_step, args.reps)}
+    scheduler = flow_unipc(50, 5.0, 1000, torch.device("cpu"))
+    steps = Counter(deployed.schedule.regime_for(float(s)).name for s in scheduler.sigmas[:-1])
+    regimes = {}
+    for regime in deployed.schedule.regimes:
+        sigma = (regime.lo + regime.hi) / 2
+        out = deployed.denoise(x, sigma, text, timestep=t)
+        ms = median_ms(lambda: deployed.denoise(x, sigma, text, timestep=t), args.reps)
+        regimes[regime.name] = {"sigma": sigma, "ms": ms, "speedup_vs_dense": results["dense_ms"] / ms,
+                                "rel_diff_vs_dense": ((out - ref).norm() / ref.norm()).item(),
+                                "sampling_steps_of_50": steps[regime.name]}
+    mean_ms = sum(r["ms"] * r["sampling_steps_of_50"] for r in regimes.values()) / 50
+    results.update({
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": args.model,
+        "latent": list(args.latent), "tokens": args.latent[0] * args.latent[1] * args.latent[2] // 4,
+        "backend": deployed.backend, "regimes": regimes, "schedule_mean_ms": mean_ms,
+        "schedule_mean_speedup_vs_dense": results["dense_ms"] / mean_ms,
+        "export": {"seconds": report["seconds"], "bytes": report["bytes"], "files": report["files"],
+                   "checkpoint_write_seconds": round(t_ckpt, 2)},
+        "load_deploy_seconds": round(t_load, 2), "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "date": time.strftime("%Y-%m-%d"),
+    })
+    print(json.dumps(results, indent=1))
+    print("\n| step (CFG batch 2) | ms | vs dense |\n|---|---|---|")
+    print(f"| dense bf16 | {results['dense_ms']:.1f} | 1.00× |")
+    for name, r in regimes.items():
+        print(f"| {name} (σ={r['sigma']:.2f}, {r['sampling_steps_of_50']}/50 steps) | {r['ms']:.1f} | "
+              f"{r['speedup_vs_dense']:.2f}× |")
+    print(f"| schedule mean (50 steps, shift 5) | {mean_ms:.1f} | {results['schedule_mean_speedup_vs_dense']:.2f}× |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
