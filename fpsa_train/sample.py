@@ -137,6 +137,22 @@ def contact_sheet(video: np.ndarray, n: int, columns: int = 4):
     return Image.fromarray(sheet)
 
 
+def denoise_loop(deployed, x: torch.Tensor, texts: list, steps: int, shift: float, guidance: float):
+    """Noise x (1, C, T, H, W) → latents, by flow UniPC with guidance; `texts` = [prompt] or [prompt, negative].
+    Returns (latents, steps per regime). `deployed.denoise(x, σ, context, timestep)` gives the velocity."""
+    scheduler = flow_unipc(steps, shift, deployed.num_train_timesteps, x.device)
+    regimes: Counter = Counter()
+    for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", unit="step")):
+        sigma = float(scheduler.sigmas[i])
+        if deployed.schedule is not None:
+            regimes[deployed.schedule.regime_for(sigma).name] += 1
+        v = deployed.denoise(x.expand(len(texts), *x.shape[1:]), sigma, texts, timestep=t)  # (n, C, T, H, W) fp32
+        if len(texts) == 2:
+            v = v[1:] + guidance * (v[:1] - v[1:])  # v_neg + g·(v_pos − v_neg)
+        x = scheduler.step(v, t, x).prev_sample
+    return x, dict(regimes)
+
+
 def _stem(cfg: SampleConfig) -> str:
     if cfg.name:
         return cfg.name
@@ -172,17 +188,8 @@ def sample(cfg: SampleConfig) -> dict:
     t_scale, s_scale = 2 ** sum(downsample), 2 ** len(downsample)
     shape = (1, deployed.model.cfg.in_dim, (frames - 1) // t_scale + 1, height // s_scale, width // s_scale)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(cfg.seed)).to(device)  # (1, C, T, H, W) fp32
-    scheduler = flow_unipc(cfg.steps, cfg.shift, deployed.num_train_timesteps, device)
-    regimes: Counter = Counter()
     loop_start = time.perf_counter()
-    for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", unit="step")):
-        sigma = float(scheduler.sigmas[i])
-        if deployed.schedule is not None:
-            regimes[deployed.schedule.regime_for(sigma).name] += 1
-        v = deployed.denoise(x.expand(len(texts), *shape[1:]), sigma, texts, timestep=t)  # (n, C, T, H, W) fp32
-        if len(texts) == 2:
-            v = v[1:] + cfg.guidance * (v[:1] - v[1:])  # v_neg + g·(v_pos − v_neg)
-        x = scheduler.step(v, t, x).prev_sample
+    x, regimes = denoise_loop(deployed, x, texts, cfg.steps, cfg.shift, cfg.guidance)
     loop_seconds = time.perf_counter() - loop_start
 
     with torch.no_grad():
@@ -198,7 +205,7 @@ def sample(cfg: SampleConfig) -> dict:
     contact_sheet(video, cfg.sheet_frames).save(tmp, format="PNG")
     os.replace(tmp, png)
     report = {"mp4": str(mp4), "png": str(png), "size": [height, width, frames], "steps": cfg.steps,
-              "steps_per_regime": dict(regimes), "backend": deployed.backend,
+              "steps_per_regime": regimes, "backend": deployed.backend,
               "seconds_denoising": round(loop_seconds, 3), "seconds_per_step": round(loop_seconds / cfg.steps, 4),
               "seconds": round(time.perf_counter() - started, 3)}
     log.info("sample written: %s", report)
