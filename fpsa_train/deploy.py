@@ -175,30 +175,22 @@ class Deployed:
 
 
 def describe_backend(schedule: Schedule | None, device: torch.device, backend: str, head_dim: int) -> str:
-    """Which implementation FPS attention will use on `device` (the choice FPSAttention makes per call)."""
+    """Which implementation FPS attention uses on `device`, per regime, in words: the decision FPSAttention makes
+    on every call (`reference_reason`), made once here. Raises for backend=kernel where the kernel cannot run."""
+    from fpsa_train.fps.transform import reference_reason
+
     if schedule is None:
         return "dense SDPA (the export has no FPS schedule)"
-    from fpsa_train.fps.transform import kernel_unavailable
-
-    reference = [r.name for r in schedule.regimes if r.quant is None]
-    tail = f"; regimes without FP8 ({', '.join(reference)}) always run the reference" if reference else ""
-    if backend == "reference":
-        return "PyTorch reference (backend=reference)"
-    reason = kernel_unavailable(torch.empty(1, device=device))
-    if reason is None and device.type != "cuda" and backend == "auto":
-        reason = "no CUDA device"
-    try:
-        from fpsa_kernels.attention import HEAD_DIMS
-    except ImportError:
-        HEAD_DIMS = ()
-    if reason is None and head_dim not in HEAD_DIMS:
-        reason = f"head_dim {head_dim} is not one of the kernel's {HEAD_DIMS}"
-    if reason is None:
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)"
-        return f"Hopper FP8 tile-sparse kernel (fpsa_kernels) on {name}{tail}"
-    if backend == "kernel":
-        raise DeployError(f"backend=kernel but {reason}; use backend=auto to fall back to the PyTorch reference")
-    return f"PyTorch reference ({reason}){tail}"
+    reasons = {r.name: reference_reason(device, head_dim, r, backend) for r in schedule.regimes}
+    kernel = [name for name, why in reasons.items() if why is None]
+    parts = []
+    if kernel:
+        where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)"
+        parts.append(f"Hopper FP8 tile-sparse kernel (fpsa_kernels) on {where} for {', '.join(kernel)}")
+    for why in dict.fromkeys(w for w in reasons.values() if w is not None):
+        names = [name for name, w in reasons.items() if w == why]
+        parts.append(f"PyTorch reference for {', '.join(names)} ({why})")
+    return "; ".join(parts)
 
 
 def load_deploy(folder: str | Path, device: str | torch.device = "cpu", backend: str = "auto",

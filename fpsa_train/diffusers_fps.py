@@ -41,8 +41,10 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from fpsa_train.fps.schedule import Schedule, ScheduleError
@@ -301,10 +303,6 @@ def load_fps_transformer(folder, backend: str = "auto", torch_dtype: torch.dtype
     schedule = load_schedule(folder, cfg)
     if schedule is None:
         return transformer
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
     selectors = Path(folder) / SELECTORS
     state = load_file(str(selectors)) if selectors.is_file() else None
     apply_fps_attention_diffusers(transformer, schedule, cfg.tile_shape, backend=backend,

@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from fpsa_train.config import ConfigError
 from fpsa_train.deploy import (FORMAT, FORMAT_VERSION, MANIFEST, SCHEDULE, SELECTOR_PREFIX, SELECTORS, file_entries,
                                kernel_features, model_config)
-from fpsa_train.fps.schedule import FPSConfig, Schedule, load_schedule_file, schedule_from_data
+from fpsa_train.fps.schedule import FPSConfig, Schedule, schedule_from_data
 from fpsa_train.lit.module import RUN_CONFIG_KEY
 from fpsa_train.models.checkpoint import _replace_dir, save_wan_weights
 from fpsa_train.models.checkpoint_config import CheckpointError
@@ -157,8 +157,8 @@ def export(cfg: ExportConfig) -> dict:
     arch = model_config(run)
     schedule = _schedule(run, arch, cfg.schedule_file)
     state, which = pick_weights(ckpt, cfg.weights)
-    selectors = {k: v for k, v in state.items() if SELECTOR_PREFIX in k}
     wan = {k: v for k, v in state.items() if SELECTOR_PREFIX not in k}
+    selectors = _selectors(state, schedule, arch.num_layers)
     log.info("exporting %s weights of %s (%s, step %s) to %s", which, cfg.checkpoint, ckpt.kind, ckpt.global_step, out)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -197,9 +197,22 @@ def export(cfg: ExportConfig) -> dict:
 
 
 def _schedule(run: dict, arch: WanConfig, schedule_file: str | None) -> Schedule | None:
-    if schedule_file:
-        return Schedule.from_config(FPSConfig(regimes=load_schedule_file(schedule_file)), tuple(arch.tile_shape))
+    if schedule_file:  # from_config reads and validates the file
+        return Schedule.from_config(FPSConfig(schedule_file=schedule_file), tuple(arch.tile_shape))
     return schedule_from_data(run.get("schedule"), tuple(arch.tile_shape))
+
+
+def _selectors(state: dict[str, torch.Tensor], schedule: Schedule | None, num_layers: int) -> dict:
+    """The trained selectors of the exported schedule's learned regimes (a `schedule_file` may drop or rename
+    regimes): every layer must have them."""
+    learned = [r.name for r in schedule.regimes if r.pattern == "learned"] if schedule is not None else []
+    out = {k: v for k, v in state.items() if any(f".{SELECTOR_PREFIX}selectors.{n}." in k for n in learned)}
+    missing = [f"blocks.{i}.{SELECTOR_PREFIX}selectors.{n}" for n in learned for i in range(num_layers)
+               if not any(k.startswith(f"blocks.{i}.{SELECTOR_PREFIX}selectors.{n}.") for k in out)]
+    if missing:
+        raise CheckpointError(f"the schedule's learned regimes have no trained selectors in the checkpoint: "
+                              f"{missing[:10]}; export the schedule the run trained with")
+    return out
 
 
 def _write_json(path: Path, obj) -> None:

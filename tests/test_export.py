@@ -201,3 +201,18 @@ def test_non_training_checkpoints_are_refused(tmp_path, trained_checkpoint):
     with pytest.raises(FileNotFoundError):
         _export(tmp_path / "nope.ckpt", tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_schedule_file_replaces_the_checkpoints_schedule(trained_checkpoint, tmp_path):
+    """A calibrated schedule without learned regimes: exported, and the trained selectors it no longer uses are not."""
+    repo = Path(__file__).resolve().parents[1]
+    out = Path(_export(trained_checkpoint, tmp_path / "c", schedule_file=str(repo / "configs/fps/default.yaml"))["out"])
+    assert not (out / "fps_selectors.safetensors").exists()
+    deployed = load_deploy(out)
+    assert [r.pattern for r in deployed.schedule.regimes] == ["window_topk", "dense", "window"]
+    assert json.loads((out / "manifest.json").read_text())["source"]["schedule"].endswith("default.yaml")
+    bad = tmp_path / "learned.yaml"
+    bad.write_text("regimes:\n  - {name: other, sigma: [0, 1], quant: {group: tile},\n"
+                   "     sparsity: {pattern: learned, target_density: 0.5}}\n")
+    with pytest.raises(ValueError, match="selectors.other"):
+        _export(trained_checkpoint, tmp_path / "b", schedule_file=str(bad))

@@ -47,13 +47,31 @@ def kernel_unavailable(q: torch.Tensor) -> str | None:
     return unsupported_reason(q)
 
 
-def kernel_fits(q: torch.Tensor, regime) -> bool:
-    """Whether the kernel implements this regime at q's head dim (FP8 regimes only; its head dims)."""
+def kernel_fits(head_dim: int, regime) -> bool:
+    """Whether the kernel implements this regime at this head dim (FP8 regimes only; its head dims)."""
     try:
         from fpsa_kernels.attention import HEAD_DIMS
     except ImportError:
         return False
-    return regime.quantized and q.shape[-1] in HEAD_DIMS
+    return regime.quantized and head_dim in HEAD_DIMS
+
+
+def reference_reason(device: torch.device, head_dim: int, regime, backend: str = "auto",
+                     materialize: bool = False) -> str | None:
+    """Why FPS attention runs `regime` in the PyTorch reference on `device` (None: the kernel runs it).
+
+    The one decision behind both FPSAttention's choice per call and what the deploy runtime reports. Raises
+    ScheduleError for backend=kernel on a device where the kernel cannot run."""
+    if backend == "reference" or materialize:
+        return f"fps.backend={backend}" if backend == "reference" else "materialize=true"
+    if not kernel_fits(head_dim, regime):
+        return f"the kernel needs FP8 quantization and its head dims; head_dim is {head_dim}"
+    reason = kernel_unavailable(torch.empty(0, device=device))
+    if backend == "auto" and (reason is not None or device.type != "cuda"):
+        return reason or "no CUDA device"
+    if reason is not None:
+        raise ScheduleError(f"fps.backend=kernel but {reason}; use fps.backend=auto to fall back to the reference")
+    return None
 
 
 class FPSAttention(nn.Module):
@@ -105,19 +123,10 @@ class FPSAttention(nn.Module):
         return out.to(v.dtype)  # (B, H, L, D)
 
     def _use_kernel(self, q: torch.Tensor, regime) -> bool:
-        if self.backend == "reference" or self.materialize:
-            return False
-        if not kernel_fits(q, regime):
-            _announce(f"FPS attention: reference for regime {regime.name!r} (the kernel needs FP8 quantization and "
-                      f"its head dims; head_dim is {q.shape[-1]})")
-            return False
-        reason = kernel_unavailable(q)
-        if self.backend == "auto" and (reason is not None or not q.is_cuda):
-            _announce(f"FPS attention: PyTorch reference ({reason or 'no CUDA device'})")
-            return False
-        if reason is not None:
-            raise ScheduleError(f"fps.backend=kernel but {reason}; use fps.backend=auto to fall back to the reference")
-        return True
+        reason = reference_reason(q.device, q.shape[-1], regime, self.backend, self.materialize)
+        if reason is not None and self.backend != "reference" and not self.materialize:
+            _announce(f"FPS attention: reference for regime {regime.name!r} ({reason})")
+        return reason is None
 
     def _attend(self, q, k, v, layout: TokenLayout, regime, selector):
         if not self._use_kernel(q, regime):
