@@ -11,7 +11,7 @@ def main(cfg: DictConfig) -> None:
     from fpsa_train.train import train
 
     metrics = train(cfg)
-    print("  ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,14 @@
 
 The Hydra entry point (`python -m fpsa_train`) only calls this; tests call it directly with a composed config.
 Validation runs once before training and once after, on fixed noise and σ, so the returned metrics say whether
-the run learned anything (`val/loss_start` vs `val/loss_end`).
+the run learned anything (`val/loss_start` vs `val/loss_end`). Under DeepSpeed those two extra passes are
+skipped (a second engine on the same ZeRO-3 model is not safe); validation then runs inside fit every
+`trainer.val_every_n_steps` and `val/loss_end` is the last of those.
+
+Rerunning the same command continues the run (`trainer.resume=auto`): the newest readable checkpoint in
+`<run_dir>/checkpoints` is restored with the step, optimizer, LR schedule, EMA and data position; the noise draws
+depend only on (seed, rank, step), so the continued run is the uninterrupted one (lit/resume.py, lit/module.py).
+A checkpoint of a different architecture or schedule is refused rather than silently trained on.
 """
 
 from __future__ import annotations
@@ -10,20 +17,25 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from dataclasses import asdict
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
 
-from fpsa_train.config import TrainConfig, TrainerConfig, resolve
+from fpsa_train.config import TrainConfig, resolve
 from fpsa_train.fps.schedule import Schedule
 from fpsa_train.fps.transform import apply_fps_attention
 from fpsa_train.lit.checkpoint_io import AtomicCheckpointIO
 from fpsa_train.lit.datamodule import LatentDataModule
+from fpsa_train.lit.loggers import build_loggers
 from fpsa_train.lit.module import FlowMatchingModule
+from fpsa_train.lit.monitor import TrainingMonitor
+from fpsa_train.lit.resume import check_same_run, resume_checkpoint
+from fpsa_train.lit.strategy import build_strategy
+from fpsa_train.lit.val_video import ValidationVideo
 from fpsa_train.models.build import architecture_of, build_model
 
 log = logging.getLogger(__name__)
@@ -35,20 +47,25 @@ def resolve_precision(precision: str) -> str:
     return "bf16-mixed" if torch.cuda.is_available() else "32-true"
 
 
-def build_trainer(cfg: TrainerConfig, run_dir: str, grad_clip: float, own_sampler: bool = False) -> L.Trainer:
-    """`own_sampler`: the data shards batches across ranks itself (bucketed video cache)."""
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
+def build_trainer(conf: TrainConfig) -> L.Trainer:
+    cfg, run_dir = conf.trainer, conf.run_dir
+    on_cpu = cfg.accelerator == "cpu" or (cfg.accelerator == "auto" and not torch.cuda.is_available())
     callbacks = [
-        ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False,
-                        every_n_train_steps=cfg.checkpoint_every_n_steps, save_last=True, save_top_k=2,
-                        monitor="step", mode="max"),
+        ModelCheckpoint(dirpath=os.path.join(run_dir, "checkpoints"), filename="step{step:07d}",
+                        auto_insert_metric_name=False, every_n_train_steps=cfg.checkpoint_every_n_steps,
+                        save_last="link", save_top_k=cfg.keep_checkpoints, monitor="step", mode="max"),
         LearningRateMonitor(logging_interval="step"),
         TQDMProgressBar(refresh_rate=max(1, cfg.log_every_n_steps // 2)),
+        TrainingMonitor(cfg.log_every_n_steps, sp_size=cfg.sp_size, per_layer=conf.logger.per_layer),
     ]
+    if conf.val_video.every_n_steps:
+        callbacks.append(ValidationVideo(conf.val_video, conf.data, run_dir, conf.objective.num_train_timesteps,
+                                         conf.model.text_len))
     return L.Trainer(
         accelerator=cfg.accelerator,
         devices=cfg.devices,
         num_nodes=cfg.num_nodes,
+        strategy=build_strategy(cfg, on_cpu, conf.data.batch_size),
         precision=resolve_precision(cfg.precision),
         max_steps=cfg.max_steps,
         val_check_interval=cfg.val_every_n_steps,
@@ -56,12 +73,12 @@ def build_trainer(cfg: TrainerConfig, run_dir: str, grad_clip: float, own_sample
         num_sanity_val_steps=0,
         log_every_n_steps=cfg.log_every_n_steps,
         accumulate_grad_batches=cfg.accumulate_grad_batches,
-        gradient_clip_val=grad_clip or None,
+        gradient_clip_val=conf.optim.grad_clip or None,
         deterministic=cfg.deterministic,
         callbacks=callbacks,
-        logger=CSVLogger(run_dir, name="logs", version=""),
-        plugins=[AtomicCheckpointIO()],
-        use_distributed_sampler=not own_sampler,
+        logger=build_loggers(conf.logger, run_dir, conf.name),
+        plugins=None if cfg.strategy == "deepspeed" else [AtomicCheckpointIO()],  # DeepSpeed saves folders itself
+        use_distributed_sampler=False,  # the DataModule shards by data-parallel rank and resumes mid-epoch
         default_root_dir=run_dir,
         enable_model_summary=True,
     )
@@ -82,7 +99,7 @@ def run_config(conf: TrainConfig, schedule: Schedule | None) -> dict:
             "components": os.path.abspath(data.components) if data.components else None}
 
 
-def train(cfg: DictConfig | TrainConfig) -> dict[str, float]:
+def train(cfg: DictConfig | TrainConfig) -> dict:
     conf = cfg if isinstance(cfg, TrainConfig) else resolve(cfg)
     L.seed_everything(conf.seed, workers=True)
     started = time.perf_counter()
@@ -96,21 +113,35 @@ def train(cfg: DictConfig | TrainConfig) -> dict[str, float]:
         apply_fps_attention(model, schedule, materialize=conf.fps.materialize, backend=conf.fps.backend)
     else:
         log.info("FPS attention off (fps.enabled=false): dense SDPA self-attention")
+    ds = conf.trainer.deepspeed if conf.trainer.strategy == "deepspeed" else None
+    cpu_adam = bool(ds and ds.offload_optimizer and torch.cuda.is_available())
     module = FlowMatchingModule(model, conf.objective, conf.optim, schedule, conf.fps.selector_reg_weight,
-                                run_config=run_config(conf, schedule))
-    data = LatentDataModule(conf.data, text_len=conf.model.text_len)
-    trainer = build_trainer(conf.trainer, conf.run_dir, conf.optim.grad_clip, own_sampler=conf.data.kind == "videos")
+                                run_config=run_config(conf, schedule), seed=conf.seed, sp_size=conf.trainer.sp_size,
+                                cpu_adam=cpu_adam)
+    data = LatentDataModule(conf.data, text_len=conf.model.text_len, sp_size=conf.trainer.sp_size)
+    trainer = build_trainer(conf)
+    ckpt_path = resume_checkpoint(conf.trainer.resume, os.path.join(conf.run_dir, "checkpoints"))
+    if ckpt_path is not None:
+        check_same_run(ckpt_path, module.run_config)
 
-    val_start = trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"]
-    trainer.fit(module, datamodule=data, ckpt_path=conf.trainer.resume_from)
+    # Lightning cannot see that our DataModule restores the data position (lit/datamodule.py); its warning would
+    # tell the user the opposite of what happens.
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
+    val = ds is None  # see the module docstring
+    val_start = trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"] if val else float("nan")
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     train_loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
-    val_end = trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"]
+    if val:
+        val_end = trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"]
+    else:
+        val_end = float(trainer.callback_metrics.get("val/loss", float("nan")))
 
     metrics = {
         "val/loss_start": float(val_start),
         "val/loss_end": float(val_end),
         "train/loss": train_loss,
         "steps": float(trainer.global_step),
+        "resumed_from": ckpt_path,
         "params": float(n_params),
         "wall_s": time.perf_counter() - started,
     }

@@ -54,6 +54,14 @@ if [ "$has_gpu" = 0 ] && ! "$venv/bin/python" -c "import triton" 2>/dev/null && 
   "${pip[@]}" install -q "triton==3.6.0"
 fi
 
+if [ "$(uname -s)" = Linux ] && ! "$venv/bin/python" -c "import deepspeed" 2>/dev/null; then
+  # DeepSpeed ships as an sdist whose build imports torch: build it against the torch chosen above (an isolated
+  # build would fetch another torch), with no ops compiled ahead of time (they compile just in time when used).
+  echo "[install] DeepSpeed (pure-python build against this torch)"
+  "${pip[@]}" install -q setuptools wheel
+  DS_BUILD_OPS=0 "${pip[@]}" install -q --no-build-isolation "deepspeed>=0.15"
+fi
+
 extras=${FPSA_EXTRAS-dev}  # the test extras by default; FPSA_EXTRAS= installs only what training needs
 "${pip[@]}" install -q -e ".${extras:+[$extras]}"
 "$venv/bin/python" -c "import torch, fpsa_train, fpsa_kernels; print('[install] ok: torch', torch.__version__, '| cuda', torch.version.cuda)"

@@ -17,8 +17,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from safetensors import safe_open
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
+from fpsa_train.data.sampler import ResumableBatches
 from fpsa_train.preprocess import EMPTY_PROMPT, INDEX
 
 
@@ -59,8 +60,9 @@ class LatentCache(Dataset):
         return {**self.__dict__, "_handles": {}}
 
 
-class BucketBatchSampler(Sampler):
-    """Batches of (index, drop_caption) within one latent-shape bucket, sharded across ranks."""
+class BucketBatchSampler(ResumableBatches):
+    """Batches of (index, drop_caption) within one latent-shape bucket, sharded across ranks; resumable
+    mid-epoch (fpsa_train/data/sampler.py)."""
 
     def __init__(self, shapes: list[tuple[int, ...]], batch_size: int, *, shuffle: bool = True, seed: int = 0,
                  drop_last: bool = True, caption_dropout: float = 0.0, num_replicas: int = 1, rank: int = 0):
@@ -71,10 +73,6 @@ class BucketBatchSampler(Sampler):
             self.buckets[tuple(shape)].append(i)
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.caption_dropout, self.num_replicas, self.rank = caption_dropout, num_replicas, rank
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def _all_batches(self) -> list[list[int]]:
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
@@ -92,7 +90,7 @@ class BucketBatchSampler(Sampler):
         usable = len(batches) - len(batches) % self.num_replicas if self.num_replicas > 1 else len(batches)
         return batches[:usable]
 
-    def __iter__(self):
+    def _epoch_batches(self):
         rng = random.Random(self.seed * 7_919 + self.epoch)
         for j, batch in enumerate(self._all_batches()):
             drops = [rng.random() < self.caption_dropout for _ in batch]  # drawn on every rank: same stream

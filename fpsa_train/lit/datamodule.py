@@ -4,6 +4,11 @@ zero-padded to the model's text length (no mask, as Wan trains).
 Cached videos: `prepare_data` (rank 0 only) builds or completes the cache (fpsa_train/data/prepare.py); `setup`
 splits it (the last `val_samples` clips are held out) and batches within one latent shape through
 `BucketBatchSampler`, which also shards batches across ranks and decides caption dropout.
+
+Both kinds shard by data-parallel rank (the `sp_size` ranks of a sequence-parallel group read the same batch)
+and resume mid-epoch: every checkpoint stores the epoch and how many of its batches this rank's training loop
+has consumed (`state_dict`, saved by Lightning with the DataModule), and the restored sampler skips them
+(fpsa_train/data/sampler.py).
 """
 
 from __future__ import annotations
@@ -11,19 +16,42 @@ from __future__ import annotations
 import functools
 
 import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 
 from fpsa_train.config import ConfigError, DataConfig
+from fpsa_train.data.sampler import ShardedBatchSampler
 from fpsa_train.data.synthetic import SyntheticLatents, collate
 
 
 class LatentDataModule(L.LightningDataModule):
-    def __init__(self, cfg: DataConfig, text_len: int):
+    def __init__(self, cfg: DataConfig, text_len: int, sp_size: int = 1):
         super().__init__()
         self.cfg = cfg
         self.text_len = text_len
+        self.sp_size = sp_size
         self.collate = functools.partial(collate, text_len=text_len)
         self._prepared = False
+        self._resume: dict | None = None
+
+    def _dp(self) -> tuple[int, int]:
+        """(data-parallel size, rank): sequence-parallel groups are consecutive ranks (sequence_parallel.py)."""
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        if world % self.sp_size:
+            raise ConfigError(f"trainer.sp_size={self.sp_size} does not divide the world size {world}")
+        return world // self.sp_size, rank // self.sp_size
+
+    def state_dict(self) -> dict:
+        """Where the training data stands: the epoch and the batches of it this rank has trained on."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return {}
+        return {"epoch": trainer.current_epoch,
+                "batches": trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = state or None
 
     def prepare_data(self) -> None:
         # Lightning calls this before every fit/validate; the cache check (and its log lines) runs once.
@@ -52,22 +80,24 @@ class LatentDataModule(L.LightningDataModule):
             raise ConfigError(f"the cache's text embeddings are {dim} wide but data.text_dim={self.cfg.text_dim} "
                               "(model.text_dim): the text encoder in data.components does not fit the model")
 
-    def _cache_loader(self, dataset, train: bool) -> DataLoader:
-        from fpsa_train.data.cache import BucketBatchSampler
-
-        trainer = self.trainer
-        sampler = BucketBatchSampler(
-            dataset.shapes(), self.cfg.batch_size, shuffle=train, seed=self.cfg.seed, drop_last=train,
-            caption_dropout=self.cfg.caption_dropout if train else 0.0,
-            num_replicas=trainer.world_size if trainer else 1, rank=trainer.global_rank if trainer else 0)
-        return DataLoader(dataset, batch_sampler=sampler, num_workers=self.cfg.num_workers,
-                          collate_fn=self.collate)
-
     def _loader(self, dataset, train: bool) -> DataLoader:
+        dp_size, dp_rank = self._dp()
         if self.cfg.kind == "videos":
-            return self._cache_loader(dataset, train)
-        return DataLoader(dataset, batch_size=self.cfg.batch_size, shuffle=train, drop_last=train,
-                          num_workers=self.cfg.num_workers, collate_fn=self.collate,
+            from fpsa_train.data.cache import BucketBatchSampler
+
+            sampler = BucketBatchSampler(
+                dataset.shapes(), self.cfg.batch_size, shuffle=train, seed=self.cfg.seed, drop_last=train,
+                caption_dropout=self.cfg.caption_dropout if train else 0.0, num_replicas=dp_size, rank=dp_rank)
+        else:
+            sampler = ShardedBatchSampler(len(dataset), self.cfg.batch_size, shuffle=train, seed=self.cfg.seed,
+                                          drop_last=train, num_replicas=dp_size, rank=dp_rank)
+        if train and self._resume:
+            # Lightning creates the first iterator before its set_epoch call (worker processes draw batches at
+            # once), so the resumed epoch is set here too
+            sampler.set_epoch(self._resume["epoch"])
+            sampler.resume_at(self._resume["epoch"], self._resume["batches"])
+            self._resume = None
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=self.cfg.num_workers, collate_fn=self.collate,
                           persistent_workers=self.cfg.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:

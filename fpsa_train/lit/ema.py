@@ -1,8 +1,15 @@
 """Exponential moving average of the weights, kept in fp32 beside the model.
 
 shadow ← decay·shadow + (1−decay)·param after every optimizer step. Only trainable floating-point parameters are
-tracked. The shadow lives on the parameters' device; its state dict goes into every checkpoint so a resumed run
-continues the same average, and export uses it by default.
+tracked. The shadow is built by `attach(model)` once the strategy has placed the model (Lightning's on_fit_start),
+so it lives where the parameters live, and its state dict goes into every checkpoint: a resumed run continues
+the same average, and export uses it by default.
+
+Under DeepSpeed ZeRO-3 a parameter is partitioned: each rank holds only its flat slice `p.ds_tensor` (numel
+ceil(n/world), the last one zero-padded), and `p` itself is empty outside forward and backward. The EMA then
+averages each rank's slice (`partitioned` = True): no rank ever holds a full-size shadow (56 GB in fp32 for 14B),
+and each rank's checkpoint file carries its own slices. `consolidate_partitions` joins the ranks' slices back
+into full tensors (export does this).
 """
 
 from __future__ import annotations
@@ -11,36 +18,85 @@ import torch
 from torch import nn
 
 
+def _tracked(model: nn.Module):
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.is_floating_point():
+            yield name, p
+
+
+def _values(p: torch.Tensor) -> torch.Tensor:
+    """The values this rank holds: the ZeRO-3 partition when the parameter is partitioned, else the parameter."""
+    return p.ds_tensor if hasattr(p, "ds_tensor") else p
+
+
 class EMA:
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, decay: float):
         self.decay = decay
-        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters()
-                       if p.requires_grad and p.is_floating_point()}
+        self.shadow: dict[str, torch.Tensor] | None = None
+        self.partitioned = False
+        self._pending: dict[str, torch.Tensor] | None = None  # a checkpoint's state loaded before attach
+
+    def attach(self, model: nn.Module) -> "EMA":
+        """Start the average from the model's current weights (or from a loaded state), on their device."""
+        params = dict(_tracked(model))
+        self.partitioned = any(hasattr(p, "ds_tensor") for p in params.values())
+        self.shadow = {n: _values(p).detach().float().clone() for n, p in params.items()}
+        if self._pending is not None:
+            state, self._pending = self._pending, None
+            self.load_state_dict(state)
+        return self
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for name, p in model.named_parameters():
+        if self.shadow is None:
+            raise RuntimeError("EMA.update before EMA.attach(model)")
+        for name, p in _tracked(model):
             if name in self.shadow:
-                self.shadow[name].lerp_(p.detach().float(), 1 - self.decay)
-
-    def to(self, device: torch.device) -> "EMA":
-        self.shadow = {n: t.to(device) for n, t in self.shadow.items()}
-        return self
+                self.shadow[name].lerp_(_values(p).detach().float(), 1 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.shadow is None:
+            raise RuntimeError("EMA.state_dict before EMA.attach(model)")
         return dict(self.shadow)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if self.shadow is None:
+            self._pending = dict(state)
+            return
         missing, unexpected = self.shadow.keys() - state.keys(), state.keys() - self.shadow.keys()
         if missing or unexpected:
             raise KeyError(f"EMA state does not match the model: missing {sorted(missing)[:20]}, "
                            f"unexpected {sorted(unexpected)[:20]}")
+        wrong = [n for n, t in state.items() if t.shape != self.shadow[n].shape]
+        if wrong:
+            kind = "ZeRO-3 partitions" if self.partitioned else "full tensors"
+            raise ValueError(f"EMA state shapes differ from the model's ({kind} expected), e.g. {wrong[0]}: "
+                             f"{tuple(state[wrong[0]].shape)} vs "
+                             f"{tuple(self.shadow[wrong[0]].shape)}; resume with the same strategy and world size")
         for n, t in state.items():
             self.shadow[n].copy_(t)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
-        """Write the averaged weights into the model (cast to each parameter's dtype)."""
+        """Write the averaged weights into the model (cast to each parameter's dtype); full tensors only."""
+        if self.shadow is None or self.partitioned:
+            raise RuntimeError("EMA.copy_to needs an attached, unpartitioned EMA")
         for name, p in model.named_parameters():
             if name in self.shadow:
                 p.copy_(self.shadow[name])
+
+
+def consolidate_partitions(ranks: list[dict[str, torch.Tensor]], shapes: dict[str, tuple[int, ...]]) \
+        -> dict[str, torch.Tensor]:
+    """Full tensors from the ZeRO-3 EMA slices of every rank (in rank order): concatenate, drop the padding."""
+    out = {}
+    for name, shape in shapes.items():
+        missing = [r for r, state in enumerate(ranks) if name not in state]
+        if missing:
+            raise KeyError(f"the ZeRO-3 EMA of rank(s) {missing} has no {name!r}")
+        flat = torch.cat([state[name].reshape(-1) for state in ranks])
+        numel = torch.Size(shape).numel()
+        if flat.numel() < numel:
+            raise ValueError(f"ZeRO-3 EMA slices of {name!r} hold {flat.numel()} values, the parameter {numel}")
+        out[name] = flat[:numel].reshape(shape).clone()
+    return out

@@ -1,16 +1,27 @@
 """The LightningModule that trains a Wan DiT with the rectified-flow objective (fpsa_train/flow.py).
 
-Training draws σ per sample; validation uses a fixed σ grid and fixed noise per batch (seeded by the batch
-index), so `val/loss` is a deterministic measure that can be compared before and after training and across runs.
-The optimiser is AdamW with linear warmup; gradient clipping is the Trainer's; the EMA of the weights is updated
-after every optimizer step and saved in checkpoints, together with `run_config` (the architecture, token order,
-schedule and data shape of the run; plain data) so that `python -m fpsa_train.export` needs nothing but the
-checkpoint.
+Training draws σ and the noise per sample from a generator seeded by (seed, data-parallel rank, step,
+micro-batch), not from the global RNG: a run resumed from a checkpoint draws exactly what the uninterrupted run
+would have drawn, the ranks of a data-parallel job draw different noise, and the ranks of one
+sequence-parallel group (which share a sample) draw the same. Validation uses a fixed σ grid and fixed noise per
+batch (seeded by the batch index), so `val/loss` is a deterministic measure that can be compared before and after
+training and across runs.
+
+The optimiser is AdamW with linear warmup (DeepSpeed's CPU Adam when ZeRO offloads the optimizer on GPUs);
+gradient clipping is the Trainer's; the EMA of the weights is updated after every optimizer step and saved in
+checkpoints, together with `run_config` (the architecture, token order, schedule and data shape of the run; plain
+data) so that `python -m fpsa_train.export` needs nothing but the checkpoint.
+
+Sequence parallelism (`sp_size` > 1) is applied in `setup`, once the process group exists: the ranks of a group
+split each sample's tokens, every one of them computes the same loss on the gathered output, and each holds the
+gradient of its own tokens only; the loss is multiplied by `sp_size` before the backward so that the strategy's
+average over all ranks (DDP or ZeRO) is the exact data-parallel gradient.
 """
 
 from __future__ import annotations
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import grad_norm
@@ -23,11 +34,18 @@ from fpsa_train.fps.transform import realised_density, selector_loss
 from fpsa_train.lit.ema import EMA
 
 RUN_CONFIG_KEY = "fpsa_run_config"  # where checkpoints carry `run_config` (read by export)
+EMA_PARTITIONED_KEY = "ema_partitioned"  # True when `ema` holds this rank's ZeRO-3 slices (lit/ema.py)
+
+
+def step_seed(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (numpy's SeedSequence: nearby inputs give unrelated streams)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 class FlowMatchingModule(L.LightningModule):
     def __init__(self, model: nn.Module, objective: ObjectiveConfig, optim: OptimConfig,
-                 schedule: Schedule | None = None, selector_reg_weight: float = 0.0, run_config: dict | None = None):
+                 schedule: Schedule | None = None, selector_reg_weight: float = 0.0, run_config: dict | None = None,
+                 seed: int = 0, sp_size: int = 1, cpu_adam: bool = False):
         super().__init__()
         self.run_config = run_config
         self.model = model
@@ -35,7 +53,23 @@ class FlowMatchingModule(L.LightningModule):
         self.optim = optim
         self.schedule = schedule
         self.selector_reg_weight = selector_reg_weight
-        self.ema = EMA(model, optim.ema_decay) if optim.ema_decay > 0 else None
+        self.seed = seed
+        self.sp_size = sp_size
+        self.cpu_adam = cpu_adam
+        self.ema = EMA(optim.ema_decay) if optim.ema_decay > 0 else None
+
+    def setup(self, stage: str) -> None:
+        if self.sp_size > 1 and not getattr(self.model, "sequence_parallel", None):
+            from fpsa_train.sequence_parallel import apply_sequence_parallel, init_sp_groups
+
+            apply_sequence_parallel(self.model, init_sp_groups(self.sp_size))
+
+    def _generator(self, batch_idx: int, device: torch.device) -> torch.Generator:
+        """The σ/noise generator of this micro-batch (see the module docstring)."""
+        accumulate = self.trainer.accumulate_grad_batches
+        dp_rank = self.trainer.global_rank // self.sp_size
+        seed = step_seed(self.seed, dp_rank, self.trainer.global_step, batch_idx % accumulate)
+        return torch.Generator(device=device).manual_seed(seed)
 
     def per_sample_loss(self, batch: dict, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """MSE to the velocity target, one value per sample (B,); σ also picks each sample's FPS regime."""
@@ -60,14 +94,22 @@ class FlowMatchingModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         x0 = batch["latents"]
-        sigma = sample_sigma(x0.shape[0], self.objective, device=x0.device)
-        loss = self._log_losses("train", self.per_sample_loss(batch, sigma, torch.randn_like(x0, dtype=torch.float32)),
-                                sigma)
+        g = self._generator(batch_idx, x0.device)
+        sigma = sample_sigma(x0.shape[0], self.objective, device=x0.device, generator=g)
+        noise = torch.randn(x0.shape, generator=g, device=x0.device, dtype=torch.float32)
+        loss = self._log_losses("train", self.per_sample_loss(batch, sigma, noise), sigma)
         reg = selector_loss(self.model)
         if reg is not None and self.selector_reg_weight > 0:
             self.log("train/selector_reg", reg, batch_size=x0.shape[0])
             loss = loss + self.selector_reg_weight * reg
-        return loss
+        # Selectors of regimes that no sample of this batch visited took no part in the forward; a zero-valued
+        # term keeps every parameter in the graph, which DDP requires (else: "parameters that were not used").
+        # ZeRO-3's partitioned parameters are empty here, and DeepSpeed does not need it.
+        idle = [p.sum() for n, p in self.model.named_parameters()
+                if ".selectors." in n and p.requires_grad and not hasattr(p, "ds_tensor")]
+        if idle:
+            loss = loss + 0.0 * torch.stack(idle).sum()
+        return loss * self.sp_size
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         x0 = batch["latents"]
@@ -81,19 +123,23 @@ class FlowMatchingModule(L.LightningModule):
         if "grad_2.0_norm_total" in norms:
             self.log("train/grad_norm", norms["grad_2.0_norm_total"])
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self.ema is not None and (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # The EMA follows every optimizer step here, before any callback's on_train_batch_end: a checkpoint
+        # written there (ModelCheckpoint) must already hold this step's average, or a resumed run misses one update.
+        if self.ema is not None:
             self.ema.update(self.model)
 
     def on_fit_start(self) -> None:
-        if self.ema is not None:
-            self.ema.to(self.device)
+        if self.ema is not None:  # after the strategy placed (and under ZeRO-3 partitioned) the parameters
+            self.ema.attach(self.model)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.run_config is not None:
             checkpoint[RUN_CONFIG_KEY] = self.run_config
-        if self.ema is not None:
+        if self.ema is not None and self.ema.shadow is not None:
             checkpoint["ema"] = self.ema.state_dict()
+            checkpoint[EMA_PARTITIONED_KEY] = self.ema.partitioned
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.ema is not None:
@@ -104,8 +150,14 @@ class FlowMatchingModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.optim.lr, betas=tuple(self.optim.betas),
-                                weight_decay=self.optim.weight_decay, eps=self.optim.eps)
+        hyper = dict(lr=self.optim.lr, betas=tuple(self.optim.betas), weight_decay=self.optim.weight_decay,
+                     eps=self.optim.eps)
+        if self.cpu_adam:  # ZeRO-Offload steps the optimizer on the CPU: DeepSpeed's vectorised Adam
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            opt = DeepSpeedCPUAdam(params, adamw_mode=True, **hyper)
+        else:
+            opt = torch.optim.AdamW(params, **hyper)
         warmup = max(1, self.optim.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

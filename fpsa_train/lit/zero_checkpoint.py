@@ -21,7 +21,8 @@ The fp32 master weights are the ones to export (the module copies are in the tra
   pieces one after another in `param_shapes` order (`fp32_flat_groups`); a parameter is its ranks' pieces joined
   and cut to numel (the padding is not zeroed, so it must be cut, not trusted).
 Frozen parameters come from `frozen_param_fragments` (whole under ZeRO-2, per-rank pieces split the same way under
-ZeRO-3), buffers from the module copy of rank 0.
+ZeRO-3), buffers from the module copy of rank 0. Under ZeRO-3 our EMA is partitioned the same way (lit/ema.py):
+each rank's model-states file holds its slices, and the client state returned here carries them joined.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from fpsa_train.lit.ema import consolidate_partitions
 from fpsa_train.models.checkpoint_config import CheckpointError
 
 _DEEPSPEED_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
@@ -157,4 +159,21 @@ def read_zero_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
     for alias, source in (shared.items() if isinstance(shared, dict) else shared):
         if source in weights:
             weights[alias] = weights[source]
+    if client.get("ema_partitioned") and client.get("ema"):
+        client = {**client, "ema": _join_ema(states, shapes, where), "ema_partitioned": False}
     return weights, client
+
+
+def _join_ema(states: list[dict], shapes: list[dict], where: str) -> dict[str, torch.Tensor]:
+    """The full EMA from the ranks' ZeRO-3 slices (EMA keys are the model's names, without Lightning's prefix)."""
+    flat = {name: tuple(shape) for group in shapes for name, shape in group.items()}
+    full_shapes = {}
+    for key in states[0]["ema"]:
+        match = next((flat[p + key] for p in ("model.", "_forward_module.model.", "") if p + key in flat), None)
+        if match is None:
+            raise CheckpointError(f"{where}: EMA entry {key!r} matches no parameter of the checkpoint")
+        full_shapes[key] = match
+    try:
+        return consolidate_partitions([s["ema"] for s in states], full_shapes)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{where}: the ranks' EMA slices do not join up ({e})") from e
