@@ -30,7 +30,7 @@ def test_resume_continues_from_checkpoint(tmp_path):
     train(compose_train([*SHORT, "trainer.max_steps=30"], tmp_path))
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     ema_before = torch.load(ckpt, weights_only=True)["ema"]
-    metrics = train(compose_train([*SHORT, "trainer.max_steps=40", f"trainer.resume_from={ckpt}"], tmp_path / "b"))
+    metrics = train(compose_train([*SHORT, "trainer.max_steps=40", f"trainer.resume={ckpt}"], tmp_path / "b"))
     assert metrics["steps"] == 40  # 30 restored + 10 new
     ema_after = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)["ema"]
     name = next(iter(ema_before))

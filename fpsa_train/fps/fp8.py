@@ -18,12 +18,15 @@ differentiates) on CPU, and the Triton kernels are tested against it bit for bit
   (the rounding boundary above 448: up to 464 plain round-to-nearest already gives 448; this keeps the gradient
   of the group max, whose x/scale may land an fp32 ulp above 448), and 0 where the value saturated — it does not
   move with x in the forward, as with clamp. Scales are constants (computed from detached amax): no gradient.
+- Range statistics for logging (`e4m3_range_stats`, `qkv_range_stats`): how many elements saturate (beyond the
+  same 464) and how many nonzero ones underflow to zero, with exactly the scales above.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -170,22 +173,76 @@ def group_scales(x: Tensor, ids: Tensor, n_groups: int) -> Tensor:
     return (amax / E4M3_MAX).unsqueeze(-1)  # (B, H, L, 1)
 
 
+def qk_scales(x: Tensor, layout: TokenLayout, granularity: QuantGranularity, name: str = "q/k") -> Tensor:
+    """Per-token scale (B, H, L, 1) of Q or K (B, H, L, D) in the layout's token order, for the granularity."""
+    if x.shape[-2] != layout.seq_len:
+        raise ValueError(f"{name} has {x.shape[-2]} tokens, layout grid {layout.grid} has {layout.seq_len}")
+    ids, n_groups = token_group_ids(layout, granularity.group_shape(layout.tile_shape), x.device)
+    return group_scales(x, ids, n_groups)  # (B, H, L, 1)
+
+
+def v_scales(v: Tensor) -> Tensor:
+    """Per-channel scale (B, H, 1, D) of V (B, H, L, D): max(amax over L, floor)/448."""
+    return v.detach().abs().amax(dim=-2, keepdim=True).float().clamp_min(AMAX_FLOOR) / E4M3_MAX  # (B, H, 1, D)
+
+
 def quantize_qk(x: Tensor, layout: TokenLayout, granularity: QuantGranularity,
                 name: str = "q/k") -> tuple[Tensor, Tensor]:
     """Q or K (B, H, L, D) in the layout's token order → (x_hat fp32 with STE, per-token scale (B, H, L, 1))."""
     check_finite(x, name)
-    if x.shape[-2] != layout.seq_len:
-        raise ValueError(f"{name} has {x.shape[-2]} tokens, layout grid {layout.grid} has {layout.seq_len}")
-    ids, n_groups = token_group_ids(layout, granularity.group_shape(layout.tile_shape), x.device)
-    scale = group_scales(x, ids, n_groups)  # (B, H, L, 1)
+    scale = qk_scales(x, layout, granularity, name)  # (B, H, L, 1)
     return FakeQuantE4M3.apply(x, scale), scale
 
 
 def quantize_v(v: Tensor, name: str = "v") -> tuple[Tensor, Tensor]:
     """V (B, H, L, D) → (v_hat fp32 with STE, per-channel scale (B, H, 1, D) = max(amax over L, floor)/448)."""
     check_finite(v, name)
-    scale = v.detach().abs().amax(dim=-2, keepdim=True).float().clamp_min(AMAX_FLOOR) / E4M3_MAX  # (B, H, 1, D)
+    scale = v_scales(v)  # (B, H, 1, D)
     return FakeQuantE4M3.apply(v, scale), scale
+
+
+class RangeStats(NamedTuple):
+    """Counts of how FP8 e4m3 quantization treated a tensor's elements (add them up over tensors and layers)."""
+
+    saturated: int
+    """Elements with |x/scale| > 464, where the clamp to ±448 changes the value (fake_quant_e4m3's saturation)."""
+    underflow: int
+    """Nonzero elements that round to zero."""
+    nonzero: int
+    """Nonzero elements (the denominator of the underflow rate)."""
+    total: int
+    """All elements (the denominator of the saturation rate)."""
+
+    def __add__(self, other: RangeStats) -> RangeStats:  # element-wise, not tuple concatenation
+        return RangeStats(*(a + b for a, b in zip(self, other)))
+
+    def rates(self) -> dict[str, float]:
+        """{"saturated": fraction of all elements, "underflow": fraction of the nonzero elements}."""
+        return {"saturated": self.saturated / max(self.total, 1), "underflow": self.underflow / max(self.nonzero, 1)}
+
+
+@torch.no_grad()
+def e4m3_range_stats(x: Tensor, scale: Tensor) -> RangeStats:
+    """How many elements of x saturate or underflow when x/scale (scale broadcastable) is cast to e4m3.
+
+    Saturated: |x/scale| > 464; between 448 and 464 round-to-nearest gives 448 anyway (the group max itself may land
+    an fp32 ulp above 448), so only beyond 464 does the clamp lose anything. With the contract's per-group amax
+    scales (`qk_scales`, `v_scales`) nothing saturates by construction: a nonzero rate flags a broken scale.
+    Underflow: nonzero elements whose x/scale rounds to zero (|x/scale| up to half the smallest subnormal, 2^-10);
+    small entries of a group with a large outlier are lost this way, so this is the informative number.
+    """
+    y = x.float() / scale.float()
+    nonzero = x != 0
+    return RangeStats(int((y.abs() > E4M3_SAT_GRAD_LIMIT).sum()), int((nonzero & (round_e4m3(y) == 0)).sum()),
+                      int(nonzero.sum()), x.numel())
+
+
+def qkv_range_stats(q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout,
+                    granularity: QuantGranularity) -> RangeStats:
+    """`e4m3_range_stats` of Q, K and V together, with exactly the scales quantize_qk and quantize_v use."""
+    with torch.no_grad():
+        return (e4m3_range_stats(q, qk_scales(q, layout, granularity, "q"))
+                + e4m3_range_stats(k, qk_scales(k, layout, granularity, "k")) + e4m3_range_stats(v, v_scales(v)))
 
 
 def quantize_p(p: Tensor, name: str = "p") -> Tensor:

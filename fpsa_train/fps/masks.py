@@ -199,6 +199,13 @@ class LearnedSelector(nn.Module):
     sigmoid to the scores (hence q, k) and to the bias. Limitation: dropped pairs are never computed, so they
     get no gradient: the task loss can only learn to drop tiles, never to add one. `reg_loss` =
     (mean soft - ρ)² is what pushes the density back up (or down) towards the target.
+
+    `heads` selects the bias entries of a head range when the scores hold only those heads (Ulysses sequence
+    parallelism gives each rank H/sp heads). `reg_loss` is then weighted by the range's share of the heads,
+    (H_range/H)·(mean soft over the range - ρ)²: summed over the ranks of a group it is the mean over head groups
+    of their squared deviation, equal to the all-heads value when the groups' densities agree and never below it
+    (Jensen). Making it exact would need an all-reduce per layer; holding every head group near the target is
+    what the regulariser is for.
     """
 
     def __init__(self, num_heads: int, target_density: float, temperature: float = 1.0, eps: float = 1e-6):
@@ -214,15 +221,19 @@ class LearnedSelector(nn.Module):
         init = NormalDist().inv_cdf(min(max(target_density, 1e-6), 1.0 - 1e-6))
         self.bias = nn.Parameter(torch.full((num_heads,), init))
 
-    def forward(self, scores: Tensor, static: TileMask | None = None) -> tuple[TileMask, Tensor, Tensor]:
-        """scores (B, H, N, N) → (mask, gate fp32 (B, H, N, N) of value 1.0, reg_loss scalar)."""
-        if scores.dim() != 4 or scores.shape[1] != self.num_heads or scores.shape[-1] != scores.shape[-2]:
-            raise ValueError(f"LearnedSelector: scores must be (B, H={self.num_heads}, N, N), "
-                             f"got {tuple(scores.shape)}")
+    def forward(self, scores: Tensor, static: TileMask | None = None,
+                heads: slice | None = None) -> tuple[TileMask, Tensor, Tensor]:
+        """scores (B, H, N, N) → (mask, gate fp32 (B, H, N, N) of value 1.0, reg_loss scalar).
+
+        H is all `num_heads`, or the heads of the range `heads` (a slice of the head index)."""
+        bias = self.bias if heads is None else self.bias[heads]  # (H,)
+        if scores.dim() != 4 or scores.shape[1] != bias.numel() or scores.shape[-1] != scores.shape[-2]:
+            raise ValueError(f"LearnedSelector: scores must be (B, H={bias.numel()}, N, N) for heads "
+                             f"{heads or 'all'} of {self.num_heads}, got {tuple(scores.shape)}")
         s = scores.float()
         mean = s.mean(-1, keepdim=True)  # (B, H, N, 1)
         var = s.var(-1, unbiased=False, keepdim=True)  # (B, H, N, 1)
-        z = (s - mean) * torch.rsqrt(var + self.eps) + self.bias.float()[None, :, None, None]  # (B, H, N, N)
+        z = (s - mean) * torch.rsqrt(var + self.eps) + bias.float()[None, :, None, None]  # (B, H, N, N)
         n = s.shape[-1]
         with torch.no_grad():
             keep = (z > 0) | torch.eye(n, dtype=torch.bool, device=s.device)
@@ -233,7 +244,7 @@ class LearnedSelector(nn.Module):
                 keep = keep | static.to_dense().to(s.device)
         soft = torch.sigmoid(z / self.temperature)
         gate = 1.0 + (soft - soft.detach())  # exactly 1.0 forward: x - x == 0 for every finite x
-        reg_loss = (soft.mean() - self.target_density) ** 2
+        reg_loss = (soft.mean() - self.target_density) ** 2 * (bias.numel() / self.num_heads)
         return TileMask.from_dense(keep), gate, reg_loss
 
     def extra_repr(self) -> str:

@@ -41,8 +41,10 @@ class RegimeMask:
 
 
 def select_tiles(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, regime: Regime,
-                 selector: LearnedSelector | None = None) -> RegimeMask:
-    """The key tiles each query tile attends under `regime` (q, k unquantized, tile-major)."""
+                 selector: LearnedSelector | None = None, heads: slice | None = None) -> RegimeMask:
+    """The key tiles each query tile attends under `regime` (q, k unquantized, tile-major).
+
+    `heads`: which of the selector's heads q and k hold (a slice; None = all), under sequence parallelism."""
     n, dev = len(layout.tile_sizes()), q.device
     static = window_mask(layout.tile_grid, regime.window, device=dev) if regime.window is not None else None
     if regime.pattern == "dense":
@@ -55,7 +57,7 @@ def select_tiles(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, regime: 
         return RegimeMask(dynamic if static is None else union_mask(static, dynamic), None, None)
     if selector is None:
         raise ValueError(f"regime {regime.name!r} is `learned` but no LearnedSelector was given")
-    mask, gate, reg = selector(pooled_tile_scores(q, k, layout), static)
+    mask, gate, reg = selector(pooled_tile_scores(q, k, layout), static, heads)
     return RegimeMask(mask, gate, reg)
 
 
@@ -80,16 +82,17 @@ def softmax_pv(s: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None, quan
 
 
 def attention_tiles(q, k, v, layout: TokenLayout, regime: Regime, selector: LearnedSelector | None = None,
-                    mask: TileMask | None = None) -> tuple[torch.Tensor, RegimeMask]:
+                    mask: TileMask | None = None, heads: slice | None = None) -> tuple[torch.Tensor, RegimeMask]:
     """FPS attention computing only the kept tile pairs: (out (B, H, L, D) fp32, the mask used).
 
-    `mask` overrides the regime's selection (to evaluate a kernel and the reference on the same tile mask).
+    `mask` overrides the regime's selection (to evaluate a kernel and the reference on the same tile mask);
+    `heads` is the selector's head range that q, k, v hold (select_tiles).
 
     One step per query tile u: the kept key tiles of every (b, h) are gathered side by side, each padded to the
     largest tile size (pads and unused mask slots score −inf), so the work is the kept pairs plus edge padding.
     """
     _require_tile_order(layout)
-    sel = select_tiles(q, k, layout, regime, selector) if mask is None else RegimeMask(mask, None, None)
+    sel = select_tiles(q, k, layout, regime, selector, heads) if mask is None else RegimeMask(mask, None, None)
     qh, kh, vh = quantize_inputs(q, k, v, layout, regime)
     b, h, _, d = qh.shape
     mask = sel.mask.expand(b, h)
@@ -118,10 +121,10 @@ def attention_tiles(q, k, v, layout: TokenLayout, regime: Regime, selector: Lear
 
 
 def attention_materialized(q, k, v, layout: TokenLayout, regime: Regime, selector: LearnedSelector | None = None,
-                           mask: TileMask | None = None) -> tuple[torch.Tensor, RegimeMask]:
+                           mask: TileMask | None = None, heads: slice | None = None) -> tuple[torch.Tensor, RegimeMask]:
     """The same definition on the full (L, L) score matrix with a token-level mask (tiny shapes only)."""
     _require_tile_order(layout)
-    sel = select_tiles(q, k, layout, regime, selector) if mask is None else RegimeMask(mask, None, None)
+    sel = select_tiles(q, k, layout, regime, selector, heads) if mask is None else RegimeMask(mask, None, None)
     qh, kh, vh = quantize_inputs(q, k, v, layout, regime)
     tile_of = token_tiles(layout, q.device)  # (L,)
     keep = sel.mask.to_dense()[..., tile_of, :][..., tile_of]  # (B|1, H|1, L, L)

@@ -8,9 +8,12 @@ A batch whose samples fall into different regimes is split by regime and reassem
 is computed exactly as it would be alone. Cross-attention stays dense, as in the paper. The model file never
 imports this module.
 
-Each core keeps what training logs and optimises: the realised density per regime from its last forward, and the
-learned selectors' density regulariser (`aux_loss`). Selectors are per layer (one module per core), with a
-per-head bias each.
+Each core keeps what training logs and optimises: the realised density per regime from its last forward, the
+learned selectors' density regulariser (`aux_loss`), and with `collect_stats` on, the FP8 range statistics of its
+Q, K and V (`last_fp8_stats`, fps/fp8.py `e4m3_range_stats`). Selectors are per layer (one module per core), with
+a per-head bias each. Under sequence parallelism (fpsa_train/sequence_parallel.py) a core sees only a range of
+the heads, passed as `heads=slice(...)`; the selectors use those heads' bias entries, and all three statistics
+are over those heads.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import logging
 import torch
 from torch import nn
 
+from fpsa_train.fps.fp8 import RangeStats, qkv_range_stats
 from fpsa_train.fps.masks import LearnedSelector
 from fpsa_train.fps.reference import attention_materialized, attention_tiles, select_tiles
 from fpsa_train.fps.schedule import BACKENDS, Schedule, ScheduleError
@@ -92,10 +96,13 @@ class FPSAttention(nn.Module):
             for r in schedule.regimes if r.pattern == "learned"})
         self.last_density: dict[str, float] = {}
         self.aux_loss: torch.Tensor | None = None
+        self.collect_stats = False  # record last_fp8_stats on every forward (costs a pass over Q, K, V)
+        self.last_fp8_stats: dict[str, float] = {}  # {"saturated", "underflow"} rates; {} when nothing quantized
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
-                sigma: torch.Tensor | float | None = None, **attn_kwargs) -> torch.Tensor:
-        # q, k, v: (B, H, L, D), tokens in tile-major order
+                sigma: torch.Tensor | float | None = None, heads: slice | None = None,
+                **attn_kwargs) -> torch.Tensor:
+        # q, k, v: (B, H, L, D), tokens in tile-major order; H = all heads, or the range `heads` of them
         if sigma is None:
             raise ValueError("FPS attention picks its regime from the noise level: call the model with "
                              "attn_kwargs={'sigma': σ} (a float or one value per sample)")
@@ -106,19 +113,22 @@ class FPSAttention(nn.Module):
         elif sigma.numel() != b:
             raise ValueError(f"sigma has {sigma.numel()} values for a batch of {b}")
         which = self.schedule.regime_index(sigma)  # (B,)
-        outputs, order, aux = [], [], []
+        outputs, order, aux, stats = [], [], [], []
         self.last_density = {}
         for r in torch.unique(which).tolist():
             regime = self.schedule.regimes[r]
             idx = (which == r).nonzero().flatten()  # the samples in this regime
             selector = self.selectors[regime.name] if regime.name in self.selectors else None
-            out, sel = self._attend(q[idx], k[idx], v[idx], layout, regime, selector)
+            out, sel = self._attend(q[idx], k[idx], v[idx], layout, regime, selector, heads)
             outputs.append(out)
             order.append(idx)
             self.last_density[regime.name] = float(sel.mask.density().mean())
             if sel.reg_loss is not None:
                 aux.append(sel.reg_loss)
+            if self.collect_stats and regime.quantized:
+                stats.append(qkv_range_stats(q[idx], k[idx], v[idx], layout, regime.quant))
         self.aux_loss = torch.stack(aux).sum() if aux else None
+        self.last_fp8_stats = sum(stats, RangeStats(0, 0, 0, 0)).rates() if stats else {}
         out = torch.cat(outputs) if len(outputs) == 1 else torch.cat(outputs)[torch.argsort(torch.cat(order))]
         return out.to(v.dtype)  # (B, H, L, D)
 
@@ -128,18 +138,18 @@ class FPSAttention(nn.Module):
             _announce(f"FPS attention: reference for regime {regime.name!r} ({reason})")
         return reason is None
 
-    def _attend(self, q, k, v, layout: TokenLayout, regime, selector):
+    def _attend(self, q, k, v, layout: TokenLayout, regime, selector, heads: slice | None):
         if not self._use_kernel(q, regime):
             self.last_backend = "reference"
             attend = attention_materialized if self.materialize else attention_tiles
-            return attend(q, k, v, layout, regime, selector)
+            return attend(q, k, v, layout, regime, selector, heads=heads)
         self.last_backend = "kernel"
         from fpsa_kernels import fps_attention
 
         training = torch.is_grad_enabled() and q.requires_grad
         _announce(f"FPS attention: Hopper FP8 Triton kernel (fpsa_kernels) on {q.device}, "
                   f"{'forward and backward (training)' if training else 'forward'}")
-        sel = select_tiles(q, k, layout, regime, selector)  # also for density logging
+        sel = select_tiles(q, k, layout, regime, selector, heads)  # also for density logging
         static = regime.pattern in ("dense", "window")  # the kernel reuses its cached plan for these
         out, _ = fps_attention(q, k, v, layout, regime, None if static else sel.mask, sel.gate)
         return out, sel
@@ -170,6 +180,11 @@ def selector_loss(model: nn.Module) -> torch.Tensor | None:
     """Sum of the learned selectors' density regularisers from the last forward (None when there are none)."""
     losses = [c.aux_loss for c in fps_cores(model) if c.aux_loss is not None]
     return torch.stack(losses).sum() if losses else None
+
+
+def fp8_stats(model: nn.Module) -> dict[int, dict[str, float]]:
+    """Per layer, the FP8 range statistics of the last forward (layers whose cores collect them and quantized)."""
+    return {core.layer: core.last_fp8_stats for core in fps_cores(model) if core.last_fp8_stats}
 
 
 def realised_density(model: nn.Module) -> dict[str, float]:

@@ -15,6 +15,12 @@ What must be exact, and is:
 
 Self-attention runs through `self_attn.core` (models/attention.py), which a transform replaces on a built model.
 All samples of a batch share one latent shape (bucketed data), so no key-padding mask is needed.
+
+Sequence parallelism is a transform too (fpsa_train/sequence_parallel.py, never imported here). Its seam is the
+plain attribute `sequence_parallel` (None by default; no parameters, so no state dict keys) of the model and of
+every SelfAttention: the model asks it to `shard` the tile-major tokens and their RoPE rows to this rank's slice
+and to `gather` the head's output back to all tokens; a SelfAttention hands its core to `attend`, which runs the
+core on all tokens of this rank's heads.
 """
 
 from __future__ import annotations
@@ -90,13 +96,17 @@ class SelfAttention(_Attention):
     def __init__(self, dim: int, num_heads: int, eps: float):
         super().__init__(dim, num_heads, eps)
         self.core: nn.Module = SDPAttention()
+        self.sequence_parallel = None  # set by sequence_parallel.py: runs the core across the ranks of a group
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], layout: TokenLayout,
                 attn_kwargs: dict) -> torch.Tensor:
-        q = apply_rope(self.heads(self.norm_q(self.q(x))), *rope)  # (B, L, H, D)
-        k = apply_rope(self.heads(self.norm_k(self.k(x))), *rope)  # (B, L, H, D)
-        v = self.heads(self.v(x))  # (B, L, H, D)
-        out = self.core(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout, **attn_kwargs)
+        q = apply_rope(self.heads(self.norm_q(self.q(x))), *rope).transpose(1, 2)  # (B, L, H, D) → (B, H, L, D)
+        k = apply_rope(self.heads(self.norm_k(self.k(x))), *rope).transpose(1, 2)  # (B, H, L, D)
+        v = self.heads(self.v(x)).transpose(1, 2)  # (B, H, L, D)
+        if self.sequence_parallel is None:
+            out = self.core(q, k, v, layout, **attn_kwargs)
+        else:  # L is this rank's tokens; the core sees all tokens of this rank's heads
+            out = self.sequence_parallel.attend(self.core, q, k, v, layout, attn_kwargs)
         return self.o(out.transpose(1, 2).flatten(2))  # (B, H, L, D) → (B, L, dim)
 
 
@@ -169,6 +179,7 @@ class WanModel(nn.Module):
         self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
         self._layout_cache: dict = {}
+        self.sequence_parallel = None  # set by sequence_parallel.py: shards the tokens across the ranks of a group
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -231,6 +242,8 @@ class WanModel(nn.Module):
         tokens = self.patch_embedding(x).flatten(2).transpose(1, 2).float()  # (B, L, dim), raster order
         if perm is not None:
             tokens = tokens[:, perm]  # (B, L, dim), tile-major
+        if self.sequence_parallel is not None:
+            tokens, rope = self.sequence_parallel.shard(tokens, rope)  # (B, L/sp, dim): this rank's slice
 
         with _no_autocast(x.device.type):
             e = _linear_fp32(self.time_embedding[2],
@@ -245,6 +258,8 @@ class WanModel(nn.Module):
                 tokens = block(tokens, e0, context, rope, layout, attn_kwargs)
 
         out = self.head(tokens, e)  # (B, L, pt·ph·pw·c) fp32
+        if self.sequence_parallel is not None:
+            out = self.sequence_parallel.gather(out)  # (B, L/sp, ·) → (B, L, ·) on every rank of the group
         if inv is not None:
             out = out[:, inv]  # back to raster order
         return self.unpatchify(out, layout.grid)

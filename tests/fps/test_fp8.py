@@ -10,11 +10,14 @@ from fpsa_train.fps.fp8 import (
     AMAX_FLOOR,
     E4M3_MAX,
     QuantGranularity,
+    RangeStats,
+    e4m3_range_stats,
     fake_quant_e4m3,
     group_scales,
     quantize_p,
     quantize_qk,
     quantize_v,
+    qkv_range_stats,
     round_e4m3_emulated as round_e4m3,  # the spelled-out rounding; the fast cast path is checked below
     round_e4m3 as round_e4m3_cast,
     sqnr_db,
@@ -363,3 +366,32 @@ def test_fast_cast_path_equals_the_emulation():
                    torch.tensor([0.0, -0.0, 448.0, 464.0, 465.0, -1e30, float("inf"), -float("inf"), 2.0**-10])])
     fast, spec = round_e4m3_cast(x), round_e4m3(x)
     assert torch.equal(fast, spec) and torch.equal(torch.signbit(fast), torch.signbit(spec))
+
+
+def test_range_stats_count_saturation_and_underflow():
+    """Constructed values: saturated beyond 464·scale (up to it round-to-nearest gives 448 anyway), underflow for
+    nonzero values at or below half the smallest subnormal (2^-10, ties to even go to zero); zeros are neither."""
+    scale = torch.tensor(0.25)
+    y = torch.tensor([448.0, 448.0 * (1 + 2**-23), 464.0, 470.0, -1000.0,  # fine, fine (an ulp above), fine, sat, sat
+                      2.0**-10, -(2.0**-12), 1e-30,  # underflow: the tie, and smaller
+                      2.0**-10 * 1.01, 2.0**-9, 0.0, -0.0, 1.0])  # round to ±2^-9 (not lost); zeros; plain
+    stats = e4m3_range_stats(y * scale, scale)
+    assert stats == RangeStats(saturated=2, underflow=3, nonzero=11, total=13), stats
+    assert stats.rates() == {"saturated": 2 / 13, "underflow": 3 / 11}
+    assert stats + stats == RangeStats(4, 6, 22, 26)
+
+
+def test_range_stats_with_contract_scales_never_saturate():
+    """With per-group amax scales nothing saturates; small entries of a group with an outlier underflow (counted
+    independently here), and a broken (halved) scale shows as saturation."""
+    x = heavy_tailed(3)
+    x[0, 0, :5, 0] = 1e4  # an outlier in the first tiles' groups
+    x[0, 0, :5, 1:] = 1e-4  # tiny values beside it: 1e-4 / (1e4 / 448) = 4.5e-6 < 2^-10
+    gran = QuantGranularity("tile")
+    stats = qkv_range_stats(x, x, x, LAYOUT, gran)
+    assert stats.saturated == 0 and stats.total == 3 * x.numel() and stats.nonzero == 3 * x.numel()
+    scale = quantize_qk(x, LAYOUT, gran)[1]
+    expected = int(((x / scale).abs() <= 2.0**-10).sum())
+    assert e4m3_range_stats(x, scale).underflow == expected >= 5 * 63  # at least the tiny values
+    assert stats.underflow >= 2 * expected  # q and k; v's per-channel scales need not lose them
+    assert e4m3_range_stats(x, scale / 2).saturated > 0

@@ -214,6 +214,24 @@ def test_learned_selector_init_density_near_target(target):
     assert torch.all((mask.density() - target).abs() < 0.1), mask.density()
 
 
+def test_learned_selector_head_range_uses_those_heads():
+    """Under sequence parallelism a rank's scores hold a range of the heads: the selector uses their bias entries,
+    and its regulariser is weighted by the range's share of the heads."""
+    torch.manual_seed(6)
+    sel = LearnedSelector(num_heads=4, target_density=0.3)
+    with torch.no_grad():
+        sel.bias.add_(torch.randn(4))
+    scores = torch.randn(2, 4, 24, 24)
+    mask, gate, _ = sel(scores)
+    part_mask, part_gate, part_reg = sel(scores[:, 2:], heads=slice(2, 4))
+    assert torch.equal(part_mask.to_dense(), mask.to_dense()[:, 2:]) and torch.equal(part_gate, gate[:, 2:])
+    soft = torch.sigmoid((scores - scores.mean(-1, keepdim=True)) * torch.rsqrt(scores.var(-1, unbiased=False,
+                         keepdim=True) + sel.eps) + sel.bias[None, :, None, None])  # (B, H, N, N)
+    assert torch.allclose(part_reg, (soft[:, 2:].mean() - 0.3) ** 2 / 2)
+    with pytest.raises(ValueError, match="H=2"):
+        sel(scores, heads=slice(2, 4))
+
+
 def test_learned_selector_static_and_validation():
     tg = (2, 3, 4)
     static = window_mask(tg, (3, 3, 3))

@@ -7,9 +7,10 @@ import dataclasses
 import pytest
 import torch
 
-from fpsa_train.fps.fp8 import sqnr_db
+from fpsa_train.fps.fp8 import RangeStats, qkv_range_stats, sqnr_db
 from fpsa_train.fps.schedule import FPSConfig, QuantConfig, RegimeConfig, Schedule, ScheduleError, SparsityConfig
-from fpsa_train.fps.transform import FPSAttention, apply_fps_attention, realised_density, selector_loss
+from fpsa_train.fps.transform import (FPSAttention, apply_fps_attention, fp8_stats, fps_cores, realised_density,
+                                     selector_loss)
 from fpsa_train.models.config import WanConfig
 from fpsa_train.models.token_order import TokenLayout
 from fpsa_train.models.wan import WanModel
@@ -72,6 +73,34 @@ def test_mixed_regime_batch_through_the_model():
     same, other = sqnr_db(alone, batched), sqnr_db(alone[:1], swapped)
     assert same > 60 and same > other + 20, f"batched vs alone {same:.1f} dB, other regime {other:.1f} dB"
     assert set(density) == {"early", "late"} and all(0 < d < 1 for d in density.values())
+
+
+def test_fp8_stats_recorded_only_when_collect_stats_is_on():
+    """`last_fp8_stats` covers q, k, v of the samples in quantized regimes, with the contract's scales per regime."""
+    model = model_with_fps()
+    g = torch.Generator().manual_seed(4)
+    x, c = torch.randn(2, 16, 5, 12, 18, generator=g), torch.randn(2, 5, 16, generator=g)
+    sigma = torch.tensor([0.9, 0.2])  # early (coarse groups), late (tile groups)
+    inputs = []
+    model.blocks[1].self_attn.core.register_forward_pre_hook(lambda m, args: inputs.append(args))
+    with torch.no_grad():
+        model(x, sigma * 1000, c, attn_kwargs={"sigma": sigma})
+        assert fp8_stats(model) == {} and all(core.last_fp8_stats == {} for core in fps_cores(model))
+        for core in fps_cores(model):
+            core.collect_stats = True
+        model(x, sigma * 1000, c, attn_kwargs={"sigma": sigma})
+    q, k, v, layout = inputs[-1]
+    sched = schedule()
+    expected = sum((qkv_range_stats(q[i:i + 1], k[i:i + 1], v[i:i + 1], layout, sched.regime_for(float(s)).quant)
+                    for i, s in enumerate(sigma)), RangeStats(0, 0, 0, 0))
+    stats = fp8_stats(model)
+    assert set(stats) == {0, 1} and stats[1] == expected.rates() and stats[1]["saturated"] == 0
+    assert "collect_stats" not in str(list(model.state_dict()))
+    unquantized = Schedule.from_config(FPSConfig(regimes=[RegimeConfig("all", [0.0, 1.0])]), (2, 4, 4))
+    core = FPSAttention(unquantized, num_heads=2, layer=0)
+    core.collect_stats = True
+    core(q, k, v, layout, sigma=0.5)
+    assert core.last_fp8_stats == {}
 
 
 def test_missing_sigma_and_raster_order_are_errors():
