@@ -20,6 +20,8 @@ average over all ranks (DDP or ZeRO) is the exact data-parallel gradient.
 
 from __future__ import annotations
 
+import contextlib
+
 import lightning as L
 import numpy as np
 import torch
@@ -75,9 +77,19 @@ class FlowMatchingModule(L.LightningModule):
         """MSE to the velocity target, one value per sample (B,); σ also picks each sample's FPS regime."""
         x0 = batch["latents"].float()  # (B, C, F, H, W)
         x_sigma, target = noisy_input(x0, noise, sigma)
-        pred = self.model(x_sigma, sigma * self.objective.num_train_timesteps, batch["context"],
-                          attn_kwargs={"sigma": sigma})
+        with self._low_precision(x0.device):
+            pred = self.model(x_sigma, sigma * self.objective.num_train_timesteps, batch["context"],
+                              attn_kwargs={"sigma": sigma})
         return F.mse_loss(pred.float(), target, reduction="none").flatten(1).mean(1)
+
+    def _low_precision(self, device: torch.device):
+        """Autocast to the parameters' dtype when they are bf16/fp16 and nothing autocasts yet: DeepSpeed keeps
+        bf16 parameters and feeds them without autocast, while the model computes its declared fp32 parts in fp32
+        and expects autocast for the rest (as Lightning's bf16-mixed gives under DDP)."""
+        dtype = next(self.model.parameters()).dtype  # a ZeRO-3 partitioned parameter keeps its dtype
+        if dtype in (torch.bfloat16, torch.float16) and not torch.is_autocast_enabled(device.type):
+            return torch.autocast(device.type, dtype=dtype)
+        return contextlib.nullcontext()
 
     def _log_losses(self, stage: str, losses: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         loss = losses.mean()
