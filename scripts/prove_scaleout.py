@@ -110,6 +110,11 @@ def steady(run_dir: Path, skip: int) -> dict:
     return out
 
 
+def dump(report: dict, out: Path, name: str) -> None:
+    """Written after every phase, so a run stopped by its time limit still leaves what it measured."""
+    (out / f"scaleout_{name}.json").write_text(json.dumps(report, indent=2))
+
+
 def prove_13b(args, out: Path) -> dict:
     base = ["+experiment=wan1_3b", f"trainer={args.trainer}", *COMMON]
     report: dict = {"model": "wan1_3b (random init)", "tokens_per_sample": 32760, "trainer": args.trainer}
@@ -126,12 +131,14 @@ def prove_13b(args, out: Path) -> dict:
     kill(procs)
     report["kill"] = {"checkpoint_existed": target.exists(), "both_alive_at_kill": all(alive),
                       "seconds_to_kill": round(time.time() - started, 1)}
+    dump(report, out, "1_3b")
     codes = wait(launch(fps_dir, fps, out / "fps_resumed", args.port + 1), args.timeout)
     log = (out / "fps_resumed.node0.log").read_text(errors="replace")
     report["resume"] = {"exit_codes": codes, "resumed_log_line": next(
         (line.strip() for line in log.splitlines() if "resuming from" in line.lower()), None),
         "finished": (fps_dir / "checkpoints" / f"step{args.steps:07d}.ckpt").exists()}
     report["fps"] = steady(fps_dir, skip=3)
+    dump(report, out, "1_3b")
     dense = [*base, "fps=dense", f"trainer.max_steps={args.dense_steps}", "trainer.checkpoint_every_n_steps=100000"]
     report["dense_exit_codes"] = wait(launch(dense_dir, dense, out / "dense", args.port + 2), args.timeout)
     report["dense"] = steady(dense_dir, skip=3)

@@ -18,6 +18,7 @@ from fpsa_train.config import LoggerConfig, resolve
 from fpsa_train.fps.schedule import Schedule
 from fpsa_train.fps.transform import apply_fps_attention, fps_cores
 from fpsa_train.lit import loggers as loggers_mod
+from fpsa_train.lit.loggers import ResumableCSVLogger
 from fpsa_train.lit.datamodule import LatentDataModule
 from fpsa_train.lit.loggers import build_loggers, wandb_mode
 from fpsa_train.lit.module import FlowMatchingModule
@@ -47,7 +48,7 @@ def test_build_loggers_writes_csv_tensorboard_and_offline_wandb_under_run_dir(tm
 
     run_dir = tmp_path / "run"
     loggers = build_loggers(LoggerConfig(), str(run_dir), "tiny")
-    assert [type(lg) for lg in loggers] == [CSVLogger, TensorBoardLogger, WandbLogger]
+    assert [type(lg) for lg in loggers] == [ResumableCSVLogger, TensorBoardLogger, WandbLogger]
     for lg in loggers:
         lg.log_metrics({"train/loss": 1.5}, step=0)
         lg.save()
@@ -78,7 +79,7 @@ def test_wandb_mode_and_disabled(tmp_path, monkeypatch):
     assert wandb_mode(LoggerConfig(wandb_project="p", wandb_entity="e")) == "disabled"
     assert wandb_mode(LoggerConfig(wandb_mode="offline")) == "offline"  # an explicit mode wins over the env
     loggers = build_loggers(LoggerConfig(wandb_mode="disabled"), str(tmp_path), "tiny")
-    assert [type(lg) for lg in loggers] == [CSVLogger, TensorBoardLogger]
+    assert [type(lg) for lg in loggers] == [ResumableCSVLogger, TensorBoardLogger]
     assert not (tmp_path / "wandb").exists()
 
 
@@ -214,3 +215,20 @@ def test_grad_norm_comes_from_the_deepspeed_engine_only():
     assert TrainingMonitor._grad_norm(trainer(deepspeed)) == {"train/grad_norm": 2.5}
     assert TrainingMonitor._grad_norm(trainer(type("S", (), {"deepspeed_engine": Engine(None)})())) == {}
     assert TrainingMonitor._grad_norm(trainer(object())) == {}  # DDP / single device: the module logs it
+
+
+def test_a_resumed_run_appends_to_its_csv_whatever_columns_it_logs(tmp_path):
+    """The first session logged other keys than the resumed one (e.g. it was killed before its first per-layer
+    row): the resumed session's rows are appended and the file keeps every column and every old row."""
+    first = ResumableCSVLogger(tmp_path, name="logs", version="")
+    first.log_metrics({"lr": 0.1}, step=0)
+    first.save()
+    second = ResumableCSVLogger(tmp_path, name="logs", version="")
+    second.log_metrics({"train/loss": 1.5, "density/early": 0.2}, step=1)
+    second.save()
+    second.log_metrics({"train/loss": 1.25}, step=2)
+    second.save()
+    with open(tmp_path / "logs" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["step"], r["lr"], r["train/loss"], r["density/early"]) for r in rows] == [
+        ("0", "0.1", "", ""), ("1", "", "1.5", "0.2"), ("2", "", "1.25", "")]

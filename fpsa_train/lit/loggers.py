@@ -19,6 +19,7 @@ first run: building a W&B logger therefore finishes an active run whose id diffe
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import importlib.util
 import logging
@@ -91,12 +92,31 @@ def _wandb_logger(cfg: LoggerConfig, run_dir: str, name: str, mode: str) -> Wand
     return logger
 
 
+class ResumableCSVLogger(CSVLogger):
+    """A resumed run continues its metrics.csv. Lightning's CSV writer deletes an existing metrics.csv when it is
+    created, and would then rewrite the file with only the new session's columns; here the old rows are put back
+    and the writer starts from their columns, so the file holds the whole run (a step logged by both sessions
+    appears twice, the resumed session's row last)."""
+
+    @property
+    def experiment(self):
+        if self._experiment is not None:
+            return self._experiment
+        path = os.path.join(self.log_dir, "metrics.csv")
+        old = Path(path).read_text() if os.path.isfile(path) else None
+        writer = super().experiment
+        if old and getattr(writer, "metrics_file_path", None):  # rank 0's real writer (others get a dummy)
+            Path(writer.metrics_file_path).write_text(old)
+            writer.metrics_keys = sorted(set(next(csv.reader(old.splitlines()), [])))
+        return writer
+
+
 def build_loggers(cfg: LoggerConfig, run_dir: str, name: str) -> list[Logger]:
     """The configured loggers (CSV first: Lightning's `trainer.log_dir` is the first logger's), all under run_dir.
     Raises ImportError naming the package when an enabled logger's package is missing."""
     loggers: list[Logger] = []
     if cfg.csv:
-        loggers.append(CSVLogger(run_dir, name="logs", version=""))
+        loggers.append(ResumableCSVLogger(run_dir, name="logs", version=""))
     if cfg.tensorboard:
         if importlib.util.find_spec("tensorboardX") is None:  # Lightning takes either
             _require("tensorboard", "logger.tensorboard")
