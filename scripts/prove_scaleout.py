@@ -55,15 +55,24 @@ def wait(procs: list[subprocess.Popen], timeout: float) -> list[int]:
         try:
             p.wait(timeout=max(1.0, deadline - time.time()))
         except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+            kill([p])
     return [p.returncode for p in procs]
 
 
 def kill(procs: list[subprocess.Popen]) -> None:
+    """SIGKILL each launcher and every process under it: torchrun starts its workers in sessions of their own, so
+    killing the launcher's process group alone leaves them training."""
+    import psutil
+
+    victims = []
     for p in procs:
         try:
-            os.killpg(p.pid, signal.SIGKILL)
+            victims += [p.pid, *(c.pid for c in psutil.Process(p.pid).children(recursive=True))]
+        except psutil.NoSuchProcess:
+            pass
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     for p in procs:
@@ -115,8 +124,14 @@ def dump(report: dict, out: Path, name: str) -> None:
     (out / f"scaleout_{name}.json").write_text(json.dumps(report, indent=2))
 
 
+SMOKE = ["+experiment=tiny", "data=synthetic", "trainer.accelerator=cpu", "trainer.precision=32-true",
+         "data.latent_frames=3", "data.latent_height=8", "data.latent_width=8"]
+
+
 def prove_13b(args, out: Path) -> dict:
     base = ["+experiment=wan1_3b", f"trainer={args.trainer}", *COMMON]
+    if args.smoke:  # the same harness on CPU ranks with the tiny model (a rehearsal for the GPU run)
+        base = [*SMOKE, f"trainer={args.trainer}", *COMMON[1:]]
     report: dict = {"model": "wan1_3b (random init)", "tokens_per_sample": 32760, "trainer": args.trainer}
     fps_dir, dense_dir = Path(args.work) / "fps", Path(args.work) / "dense"
     fps = [*base, "fps=default", f"trainer.max_steps={args.steps}",
@@ -136,7 +151,7 @@ def prove_13b(args, out: Path) -> dict:
     log = (out / "fps_resumed.node0.log").read_text(errors="replace")
     report["resume"] = {"exit_codes": codes, "resumed_log_line": next(
         (line.strip() for line in log.splitlines() if "resuming from" in line.lower()), None),
-        "finished": (fps_dir / "checkpoints" / f"step{args.steps:07d}.ckpt").exists()}
+        "finished": f"'steps': {float(args.steps)}" in log and "resumed_from': '" in log}
     report["fps"] = steady(fps_dir, skip=3)
     dump(report, out, "1_3b")
     dense = [*base, "fps=dense", f"trainer.max_steps={args.dense_steps}", "trainer.checkpoint_every_n_steps=100000"]
@@ -178,6 +193,7 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=29510)
     ap.add_argument("--work", default="/tmp/fpsa_scaleout")
     ap.add_argument("--out", default="outputs/scaleout")
+    ap.add_argument("--smoke", action="store_true", help="--model 1.3b's harness with the tiny model on CPU")
     ap.add_argument("extra", nargs="*", help="more overrides for the 14B run")
     args = ap.parse_args()
     out = Path(args.out)

@@ -105,7 +105,7 @@ class ResumableCSVLogger(CSVLogger):
         path = os.path.join(self.log_dir, "metrics.csv")
         old = Path(path).read_text() if os.path.isfile(path) else None
         writer = super().experiment
-        if old and getattr(writer, "metrics_file_path", None):  # rank 0's real writer (others get a dummy)
+        if old and self._experiment is not None:  # rank 0's real writer (other ranks get a dummy experiment)
             Path(writer.metrics_file_path).write_text(old)
             writer.metrics_keys = sorted(set(next(csv.reader(old.splitlines()), [])))
         return writer
