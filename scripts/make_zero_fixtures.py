@@ -1,6 +1,6 @@
 """Make the DeepSpeed ZeRO-2 / ZeRO-3 checkpoint fixtures in tests/fixtures/zero/.
 
-They are the test inputs of our ZeRO checkpoint reader. CI has no DeepSpeed, so the fixtures are made once, here,
+They are the test inputs of our ZeRO checkpoint reader. They are made once, here (and checked in),
 by real DeepSpeed: `FlowMatchingModule` on a micro Wan DiT (FPS attention on) is trained for 2 steps with
 Lightning's DeepSpeed strategy, world size 2 on CPU (gloo), and saved by `trainer.save_checkpoint` exactly as a
 DeepSpeed training run saves. Per stage S in {2, 3}:
@@ -11,21 +11,17 @@ DeepSpeed training run saves. Per stage S in {2, 3}:
                                 that folder, keys as DeepSpeed returns them (`model.<parameter name>`)
   zeroS/ema_reference.safetensors  the module's EMA shadow at save time (rank 0), when EMA is on (ZeRO-2)
 
-ZeRO-3 runs with optim.ema_decay=0: our EMA (fpsa_train/lit/ema.py) copies the parameters at construction and
-lerps them after each step, which fails on ZeRO-3's partitioned (empty) parameters after the first step
-(module.py on_train_batch_end → ema.py `self.shadow[name].lerp_(p.detach().float(), 1 - self.decay)`):
-  RuntimeError: output with shape [16, 3, 1, 1, 1] doesn't match the broadcast shape [16, 3, 1, 1, 0]
-`--zero3-ema` retries it. ZeRO-3 partitions every parameter here (stage3_param_persistence_threshold=0), as it
-does a real model's; with DeepSpeed's default it would keep all of the micro model's parameters whole.
+ZeRO-3 runs with optim.ema_decay=0 (the fixture predates the partitioned EMA, lit/ema.py, which now trains
+under ZeRO-3 and is covered by tests/test_deepspeed_cpu.py); `--zero3-ema` makes it with the EMA on. ZeRO-3
+partitions every parameter here (stage3_param_persistence_threshold=0), as it does a real model's; with
+DeepSpeed's default it would keep all of the micro model's parameters whole.
 
 Seeded: the safetensors come out byte-identical on every run. One value differs between runs: the padding element
 at the end of ZeRO-3 rank 1's `fp32_flat_groups`, which DeepSpeed leaves uninitialised (readers must ignore it).
 
-Regenerate (DeepSpeed 0.19.8 + hjson, py-cpuinfo, psutil, msgpack, ninja, einops installed with
-`pip install --target /tmp/dsprobe/site --no-deps ...`, never into .venv; ~1-2 min on 2 cores):
+Regenerate (DeepSpeed is in .venv since scripts/install.sh installs it; ~1-2 min on 2 cores):
 
-  DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 TORCH_EXTENSIONS_DIR=/tmp/dsprobe/torch_ext PYTHONPATH=/tmp/dsprobe/site \\
-      .venv/bin/python scripts/make_zero_fixtures.py
+  DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 .venv/bin/python scripts/make_zero_fixtures.py
 """
 
 from __future__ import annotations
@@ -70,27 +66,8 @@ OVERRIDES = ["+experiment=tiny", "data=synthetic", "fps=default", "fps.regimes.1
 
 
 def cpu_deepspeed_strategy(stage: int, micro_batch: int):
-    """Lightning's DeepSpeedStrategy minus its three CUDA-only spots, so that it runs on CPU with gloo."""
-    import deepspeed
-    from lightning.fabric.utilities.seed import reset_seed
-    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
-
-    class CPUDeepSpeedStrategy(DeepSpeedStrategy):
-        def setup_environment(self) -> None:  # skips "only supported on CUDA GPUs"
-            DDPStrategy.setup_environment(self)
-
-        def setup_distributed(self) -> None:  # skips _validate_device_index_selection (a CPU device has no index)
-            reset_seed()
-            self.set_world_ranks()
-            self._init_deepspeed_distributed()
-
-        def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
-            # upstream passes device_rank=root_device.index, None on CPU
-            engine, ds_opt, _, _ = deepspeed.initialize(
-                args=argparse.Namespace(device_rank=self.local_rank), config=self.config, model=model,
-                model_parameters=[p for p in model.parameters() if p.requires_grad], optimizer=optimizer,
-                lr_scheduler=lr_scheduler, dist_init_required=False)
-            return engine, ds_opt
+    """Our CPU DeepSpeed strategy (fpsa_train/lit/strategy.py: gloo, Lightning's CUDA-only checks bypassed)."""
+    from fpsa_train.lit.strategy import CPUDeepSpeedStrategy
 
     # persistence threshold 0: ZeRO-3 partitions every parameter, however small (its default keeps those under 1e5
     # elements whole on every rank, which is all of the micro model's)

@@ -4,15 +4,11 @@ curve, and export joins the ranks' EMA slices into the full average."""
 
 from __future__ import annotations
 
-import os
-import signal
-import time
-
 import pytest
 import torch
 
 from fpsa_train.export import read_training_checkpoint
-from tests.test_resume import finish, launch, losses
+from tests.test_resume import finish, kill_when, launch, losses
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.deepspeed
@@ -37,14 +33,7 @@ def test_zero3_with_ema_resumes_after_kill_9(tmp_path):
     assert not torch.equal(state.ema[name], state.weights[name])  # an average, not a copy
 
     run = tmp_path / "killed"
-    proc = launch(run, ZERO3)
-    target = run / "checkpoints" / "step0000004.ckpt"
-    deadline = time.time() + 400
-    while not target.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert target.exists(), "no step-4 checkpoint appeared"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(launch(run, ZERO3), run / "checkpoints" / "step0000004.ckpt", timeout=400)
     finish(launch(run, ZERO3), timeout=600)
     got = losses(run)
     assert [got[s] for s in range(4, 12)] == [expected[s] for s in range(4, 12)]

@@ -46,6 +46,16 @@ def launch(run_dir: Path, extra: list[str]) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def kill_when(proc: subprocess.Popen, target: Path, timeout: float) -> None:
+    """SIGKILL the launcher and its ranks (one process group) as soon as `target` exists: no chance to clean up."""
+    deadline = time.time() + timeout
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert target.exists(), f"{target.name} did not appear"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out[-4000:]
@@ -59,14 +69,8 @@ def test_kill_9_mid_epoch_then_rerun_continues_the_same_curve(tmp_path):
     assert sorted(expected) == list(range(30))  # steps 0..29 logged once each
 
     run = tmp_path / "killed"
-    proc = launch(run, DDP)
     target = run / "checkpoints" / "step0000008.ckpt"
-    deadline = time.time() + 180
-    while not target.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert target.exists(), "no step-8 checkpoint appeared"
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its second rank, mid-epoch, no chance to clean up
-    proc.wait()
+    kill_when(launch(run, DDP), target, timeout=180)
     state = torch.load(target, weights_only=True, map_location="cpu")
     assert state["global_step"] == 8 and state["LatentDataModule"] == {"epoch": 1, "batches": 3}
 
