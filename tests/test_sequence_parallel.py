@@ -348,3 +348,21 @@ def test_sp_model_can_be_deep_copied():
     copied = copy.deepcopy(model)
     assert copied.sequence_parallel is model.sequence_parallel
     assert copied.blocks[0].self_attn.sequence_parallel is model.sequence_parallel
+
+
+def test_training_with_sp_2_follows_the_single_process_curve(tmp_path):
+    """`python -m fpsa_train trainer.sp_size=2` on two gloo ranks (one sequence-parallel group, data-parallel
+    size 1) trains like one process: both ranks draw the same σ and noise (seeded by data-parallel rank), read
+    the same batches, and the loss ×sp_size before DDP's average gives the full gradient, so the losses agree
+    step for step up to fp32 reduction order. (Adam's step barely depends on the gradient's scale, so this checks
+    the shared draws, batches and gathered gradients more than the ×sp_size; the gradients themselves are compared
+    with the single rank's above.)"""
+    from tests.test_resume import finish, launch, losses
+
+    common = ["trainer.max_steps=6", "optim.ema_decay=0", "fps=dense"]
+    finish(launch(tmp_path / "one", [*common, "trainer.devices=1"]))
+    finish(launch(tmp_path / "sp", [*common, "trainer.devices=2", "trainer.strategy=ddp", "trainer.sp_size=2"]))
+    one, sp = losses(tmp_path / "one"), losses(tmp_path / "sp")
+    assert sorted(one) == sorted(sp) == list(range(6))
+    for step in one:
+        assert abs(sp[step] - one[step]) <= 1e-4 * abs(one[step]), (step, sp[step], one[step])
