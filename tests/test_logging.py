@@ -64,7 +64,8 @@ def test_build_loggers_writes_csv_tensorboard_and_offline_wandb_under_run_dir(tm
     again = build_loggers(LoggerConfig(csv=False, tensorboard=False), str(run_dir), "tiny")  # a resumed run
     assert again[0].experiment.id == run_id
     wandb.finish()
-    assert len(list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))) == 2  # `wandb sync` joins them
+    # wandb names offline folders by the second they started: two runs in one second share one
+    assert 1 <= len(list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))) <= 2  # `wandb sync` joins them
 
     other = build_loggers(LoggerConfig(csv=False, tensorboard=False), str(tmp_path / "other"), "tiny")
     assert other[0].experiment.id != run_id
