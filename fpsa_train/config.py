@@ -152,6 +152,15 @@ class DataConfig:
     tiny_vae_steps: int = 300
     """videos: training steps of the tiny VAE on the clips (0 = untrained, for fast tests)."""
 
+    def clip_size(self) -> tuple[int, int, int]:
+        """(height, width, frames) in pixels of the training clips: the first bucket for videos; for synthetic
+        latents the pixel size they stand for (Wan's VAE: 8× in space, 4× in time)."""
+        if self.kind == "videos":
+            (height, width), frames = self.buckets[0], self.num_frames
+        else:
+            height, width, frames = 8 * self.latent_height, 8 * self.latent_width, 4 * (self.latent_frames - 1) + 1
+        return int(height), int(width), int(frames)
+
     def __post_init__(self) -> None:
         if self.kind not in ("synthetic", "videos"):
             raise ConfigError(f"data.kind={self.kind!r}: expected synthetic or videos")

@@ -120,36 +120,27 @@ def _heads_to_seq(x: Tensor, group) -> Tensor:
     return y.transpose(0, 1).reshape(b, sp * h_local, seq // sp, d)  # (B, H, L/sp, D)
 
 
-class _SeqToHeads(torch.autograd.Function):
+class _AllToAll(torch.autograd.Function):
+    """`_seq_to_heads` (to_heads=True) or `_heads_to_seq`; the backward of each is the other."""
+
     @staticmethod
-    def forward(ctx, x: Tensor, group) -> Tensor:
-        ctx.group = group
-        return _seq_to_heads(x, group)
+    def forward(ctx, x: Tensor, group, to_heads: bool) -> Tensor:
+        ctx.group, ctx.to_heads = group, to_heads
+        return (_seq_to_heads if to_heads else _heads_to_seq)(x, group)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return _heads_to_seq(grad, ctx.group), None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, group) -> Tensor:
-        ctx.group = group
-        return _heads_to_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return _seq_to_heads(grad, ctx.group), None
+        return (_heads_to_seq if ctx.to_heads else _seq_to_heads)(grad, ctx.group), None, None
 
 
 def seq_to_heads(x: Tensor, group) -> Tensor:
     """(B, H, L/sp, D) local tokens, all heads → (B, H/sp, L, D) all tokens, this rank's heads (differentiable)."""
-    return _SeqToHeads.apply(x, group)
+    return _AllToAll.apply(x, group, True)
 
 
 def heads_to_seq(x: Tensor, group) -> Tensor:
     """(B, H/sp, L, D) all tokens, this rank's heads → (B, H, L/sp, D) local tokens, all heads (differentiable)."""
-    return _HeadsToSeq.apply(x, group)
+    return _AllToAll.apply(x, group, False)
 
 
 class _GatherTokens(torch.autograd.Function):

@@ -88,14 +88,11 @@ def run_config(conf: TrainConfig, schedule: Schedule | None) -> dict:
     """What a checkpoint must carry for export and sampling (plain data): the architecture with its token order and
     tile shape, the schedule, the objective's timestep scale, and the clip size and encoders it was trained on."""
     data = conf.data
-    if data.kind == "videos":
-        (height, width), frames = data.buckets[0], data.num_frames
-    else:
-        height, width, frames = 8 * data.latent_height, 8 * data.latent_width, 4 * (data.latent_frames - 1) + 1
+    height, width, frames = data.clip_size()
     return {"version": 1, "name": conf.name, "model": asdict(architecture_of(conf.model)),
             "schedule": schedule.to_dict() if schedule is not None else None,
             "num_train_timesteps": conf.objective.num_train_timesteps, "train_shift": conf.objective.shift,
-            "video": {"height": int(height), "width": int(width), "frames": int(frames)},
+            "video": {"height": height, "width": width, "frames": frames},
             "components": os.path.abspath(data.components) if data.components else None}
 
 

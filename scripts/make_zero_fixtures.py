@@ -105,8 +105,6 @@ def make(stage: int, ema: bool) -> None:
             live[name] = p.detach().float().clone()
     trainer.strategy.barrier()
     if trainer.is_global_zero:
-        for script in ("zero_to_fp32.py", "zero_to_torch.py"):
-            (ckpt / script).unlink(missing_ok=True)
         ref = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="checkpoint")
         ref = {k: v.contiguous() for k, v in ref.items()}
         assert ref.keys() == live.keys() and all(torch.equal(ref[k], live[k]) for k in ref), "oracle != live"

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from fpsa_train.config import ConfigError, DataConfig
 from fpsa_train.data.sampler import ShardedBatchSampler
 from fpsa_train.data.synthetic import SyntheticLatents, collate
+from fpsa_train.sequence_parallel import dp_coordinates
 
 
 class LatentDataModule(L.LightningDataModule):
@@ -38,9 +39,8 @@ class LatentDataModule(L.LightningDataModule):
         """(data-parallel size, rank): sequence-parallel groups are consecutive ranks (sequence_parallel.py)."""
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
-        if world % self.sp_size:
-            raise ConfigError(f"trainer.sp_size={self.sp_size} does not divide the world size {world}")
-        return world // self.sp_size, rank // self.sp_size
+        dp_rank, dp_size, _ = dp_coordinates(rank, world, self.sp_size)
+        return dp_size, dp_rank
 
     def state_dict(self) -> dict:
         """Where the training data stands: the epoch and the batches of it this rank has trained on."""

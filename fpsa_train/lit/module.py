@@ -32,11 +32,11 @@ from torch import nn
 from fpsa_train.config import ObjectiveConfig, OptimConfig
 from fpsa_train.flow import noisy_input, sample_sigma
 from fpsa_train.fps.schedule import Schedule
-from fpsa_train.fps.transform import realised_density, selector_loss
-from fpsa_train.lit.ema import EMA
+from fpsa_train.fps.transform import fps_cores, realised_density, selector_loss
+from fpsa_train.lit.ema import EMA, PARTITIONED_KEY
+from fpsa_train.sequence_parallel import apply_sequence_parallel, dp_coordinates, init_sp_groups
 
 RUN_CONFIG_KEY = "fpsa_run_config"  # where checkpoints carry `run_config` (read by export)
-EMA_PARTITIONED_KEY = "ema_partitioned"  # True when `ema` holds this rank's ZeRO-3 slices (lit/ema.py)
 
 
 def step_seed(*parts: int) -> int:
@@ -62,14 +62,13 @@ class FlowMatchingModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if self.sp_size > 1 and not getattr(self.model, "sequence_parallel", None):
-            from fpsa_train.sequence_parallel import apply_sequence_parallel, init_sp_groups
 
             apply_sequence_parallel(self.model, init_sp_groups(self.sp_size))
 
     def _generator(self, batch_idx: int, device: torch.device) -> torch.Generator:
         """The σ/noise generator of this micro-batch (see the module docstring)."""
         accumulate = self.trainer.accumulate_grad_batches
-        dp_rank = self.trainer.global_rank // self.sp_size
+        dp_rank, _, _ = dp_coordinates(self.trainer.global_rank, self.trainer.world_size, self.sp_size)
         seed = step_seed(self.seed, dp_rank, self.trainer.global_step, batch_idx % accumulate)
         return torch.Generator(device=device).manual_seed(seed)
 
@@ -117,8 +116,8 @@ class FlowMatchingModule(L.LightningModule):
         # Selectors of regimes that no sample of this batch visited took no part in the forward; a zero-valued
         # term keeps every parameter in the graph, which DDP requires (else: "parameters that were not used").
         # ZeRO-3's partitioned parameters are empty here, and DeepSpeed does not need it.
-        idle = [p.sum() for n, p in self.model.named_parameters()
-                if ".selectors." in n and p.requires_grad and not hasattr(p, "ds_tensor")]
+        idle = [p.sum() for core in fps_cores(self.model) for p in core.selectors.parameters()
+                if p.requires_grad and not hasattr(p, "ds_tensor")]
         if idle:
             loss = loss + 0.0 * torch.stack(idle).sum()
         return loss * self.sp_size
@@ -151,7 +150,7 @@ class FlowMatchingModule(L.LightningModule):
             checkpoint[RUN_CONFIG_KEY] = self.run_config
         if self.ema is not None and self.ema.shadow is not None:
             checkpoint["ema"] = self.ema.state_dict()
-            checkpoint[EMA_PARTITIONED_KEY] = self.ema.partitioned
+            checkpoint[PARTITIONED_KEY] = self.ema.partitioned
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.ema is not None:

@@ -65,12 +65,8 @@ def preserved_rng(device: torch.device):
 
 def clip_size(cfg: ValVideoConfig, data: DataConfig) -> tuple[int, int, int]:
     """(height, width, frames) of the clip: the config's, 0 meaning the training clips'."""
-    if data.kind == "videos":
-        (height, width), frames = data.buckets[0], data.num_frames
-    else:
-        height, width = 8 * data.latent_height, 8 * data.latent_width
-        frames = 4 * (data.latent_frames - 1) + 1
-    return cfg.height or int(height), cfg.width or int(width), cfg.frames or int(frames)
+    height, width, frames = data.clip_size()
+    return cfg.height or height, cfg.width or width, cfg.frames or frames
 
 
 def latent_preview(x: torch.Tensor, upsample: int) -> np.ndarray:

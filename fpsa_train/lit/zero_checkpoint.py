@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from fpsa_train.lit.ema import consolidate_partitions
+from fpsa_train.lit.ema import PARTITIONED_KEY, consolidate_partitions
 from fpsa_train.models.checkpoint_config import CheckpointError
 
 _DEEPSPEED_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
@@ -159,8 +159,8 @@ def read_zero_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
     for alias, source in (shared.items() if isinstance(shared, dict) else shared):
         if source in weights:
             weights[alias] = weights[source]
-    if client.get("ema_partitioned") and client.get("ema"):
-        client = {**client, "ema": _join_ema(states, shapes, where), "ema_partitioned": False}
+    if client.get(PARTITIONED_KEY) and client.get("ema"):
+        client = {**client, "ema": _join_ema(states, shapes, where), PARTITIONED_KEY: False}
     return weights, client
 
 
