@@ -93,3 +93,40 @@ def test_model_checkpoint_is_loaded_by_the_training_path(key_format, tmp_path):
     loaded = build_model(conf.model)
     for (name, a), (_, b) in zip(source.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("strategy,precision,expected", [
+    ("deepspeed", "bf16-mixed", torch.bfloat16), ("deepspeed", "16-mixed", torch.float16),
+    ("deepspeed", "32-true", None), ("ddp", "bf16-mixed", None), ("auto", "bf16-true", torch.bfloat16),
+])
+def test_weight_dtype_is_the_dtype_the_trainer_keeps(strategy, precision, expected):
+    from fpsa_train.config import TrainerConfig
+    from fpsa_train.train import weight_dtype
+
+    assert weight_dtype(TrainerConfig(strategy=strategy, precision=precision)) is expected
+
+
+def test_low_precision_build_equals_the_fp32_build_cast(tmp_path):
+    """Loading into bf16 gives exactly the fp32 load cast to bf16 (what DeepSpeed did before); a random init drawn
+    in bf16 has the initialisation's structure; the default dtype is restored, also after an error."""
+    from fpsa_train.models.build import default_dtype
+    from fpsa_train.models.checkpoint import save_wan_weights
+
+    conf = resolve(compose_train(["+experiment=tiny"], tmp_path))
+    source = build_model(conf.model)
+    save_wan_weights(source, tmp_path / "weights")
+    conf = resolve(compose_train(["+experiment=tiny", f"model.checkpoint={tmp_path / 'weights'}"], tmp_path))
+    loaded = build_model(conf.model, dtype=torch.bfloat16)
+    for (name, a), (_, b) in zip(source.state_dict().items(), loaded.state_dict().items()):
+        assert b.dtype == torch.bfloat16 and torch.equal(a.to(torch.bfloat16), b), name
+
+    random = build_model(resolve(compose_train(["+experiment=tiny"], tmp_path)).model, dtype=torch.bfloat16)
+    assert {p.dtype for p in random.parameters()} == {torch.bfloat16}
+    assert torch.get_default_dtype() == torch.float32
+    assert not random.head.head.weight.any() and not random.blocks[0].ffn[0].bias.any()
+    w = random.blocks[0].ffn[0].weight.float()  # xavier-uniform: std √(2 / (fan_in + fan_out))
+    assert abs(w.std().item() / (2 / sum(w.shape)) ** 0.5 - 1) < 0.1
+    with pytest.raises(RuntimeError, match="inside"), default_dtype(torch.bfloat16):
+        assert torch.get_default_dtype() == torch.bfloat16
+        raise RuntimeError("inside")
+    assert torch.get_default_dtype() == torch.float32
