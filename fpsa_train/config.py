@@ -308,6 +308,9 @@ class ValVideoConfig:
     """Pixel frames (4n+1); 0 = the training clips'."""
     fps: float = 16.0
     """Frame rate of the written mp4."""
+    weights: str = "ema"
+    """Which weights sample: "ema" (the EMA, as export ships by default; the live weights when optim.ema_decay=0
+    or when ZeRO-3 partitions the EMA, with a warning) or "live" (the weights being trained)."""
 
     def __post_init__(self) -> None:
         if self.every_n_steps < 0 or self.steps < 1:
@@ -318,6 +321,8 @@ class ValVideoConfig:
         if self.height % 16 or self.width % 16:
             raise ConfigError(f"val_video.height={self.height}, val_video.width={self.width}: multiples of 16 "
                               "(or 0 for the training clips')")
+        if self.weights not in ("ema", "live"):
+            raise ConfigError(f"val_video.weights={self.weights!r}: expected 'ema' or 'live'")
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO-3 on two CPU ranks (gloo) through `python -m fpsa_train trainer=zero3`: it trains with the EMA on
 (each rank averaging its parameter slices), checkpoints atomically, resumes after kill -9 with the same loss
-curve, and export joins the ranks' EMA slices into the full average."""
+curve, and export joins the ranks' EMA slices into the full average. Validation videos render under ZeRO-3 (with
+the live weights: each rank holds only its EMA slice), in the reference run and in the resumed one alike."""
 
 from __future__ import annotations
 
@@ -14,13 +15,16 @@ pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.deepspeed
 
 ZERO3 = ["trainer=zero3", "trainer.devices=2", "trainer.precision=32-true", "trainer.max_steps=12",
-         "optim.ema_decay=0.9", "trainer.val_every_n_steps=6"]
+         "optim.ema_decay=0.9", "trainer.val_every_n_steps=6", "val_video.every_n_steps=6", "val_video.steps=2"]
 
 
 def test_zero3_with_ema_resumes_after_kill_9(tmp_path):
     reference = tmp_path / "reference"
-    finish(launch(reference, ZERO3), timeout=600)
+    log = finish(launch(reference, ZERO3), timeout=600)
     expected = losses(reference)
+    assert sorted(p.name for p in (reference / "val_videos").iterdir()) == [
+        f"step{s:07d}_latent_preview.{ext}" for s in (6, 12) for ext in ("mp4", "png")]
+    assert log.count("slice of the EMA") == 1  # the live-weights warning, once, from rank 0
     ckpt = reference / "checkpoints" / "step0000012.ckpt"
     assert ckpt.is_dir() and sorted(p.name for p in (ckpt / "checkpoint").iterdir() if "model" in p.name) == [
         "zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"]

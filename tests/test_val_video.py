@@ -119,3 +119,49 @@ def test_components_video_is_decoded_and_logged_to_wandb_and_tensorboard(tmp_pat
     wandb.finish()
     media = list((tmp_path / "wandb").glob("offline-run-*/files/media/*/val_video/*"))
     assert {p.suffix for p in media} >= {".mp4", ".png"}, media
+
+
+def test_videos_sample_with_the_ema_weights_and_give_the_live_ones_back(tmp_path, caplog):
+    import copy
+
+    import pytest
+
+    from fpsa_train.config import ConfigError
+
+    conf, module, _ = tiny_fit_parts(tmp_path)
+    module.ema.attach(module.model)
+    with torch.no_grad():  # an average that differs from the live weights everywhere
+        for shadow in module.ema.shadow.values():
+            shadow.mul_(0.5).add_(0.01)
+    live = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    averaged = copy.deepcopy(module.model)
+    module.ema.copy_to(averaged)
+
+    def callback(weights: str = "ema") -> ValidationVideo:
+        cb = ValidationVideo(ValVideoConfig(every_n_steps=1, steps=2, weights=weights), conf.data, str(tmp_path),
+                             conf.objective.num_train_timesteps, conf.model.text_len)
+        cb._texts = cb._synthetic_texts()
+        return cb
+
+    def clip(cb: ValidationVideo) -> tuple[torch.Tensor, str]:
+        with cb.weights(module) as which:
+            return cb.sample(module.model, module.schedule, module.device)[0], which
+
+    ema_clip, which = clip(callback("ema"))
+    assert which == "EMA"
+    assert torch.equal(ema_clip, callback().sample(averaged, module.schedule, module.device)[0])
+    live_clip, which = clip(callback("live"))
+    assert which == "live" and not torch.equal(live_clip, ema_clip)
+    assert all(torch.equal(p, live[n]) for n, p in module.model.named_parameters())  # bit for bit
+
+    with pytest.raises(RuntimeError, match="inside"), module.ema.applied(module.model):
+        raise RuntimeError("inside")
+    assert all(torch.equal(p, live[n]) for n, p in module.model.named_parameters())
+
+    module.ema.partitioned = True  # as under ZeRO-3: the live weights, with one warning
+    cb = callback("ema")
+    with caplog.at_level("WARNING"):
+        assert clip(cb)[1] == "live" and torch.equal(clip(cb)[0], live_clip)
+    assert caplog.text.count("slice of the EMA") == 1
+    with pytest.raises(ConfigError, match="val_video.weights='best'"):
+        ValVideoConfig(weights="best")

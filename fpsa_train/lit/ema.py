@@ -14,6 +14,8 @@ into full tensors (export does this).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -86,6 +88,26 @@ class EMA:
         for name, p in model.named_parameters():
             if name in self.shadow:
                 p.copy_(self.shadow[name])
+
+
+    @contextmanager
+    def applied(self, model: nn.Module):
+        """Inside, the model computes with the averaged weights (cast to each parameter's dtype); on exit, also on
+        an error, the live weights are back bit for bit. The live weights wait in CPU memory meanwhile, so this
+        costs no accelerator memory. Full tensors only: a ZeRO-3 rank holds only its slice of each average."""
+        if self.shadow is None or self.partitioned:
+            raise RuntimeError("EMA.applied needs an attached, unpartitioned EMA")
+        params = {n: p for n, p in model.named_parameters() if n in self.shadow}
+        live = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
+        try:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(self.shadow[n])
+            yield model
+        finally:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(live[n])
 
 
 def consolidate_partitions(ranks: list[dict[str, torch.Tensor]], shapes: dict[str, tuple[int, ...]]) \

@@ -2,9 +2,12 @@
 trained, and write and log it, so a run shows how its videos evolve instead of only a loss curve.
 
 The clip is sampled as `python -m fpsa_train.sample` samples an exported model (`sample.denoise_loop`: flow UniPC,
-classifier-free guidance with both branches in one batch, the FPS regime picked per step from σ), with the live
-model in eval mode and under no_grad (bf16 autocast on CUDA), from a fixed seed and prompt so clips from different
-steps are comparable. Then the model's train/eval modes are restored exactly.
+classifier-free guidance with both branches in one batch, the FPS regime picked per step from σ), with the model
+in eval mode and under no_grad (bf16 autocast on CUDA), from a fixed seed and prompt so clips from different
+steps are comparable. Then the model's train/eval modes are restored exactly. The weights are the EMA's
+(`val_video.weights=ema`, the default: what export ships), swapped in for the clip and swapped back bit for bit;
+the live weights when EMA is off, when `val_video.weights=live`, or under ZeRO-3, where each rank holds only its
+slice of the EMA (a warning says so once).
 
 Text and pixels:
 - with `data.components` (a Wan2.1 diffusers folder), global rank 0 encodes the prompt and Wan's negative prompt
@@ -91,6 +94,7 @@ class ValidationVideo(Callback):
         self._scales = WAN_SCALES  # (time, space) downsampling of the VAE
         self._vae = None  # rank 0 with components: (vae, mean, std), kept on the CPU between clips
         self._step_at_batch_start = -1
+        self._warned = False  # the ZeRO-3 "live weights" warning was given
 
     # ------------------------------------------------------------------------------------------- setup
 
@@ -153,20 +157,38 @@ class ValidationVideo(Callback):
         if self._texts is None:
             self.setup(trainer, pl_module, "fit")
         started = time.perf_counter()
-        latents, regimes = self.sample(pl_module.model, pl_module.schedule, pl_module.device)
+        with self.weights(pl_module) as which:
+            latents, regimes = self.sample(pl_module.model, pl_module.schedule, pl_module.device)
         if not trainer.is_global_zero:
             return None
         video, fps = self._to_video(latents, pl_module.device)
         mp4, png, sheet = self._write(video, fps, step)
         seconds = time.perf_counter() - started
-        log.info("validation video at step %d%s: %s (%.1f s; denoising steps per regime %s)", step,
+        log.info("validation video at step %d%s: %s (%s weights, %.1f s; denoising steps per regime %s)", step,
                  " (latent preview: channels 0-2 of the latents, not decoded)" if self.preview else "", mp4,
-                 seconds, regimes)
+                 which, seconds, regimes)
         self._log(trainer, mp4, png, sheet, seconds)
         return {"mp4": str(mp4), "png": str(png), "seconds": seconds}
 
+    @contextmanager
+    def weights(self, pl_module: L.LightningModule):
+        """The model with the weights that sample (see the module docstring) swapped in; yields "EMA" or "live"."""
+        ema = getattr(pl_module, "ema", None)
+        if self.cfg.weights == "live" or ema is None or ema.shadow is None:
+            yield "live"
+            return
+        if ema.partitioned:
+            if not self._warned and pl_module.global_rank == 0:
+                log.warning("validation videos sample with the live weights: under ZeRO-3 each rank holds only its "
+                            "slice of the EMA (val_video.weights=live silences this)")
+                self._warned = True
+            yield "live"
+            return
+        with ema.applied(pl_module.model):
+            yield "EMA"
+
     def sample(self, model: torch.nn.Module, schedule, device: torch.device) -> tuple[torch.Tensor, dict]:
-        """Latents (1, C, T, H, W) fp32 of the fixed seed and prompt, with the live model; the model's modes, FP8
+        """Latents (1, C, T, H, W) fp32 of the fixed seed and prompt, with the model's current weights; its modes, FP8
         statistics switches and the global RNG are as they were afterwards."""
         from fpsa_train.deploy import Deployed
         from fpsa_train.sample import denoise_loop
