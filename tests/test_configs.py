@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
@@ -106,9 +108,10 @@ def test_weight_dtype_is_the_dtype_the_trainer_keeps(strategy, precision, expect
     assert weight_dtype(TrainerConfig(strategy=strategy, precision=precision)) is expected
 
 
-def test_low_precision_build_equals_the_fp32_build_cast(tmp_path):
-    """Loading into bf16 gives exactly the fp32 load cast to bf16 (what DeepSpeed did before); a random init drawn
-    in bf16 has the initialisation's structure; the default dtype is restored, also after an error."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_build_equals_the_fp32_build_cast(dtype, tmp_path):
+    """Loading into bf16/fp16 gives exactly the fp32 load cast (what DeepSpeed did before); a random init drawn in
+    that dtype has the initialisation's structure; the default dtype is restored, also after an error."""
     from fpsa_train.models.build import default_dtype
     from fpsa_train.models.checkpoint import save_wan_weights
 
@@ -116,17 +119,27 @@ def test_low_precision_build_equals_the_fp32_build_cast(tmp_path):
     source = build_model(conf.model)
     save_wan_weights(source, tmp_path / "weights")
     conf = resolve(compose_train(["+experiment=tiny", f"model.checkpoint={tmp_path / 'weights'}"], tmp_path))
-    loaded = build_model(conf.model, dtype=torch.bfloat16)
+    loaded = build_model(conf.model, dtype=dtype)
     for (name, a), (_, b) in zip(source.state_dict().items(), loaded.state_dict().items()):
-        assert b.dtype == torch.bfloat16 and torch.equal(a.to(torch.bfloat16), b), name
+        assert b.dtype == dtype and torch.equal(a.to(dtype), b), name
 
-    random = build_model(resolve(compose_train(["+experiment=tiny"], tmp_path)).model, dtype=torch.bfloat16)
-    assert {p.dtype for p in random.parameters()} == {torch.bfloat16}
+    random = build_model(resolve(compose_train(["+experiment=tiny"], tmp_path)).model, dtype=dtype)
+    assert {p.dtype for p in random.parameters()} == {dtype}
     assert torch.get_default_dtype() == torch.float32
     assert not random.head.head.weight.any() and not random.blocks[0].ffn[0].bias.any()
     w = random.blocks[0].ffn[0].weight.float()  # xavier-uniform: std √(2 / (fan_in + fan_out))
     assert abs(w.std().item() / (2 / sum(w.shape)) ** 0.5 - 1) < 0.1
-    with pytest.raises(RuntimeError, match="inside"), default_dtype(torch.bfloat16):
-        assert torch.get_default_dtype() == torch.bfloat16
+    with pytest.raises(RuntimeError, match="inside"), default_dtype(dtype):
+        assert torch.get_default_dtype() == dtype
         raise RuntimeError("inside")
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_train_builds_the_model_in_the_kept_dtype(tmp_path, caplog):
+    from fpsa_train.train import train
+
+    with caplog.at_level("INFO", logger="fpsa_train.train"):
+        metrics = train(compose_train(["+experiment=tiny", "data=synthetic", "fps=dense", "trainer.max_steps=2",
+                                       "trainer.precision=bf16-true", "logger.wandb=false"], tmp_path))
+    assert "parameters (bfloat16)" in caplog.text and metrics["steps"] == 2
+    assert math.isfinite(metrics["train/loss"])  # trained in bf16 to a finite loss

@@ -39,6 +39,8 @@ def test_zero3_with_ema_resumes_after_kill_9(tmp_path):
     run = tmp_path / "killed"
     kill_when(launch(run, ZERO3), run / "checkpoints" / "step0000004.ckpt", timeout=400)
     finish(launch(run, ZERO3), timeout=600)
+    assert {p.name for p in (run / "val_videos").iterdir()} >= {"step0000012_latent_preview.mp4",
+                                                                 "step0000012_latent_preview.png"}
     got = losses(run)
     assert [got[s] for s in range(4, 12)] == [expected[s] for s in range(4, 12)]
     resumed = read_training_checkpoint(run / "checkpoints" / "step0000012.ckpt")

@@ -3,17 +3,19 @@ randomness and the model's modes."""
 
 from __future__ import annotations
 
+import copy
 import random
 
 import decord
 import lightning as L
 import numpy as np
+import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 
-from fpsa_train.config import DataConfig, LoggerConfig, ValVideoConfig
+from fpsa_train.config import ConfigError, DataConfig, LoggerConfig, ValVideoConfig
 from fpsa_train.lit.loggers import build_loggers
 from fpsa_train.lit.val_video import ValidationVideo, clip_size, latent_preview
 from tests.test_logging import offline_wandb, read_csv, tiny_fit_parts  # noqa: F401  (offline_wandb: fixture)
@@ -122,12 +124,6 @@ def test_components_video_is_decoded_and_logged_to_wandb_and_tensorboard(tmp_pat
 
 
 def test_videos_sample_with_the_ema_weights_and_give_the_live_ones_back(tmp_path, caplog):
-    import copy
-
-    import pytest
-
-    from fpsa_train.config import ConfigError
-
     conf, module, _ = tiny_fit_parts(tmp_path)
     module.ema.attach(module.model)
     with torch.no_grad():  # an average that differs from the live weights everywhere
@@ -157,6 +153,8 @@ def test_videos_sample_with_the_ema_weights_and_give_the_live_ones_back(tmp_path
     with pytest.raises(RuntimeError, match="inside"), module.ema.applied(module.model):
         raise RuntimeError("inside")
     assert all(torch.equal(p, live[n]) for n, p in module.model.named_parameters())
+    with pytest.raises(KeyError, match="not the averaged ones"), module.ema.applied(module):  # not the model
+        pass
 
     module.ema.partitioned = True  # as under ZeRO-3: the live weights, with one warning
     cb = callback("ema")

@@ -10,6 +10,9 @@ ceil(n/world), the last one zero-padded), and `p` itself is empty outside forwar
 averages each rank's slice (`partitioned` = True): no rank ever holds a full-size shadow (56 GB in fp32 for 14B),
 and each rank's checkpoint file carries its own slices. `consolidate_partitions` joins the ranks' slices back
 into full tensors (export does this).
+
+`applied(model)` lends the averaged weights to the model for a while (validation videos sample with them) and
+gives the live ones back bit for bit.
 """
 
 from __future__ import annotations
@@ -89,15 +92,18 @@ class EMA:
             if name in self.shadow:
                 p.copy_(self.shadow[name])
 
-
     @contextmanager
     def applied(self, model: nn.Module):
         """Inside, the model computes with the averaged weights (cast to each parameter's dtype); on exit, also on
-        an error, the live weights are back bit for bit. The live weights wait in CPU memory meanwhile, so this
-        costs no accelerator memory. Full tensors only: a ZeRO-3 rank holds only its slice of each average."""
+        an error, the live weights are back bit for bit. The live weights wait in CPU memory meanwhile (one copy
+        of the model in its dtype per process), so this costs no accelerator memory. Full tensors only: a ZeRO-3
+        rank holds only its slice of each average."""
         if self.shadow is None or self.partitioned:
             raise RuntimeError("EMA.applied needs an attached, unpartitioned EMA")
-        params = {n: p for n, p in model.named_parameters() if n in self.shadow}
+        params = dict(_tracked(model))
+        if params.keys() != self.shadow.keys():
+            diff = sorted(params.keys() ^ self.shadow.keys())
+            raise KeyError(f"EMA.applied: the model's trainable parameters are not the averaged ones, e.g. {diff[:5]}")
         live = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
         try:
             with torch.no_grad():

@@ -1,4 +1,5 @@
-"""Build a Wan DiT from its config: random init, or on the meta device and filled from a checkpoint."""
+"""Build a Wan DiT from its config: random init, or on the meta device and filled from a checkpoint, in fp32 or in
+the dtype the trainer keeps the weights in (`dtype`, see train.weight_dtype)."""
 
 from __future__ import annotations
 
