@@ -106,9 +106,7 @@ class EMA:
             raise KeyError(f"EMA.applied: the model's trainable parameters are not the averaged ones, e.g. {diff[:5]}")
         live = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
         try:
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(self.shadow[n])
+            self.copy_to(model)
             yield model
         finally:
             with torch.no_grad():
