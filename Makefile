@@ -1,15 +1,19 @@
-# Every target sets itself up: the venv is (re)built when pyproject.toml or the installer changes.
+# Every target sets itself up: the venv is (re)built when pyproject.toml, the lock or the installer changes.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fpsa-installed
 
-.PHONY: demo test test-all install clean
+.PHONY: demo test test-all install lock clean
 
-$(STAMP): pyproject.toml scripts/install.sh
+$(STAMP): pyproject.toml constraints.txt scripts/install.sh
 	bash scripts/install.sh $(VENV)
 	touch $@
 
 install: $(STAMP)
+
+## Re-pin every dependency (constraints.txt) to what the registries serve today; then `make test` and commit it.
+lock:
+	bash scripts/lock.sh
 
 DEMO ?= outputs/demo
 DEMO_PROMPT ?= a red circle moving left quickly on a dark blue background

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create the virtual environment and install fpsa into it (editable, with the test extras).
+# Create the virtual environment and install fpsa into it (editable, with the test extras), every dependency at
+# the version pinned in constraints.txt (the lock; `make lock` regenerates it, see scripts/lock.sh).
 #
 # torch is chosen here rather than by pip's resolver, because a bare `torch` requirement on Linux pulls a
 # CUDA build of several GB even on hosts that have no GPU:
@@ -38,30 +39,42 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 pip=("$venv/bin/python" -m pip)
 
+# The lock. On GPU hosts torch's CUDA stack (triton, nvidia-*, cuda-*) is whatever the chosen torch brings, so
+# those lines are left out there.
+lock=constraints.txt
+[ -f "$lock" ] || { echo "[install] $lock is missing: run from the project root (or make lock)" >&2; exit 1; }
+if [ "$has_gpu" = 1 ]; then
+  gpu_lock=$(mktemp)
+  trap 'rm -f "$gpu_lock"' EXIT
+  grep -v -E '^(triton|nvidia-|cuda-)' "$lock" > "$gpu_lock"
+  lock=$gpu_lock
+fi
+install=("${pip[@]}" install -q --constraint "$lock")
+
 if "$venv/bin/python" -c "import torch" 2>/dev/null; then
   echo "[install] keeping torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)')"
 elif [ "$has_gpu" = 1 ]; then
   echo "[install] GPU host: installing the CUDA build of torch"
-  "${pip[@]}" install -q "torch>=2.4"
+  "${install[@]}" "torch>=2.4"
 else
   echo "[install] CPU host: installing the CPU wheel of torch"
-  "${pip[@]}" install -q "torch==2.13.0+cpu" 2>/dev/null \
-    || "${pip[@]}" install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
+  "${install[@]}" "torch==2.13.0+cpu" 2>/dev/null \
+    || "${install[@]}" "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
 fi
 
 if [ "$has_gpu" = 0 ] && ! "$venv/bin/python" -c "import triton" 2>/dev/null && [ "$(uname -s)" = Linux ]; then
   # CPU host: the kernels' tests run in Triton's interpreter; use the Triton the GPU image runs (3.6.0).
-  "${pip[@]}" install -q "triton==3.6.0"
+  "${install[@]}" "triton==3.6.0"
 fi
 
 if [ "$(uname -s)" = Linux ] && ! "$venv/bin/python" -c "import deepspeed" 2>/dev/null; then
   # DeepSpeed ships as an sdist whose build imports torch: build it against the torch chosen above (an isolated
   # build would fetch another torch), with no ops compiled ahead of time (they compile just in time when used).
   echo "[install] DeepSpeed (pure-python build against this torch)"
-  "${pip[@]}" install -q setuptools wheel
-  DS_BUILD_OPS=0 "${pip[@]}" install -q --no-build-isolation "deepspeed>=0.15"
+  "${install[@]}" setuptools  # >= 70.1 builds wheels itself (no `wheel` package)
+  DS_BUILD_OPS=0 "${install[@]}" --no-build-isolation "deepspeed>=0.15"
 fi
 
 extras=${FPSA_EXTRAS-dev}  # the test extras by default; FPSA_EXTRAS= installs only what training needs
-"${pip[@]}" install -q -e ".${extras:+[$extras]}"
+"${install[@]}" -e ".${extras:+[$extras]}"
 "$venv/bin/python" -c "import torch, fpsa_train, fpsa_kernels; print('[install] ok: torch', torch.__version__, '| cuda', torch.version.cuda)"
