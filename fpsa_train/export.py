@@ -219,7 +219,7 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
-@hydra.main(config_path="../configs", config_name="export", version_base="1.3")
+@hydra.main(config_path="../configs/tools", config_name="export", version_base="1.3")
 def main(cfg) -> None:
     from fpsa_train.config import resolve
 

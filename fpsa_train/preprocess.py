@@ -249,7 +249,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     return report
 
 
-@hydra.main(config_path="../configs", config_name="preprocess", version_base="1.3")
+@hydra.main(config_path="../configs/tools", config_name="preprocess", version_base="1.3")
 def main(cfg) -> None:
     from fpsa_train.config import resolve
 

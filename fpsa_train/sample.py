@@ -212,7 +212,7 @@ def sample(cfg: SampleConfig) -> dict:
     return report
 
 
-@hydra.main(config_path="../configs", config_name="sample", version_base="1.3")
+@hydra.main(config_path="../configs/tools", config_name="sample", version_base="1.3")
 def main(cfg) -> None:
     from fpsa_train.config import resolve
 

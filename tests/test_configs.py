@@ -143,3 +143,20 @@ def test_train_builds_the_model_in_the_kept_dtype(tmp_path, caplog):
                                        "trainer.precision=bf16-true", "logger.wandb=false"], tmp_path))
     assert "parameters (bfloat16)" in caplog.text and metrics["steps"] == 2
     assert math.isfinite(metrics["train/loss"])  # trained in bf16 to a finite loss
+
+
+@pytest.mark.parametrize("tool, key", [("preprocess", "fps"), ("sample", "fps"), ("export", "dtype")])
+def test_tool_keys_named_like_a_training_group_compose(tool, key):
+    """Regression: `python -m fpsa_train.preprocess ... fps=16` failed ("Config group override must be a string or a
+    list") while the CLIs' configs sat beside the training groups, `fps/` among them."""
+    import importlib
+
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONFIGS
+
+    importlib.import_module(f"fpsa_train.{tool}")  # registers the tool's schema
+    value = {"fps": "16", "dtype": "float32"}[key]
+    with initialize_config_dir(config_dir=str(CONFIGS / "tools"), version_base="1.3"):
+        cfg = compose(config_name=tool, overrides=[f"{key}={value}"])
+    assert str(cfg[key]) in (value, f"{value}.0")
