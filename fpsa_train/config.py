@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from fpsa_train.fps.schedule import FPSConfig
 from fpsa_train.models.config import WanConfig
@@ -160,6 +160,13 @@ class DataConfig:
         else:
             height, width, frames = 8 * self.latent_height, 8 * self.latent_width, 4 * (self.latent_frames - 1) + 1
         return int(height), int(width), int(frames)
+
+    def latent_grids(self) -> list[tuple[int, int, int]]:
+        """Latent (frames, height, width) of every clip shape training can see: one per bucket for videos (Wan's
+        VAE: 4× in time, 8× in space), the configured one for synthetic latents."""
+        if self.kind != "videos":
+            return [(self.latent_frames, self.latent_height, self.latent_width)]
+        return [((self.num_frames - 1) // 4 + 1, int(h) // 8, int(w) // 8) for h, w in self.buckets]
 
     def __post_init__(self) -> None:
         if self.kind not in ("synthetic", "videos"):
@@ -349,9 +356,7 @@ class TrainConfig:
             raise ConfigError(f"data.latent_channels={self.data.latent_channels} differs from "
                               f"model.in_dim={self.model.in_dim}")
         if self.fps.enabled:
-            from fpsa_train.fps.schedule import Schedule  # validates every regime, naming the bad field
-
-            Schedule.from_config(self.fps, tuple(self.model.tile_shape))
+            self._check_schedule_fits_the_clips()
         from fpsa_train.fps.schedule import BACKENDS
 
         if self.fps.backend not in BACKENDS:
@@ -367,12 +372,68 @@ class TrainConfig:
             raise ConfigError(f"data.text_tokens={self.data.text_tokens} exceeds model.text_len={self.model.text_len}")
 
 
+    def _check_schedule_fits_the_clips(self) -> None:
+        """Every regime is valid (Schedule.from_config names the bad field) and fits every training clip's token
+        grid: a top-k above a grid's tile count would keep every tile, a dense regime under a sparse name (the
+        diffusers path refuses it at run time; training refuses it here, before anything is built)."""
+        from fpsa_train.fps.schedule import Schedule, ScheduleError
+        from fpsa_train.models.token_order import TokenLayout
+
+        schedule = Schedule.from_config(self.fps, tuple(self.model.tile_shape))
+        for latent in self.data.latent_grids():
+            grid = tuple(n // p for n, p in zip(latent, self.model.patch_size))
+            try:
+                schedule.validate_grid(TokenLayout(grid, "tile", tuple(self.model.tile_shape)).tile_grid, grid)
+            except ScheduleError as err:
+                source = "data.buckets / data.num_frames" if self.data.kind == "videos" else "data.latent_*"
+                raise ConfigError(f"fps: {err} of the training clips (latent {latent} from {source}, model.patch_size"
+                                  f"={list(self.model.patch_size)}, model.tile_shape={list(self.model.tile_shape)}): "
+                                  "lower that regime's sparsity.topk") from err
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
+def unknown_keys(cfg: DictConfig, prefix: str = "") -> list[tuple[str, list[str]]]:
+    """Keys of `cfg` that its schema does not declare, as (full key, the schema's fields), depth first.
+
+    A plain `model.dimm=3` already fails at compose time (struct mode), but Hydra's `+model.dimm=3` and
+    `++model.dimm=3`, the form its own error message suggests, add the key anyway, and `to_object` then sets it
+    as a stray attribute that nothing reads: the typo would train silently with the default."""
+    from dataclasses import fields, is_dataclass
+
+    out = []
+    schema = OmegaConf.get_type(cfg)
+    declared = [f.name for f in fields(schema)] if schema is not None and is_dataclass(schema) else None
+    for key in cfg.keys():
+        name = f"{prefix}{key}"
+        if declared is not None and key not in declared:
+            out.append((name, declared))
+            continue
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and not node._is_none() and not node._is_missing():
+            out += unknown_keys(node, f"{name}.")
+        elif isinstance(node, ListConfig) and not node._is_none() and not node._is_missing():
+            for i, item in enumerate(node):
+                if isinstance(item, DictConfig):
+                    out += unknown_keys(item, f"{name}.{i}.")
+    return out
+
+
 def resolve(cfg: DictConfig):
-    """Composed config → validated dataclasses. Missing mandatory values (`???`) name their key and the fix."""
+    """Composed config → validated dataclasses. Missing mandatory values (`???`) and keys the schema does not
+    declare (added with Hydra's `+key=`) name their key and the fix."""
+    import difflib
+
+    unknown = unknown_keys(cfg)
+    if unknown:
+        key, declared = unknown[0]
+        close = difflib.get_close_matches(key.rsplit(".", 1)[-1], declared, n=1)
+        hint = f"did you mean `{key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}`? " if close else ""
+        more = f" (and {len(unknown) - 1} more: {', '.join(k for k, _ in unknown[1:])})" if len(unknown) > 1 else ""
+        raise ConfigError(f"unknown config key `{key}`{more}: the schema has no such field ({hint}known here: "
+                          f"{', '.join(declared)}). Keys cannot be added with `+key=`; fix the name")
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         key = missing[0]

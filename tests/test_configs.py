@@ -160,3 +160,29 @@ def test_tool_keys_named_like_a_training_group_compose(tool, key):
     with initialize_config_dir(config_dir=str(CONFIGS / "tools"), version_base="1.3"):
         cfg = compose(config_name=tool, overrides=[f"{key}={value}"])
     assert str(cfg[key]) in (value, f"{value}.0")
+
+
+@pytest.mark.parametrize("override", ["+model.dimm=3", "++model.dimm=3", "+trainer.max_stepz=3", "+dimm=3",
+                                      "+fps.regimes.0.sparsity.windoww=[1,1,1]"])
+def test_adding_an_unknown_key_with_plus_fails_naming_it(override, tmp_path):
+    """Regression: `+model.dimm=3` (the form Hydra's own error message suggests) was accepted and ignored."""
+    key = override.lstrip("+").split("=")[0]
+    with pytest.raises(ConfigError, match=rf"unknown config key `{key}`.*fix the name"):
+        resolve(compose_train(["+experiment=tiny", override], tmp_path))
+
+
+def test_unknown_key_message_suggests_the_close_name(tmp_path):
+    with pytest.raises(ConfigError, match=r"did you mean `model\.dim`"):
+        resolve(compose_train(["+experiment=tiny", "+model.dimm=3"], tmp_path))
+
+
+@pytest.mark.parametrize("data", [["data=synthetic", "data.latent_frames=3", "data.latent_height=8",
+                                   "data.latent_width=8"],
+                                  ["data.num_frames=9", "data.buckets=[[64,64],[32,64]]"]])
+def test_topk_larger_than_the_clips_tile_count_fails_before_training(data, tmp_path):
+    """Regression: training accepted a top-k above the token grid's tile count (the diffusers path refused it)."""
+    overrides = ["+experiment=tiny", *data, "fps.regimes.2.sparsity.pattern=topk", "fps.regimes.2.sparsity.topk=50",
+                 "fps.regimes.2.sparsity.window=null"]
+    with pytest.raises(ConfigError, match=r"regime 'late': topk=50 exceeds the \d+ tiles.*sparsity\.topk"):
+        resolve(compose_train(overrides, tmp_path))
+    resolve(compose_train([*overrides[:-2], "fps.regimes.2.sparsity.topk=2"], tmp_path))  # within the grid: fine

@@ -111,6 +111,7 @@ def attention_tiles(q, k, v, layout: TokenLayout, regime: Regime, selector: Lear
         idx = tok.unsqueeze(-1).expand(-1, -1, -1, d)  # (B, H, K·T, D)
         qu = qh[:, :, int(off[u]): int(off[u + 1])]  # (B, H, Lu, D)
         s = (qu @ kh.gather(2, idx).transpose(-1, -2)) * scale  # (B, H, Lu, K·T)
+        check_scores(s, qh, kh)
         s = s.masked_fill(~valid.flatten(2).unsqueeze(-2), float("-inf"))
         gate = None
         if sel.gate is not None:
@@ -129,9 +130,20 @@ def attention_materialized(q, k, v, layout: TokenLayout, regime: Regime, selecto
     tile_of = token_tiles(layout, q.device)  # (L,)
     keep = sel.mask.to_dense()[..., tile_of, :][..., tile_of]  # (B|1, H|1, L, L)
     s = (qh @ kh.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, H, L, L)
+    check_scores(s, qh, kh)
     s = s.masked_fill(~keep, float("-inf"))
     gate = None if sel.gate is None else sel.gate[..., tile_of, :][..., tile_of]
     return softmax_pv(s, vh, gate, regime.quantized), sel
+
+
+def check_scores(s: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
+    """Raise if a score overflowed fp32 (before masking, so every value must be finite): finite but huge q and k
+    (|q|·|k| beyond ~3e38) would otherwise give inf − inf = NaN in the softmax, silently."""
+    if not bool(torch.isfinite(s).all()):
+        raise ValueError(f"FPS attention scores overflow fp32: q and k reach |q| = {float(q.abs().max()):.3g} and "
+                         f"|k| = {float(k.abs().max()):.3g} (head_dim {q.shape[-1]}), so q·kᵀ exceeds 3.4e38. "
+                         "Attention inputs this large mean the activations diverged upstream (check the learning "
+                         "rate and the inputs); the scores cannot be computed in fp32")
 
 
 def _require_tile_order(layout: TokenLayout) -> None:

@@ -104,6 +104,20 @@ def test_nonfinite_input_is_an_error():
         attention_tiles(q, k, v, LAYOUT, regime("dense", None))
 
 
+@pytest.mark.parametrize("quant", [None, "tile"])
+@pytest.mark.parametrize("fn", [attention_tiles, attention_materialized])
+def test_huge_finite_input_is_an_error_not_silent_nan(fn, quant):
+    """Regression: q and k of 1e20 passed the finiteness check, q·kᵀ overflowed fp32 and the output held NaN."""
+    q, k, v = qkv(b=1, h=1)
+    q[0, 0, 3] = 1e20
+    k[0, 0, 7] = 1e20
+    with pytest.raises(ValueError, match=r"scores overflow fp32.*\|q\| = 1e\+20"):
+        fn(q, k, v, LAYOUT, regime("dense", quant))
+    q[0, 0, 3] = 1e15  # large but representable: a finite result
+    out, _ = fn(q, k, v, LAYOUT, regime("dense", quant))
+    assert torch.isfinite(out).all()
+
+
 def test_raster_layout_is_refused():
     q, k, v = qkv(b=1, h=1)
     with pytest.raises(ValueError, match="token_order=tile"):
