@@ -10,11 +10,17 @@ Layout (flat, so that a diffusers-format export is also a `WanTransformer3DModel
     schedule.json                         the step-aware schedule: regimes over σ (quantization group, sparsity)
     manifest.json                         format version, sha256 and size of every other file, the whole model
                                           config (token order, tile shape), the kernel features the schedule
-                                          needs, sampling defaults and where the weights came from
+                                          needs, sampling defaults, where the weights came from, and the sha256 of
+                                          its own content (`manifest_sha256`)
 
 Why hashes: deploy folders travel (object stores, rsync, partial copies), and a truncated shard or a hand-edited
 schedule would otherwise load and quietly produce wrong video. `load_deploy` recomputes every hash before it
-builds anything, and refuses the folder naming each missing, changed or unlisted file.
+builds anything, and refuses the folder naming each missing, changed or unlisted file. The manifest itself is
+read by the runtime (model config, key format, kernel features) and the sampler (sampling defaults), so it is
+covered too: `manifest_sha256` is the sha256 of the manifest's canonical JSON without that field (sorted keys,
+no whitespace, so re-indenting the file changes nothing), and any edit of any field is refused. These are
+checksums against accidents and hand edits, not signatures: whoever rewrites a file and its hash is trusted.
+Folders of format_version 1 have no such hash and are refused with the re-export command (see `read_manifest`).
 
 The runtime builds our Wan DiT from the manifest, loads the weights (fp32 on CPU, bf16 under autocast on CUDA)
 and swaps in FPS attention with the exported schedule. Which implementation runs is decided as in training
@@ -31,7 +37,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from fpsa_train.fps.fp8 import GROUPS
 from fpsa_train.fps.schedule import BACKENDS, PATTERNS, Schedule, schedule_from_data
@@ -41,8 +46,10 @@ from fpsa_train.models.wan import WanModel
 log = logging.getLogger(__name__)
 
 FORMAT = "fpsa-deploy"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the manifest records `manifest_sha256`. Version 1 (no hash over the model config) is refused."""
 MANIFEST = "manifest.json"
+MANIFEST_SHA256 = "manifest_sha256"
 SCHEDULE = "schedule.json"
 SELECTORS = "fps_selectors.safetensors"
 SELECTOR_PREFIX = "self_attn.core."  # learned selectors live in `blocks.N.self_attn.core.selectors.<regime>.*`
@@ -86,7 +93,50 @@ def check_kernel_features(features: dict, where: Path) -> None:
                           "not implement; load it with the fpsa version that exported it (or a newer one)")
 
 
+def manifest_sha256(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys, no whitespace, UTF-8) without `manifest_sha256`:
+    what the manifest says, independent of how the file is indented or ordered."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_SHA256}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def reexport_command(folder: Path, manifest: dict) -> str:
+    """The export command that rewrites `folder` from the checkpoint its manifest names (the fix for a folder
+    that cannot be verified)."""
+    source = manifest.get("source") or {}
+    args = [f"checkpoint={source.get('checkpoint', '<training checkpoint>')}", f"out={folder}", "overwrite=true"]
+    for key, default in (("key_format", "original"), ("dtype", "bfloat16")):
+        if manifest.get(key, default) != default:
+            args.append(f"{key}={manifest[key]}")
+    if source.get("weights") in ("ema", "model"):
+        args.append(f"weights={source['weights']}")
+    if source.get("schedule") not in (None, "checkpoint"):
+        args.append(f"schedule_file={source['schedule']}")
+    return "python -m fpsa_train.export " + " ".join(args)
+
+
+def check_manifest_sha256(manifest: dict, file: Path) -> None:
+    """Refuse a manifest whose content differs from what export wrote (its model config, key format, kernel
+    features and sampling defaults decide what the runtime computes, so an edit would change the output)."""
+    recorded = manifest.get(MANIFEST_SHA256)
+    if recorded is None:
+        raise DeployError(f"{file}: no {MANIFEST_SHA256}; format_version {FORMAT_VERSION} manifests record the "
+                          f"sha256 of their own content. Re-export: {reexport_command(file.parent, manifest)}")
+    if recorded != manifest_sha256(manifest):
+        raise DeployError(f"{file} has been edited since export: its content no longer matches its "
+                          f"{MANIFEST_SHA256} (the model config, key format, kernel features and sampling defaults in "
+                          "it are what the runtime computes with). Restore the exported manifest.json, or re-export: "
+                          f"{reexport_command(file.parent, manifest)}")
+
+
 def read_manifest(folder: str | Path) -> dict:
+    """The manifest of `folder`, checked: format, version, and the sha256 of its own content (cheap, so it is
+    checked even when `verify_deploy`'s file hashes are skipped).
+
+    Version 1 folders are refused rather than loaded with a warning: their model config (RoPE θ, tile shape, ...)
+    is covered by no hash, so an edit cannot be told from the export, and a warning would not stop the wrong
+    video it makes. The manifest names its checkpoint, so re-exporting is one command (given in the error)."""
     folder = Path(folder)
     file = folder / MANIFEST
     if not file.is_file():
@@ -102,6 +152,11 @@ def read_manifest(folder: str | Path) -> dict:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise DeployError(f"{file}: format_version {version!r} is newer than this fpsa reads ({FORMAT_VERSION}); "
                           "upgrade fpsa")
+    if version < FORMAT_VERSION:
+        raise DeployError(f"{file}: format_version {version} (an older fpsa's export, whose model config no hash "
+                          f"covers); this fpsa reads format_version {FORMAT_VERSION}. Re-export: "
+                          f"{reexport_command(folder, manifest)}")
+    check_manifest_sha256(manifest, file)
     return manifest
 
 
@@ -198,8 +253,8 @@ def load_deploy(folder: str | Path, device: str | torch.device = "cpu", backend:
     """Load a deploy folder: verify it, build the DiT from its manifest, load the weights, apply FPS attention.
 
     `dtype` of the parameters: default fp32 on CPU (exactly the exported values, computed in fp32) and bf16 on CUDA
-    (the stored dtype; `Deployed.denoise` runs under bf16 autocast there). `verify=False` skips the hashes (the
-    manifest is still read); only for folders checked moments ago.
+    (the stored dtype; `Deployed.denoise` runs under bf16 autocast there). `verify=False` skips the files' hashes
+    (the manifest's own hash is still checked); only for folders checked moments ago.
     """
     from fpsa_train.fps.transform import apply_fps_attention
     from fpsa_train.models.checkpoint import load_wan_weights
@@ -228,7 +283,13 @@ def _load_selectors(model: WanModel, folder: Path, device: torch.device) -> None
     """Learned selectors from fps_selectors.safetensors into the FPS cores, strictly (keys listed if they differ)."""
     expected = {k for k in model.state_dict() if SELECTOR_PREFIX in k}
     file = folder / SELECTORS
-    stored = load_file(str(file), device=str(device)) if file.is_file() else {}
+    stored = {}
+    if file.is_file():  # verify_deploy has checked its hash, unless verify=False: then name a damaged file
+        from fpsa_train.models.checkpoint import open_safetensors
+
+        with open_safetensors(file, "Re-export the folder, or copy it again", error=DeployError,
+                              device=str(device)) as f:
+            stored = {k: f.get_tensor(k) for k in f.keys()}
     missing, unexpected = sorted(expected - stored.keys()), sorted(stored.keys() - expected)
     if missing or unexpected:
         raise DeployError(f"{file}: learned selectors do not fit the schedule: missing {missing[:20]}, "

@@ -8,7 +8,10 @@ so the checkpoint is all export needs. Files are read with `torch.load(weights_o
 
 Output: the deploy folder, written into a temporary sibling and renamed into place at the end, so a killed or
 failed export never leaves a half folder under the final name (and `overwrite=true` replaces an old export only
-once the new one is complete). The EMA weights are exported by default when the checkpoint has them.
+once the new one is complete). The sibling's name records the writer (`.{out}.tmp-<host>-<pid>-<random>`): a
+killed export's leftover, whose process is gone, is removed by the next export to the same `out` (before it
+writes, to free the space, and after), while a concurrent export's is left alone. The EMA weights are exported
+by default when the checkpoint has them.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import json
 import logging
 import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,11 +32,11 @@ from omegaconf import MISSING
 from safetensors.torch import save_file
 
 from fpsa_train.config import ConfigError
-from fpsa_train.deploy import (FORMAT, FORMAT_VERSION, MANIFEST, SCHEDULE, SELECTOR_PREFIX, SELECTORS, file_entries,
-                               kernel_features, model_config)
+from fpsa_train.deploy import (FORMAT, FORMAT_VERSION, MANIFEST, MANIFEST_SHA256, SCHEDULE, SELECTOR_PREFIX,
+                               SELECTORS, file_entries, kernel_features, manifest_sha256, model_config)
 from fpsa_train.fps.schedule import FPSConfig, Schedule, schedule_from_data
 from fpsa_train.lit.module import RUN_CONFIG_KEY
-from fpsa_train.models.checkpoint import _replace_dir, save_wan_weights
+from fpsa_train.models.checkpoint import _replace_dir, remove_stale_siblings, save_wan_weights, temp_sibling
 from fpsa_train.models.checkpoint_config import CheckpointError
 from fpsa_train.models.config import WanConfig
 from fpsa_train.models.state_dict import KEY_FORMATS
@@ -162,7 +164,8 @@ def export(cfg: ExportConfig) -> dict:
     log.info("exporting %s weights of %s (%s, step %s) to %s", which, cfg.checkpoint, ckpt.kind, ckpt.global_step, out)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    remove_stale_siblings(out)  # a killed export's weights may take the space this one needs
+    tmp = temp_sibling(out, "tmp")
     try:
         save_wan_weights(wan, tmp, key_format=cfg.key_format, cfg=arch, dtype=DTYPES[cfg.dtype],
                          max_shard_bytes=int(cfg.max_shard_gb * 2**30))
@@ -184,6 +187,7 @@ def export(cfg: ExportConfig) -> dict:
                        "schedule": str(cfg.schedule_file) if cfg.schedule_file else "checkpoint"},
             "files": files,
         }
+        manifest[MANIFEST_SHA256] = manifest_sha256(manifest)  # the runtime reads the manifest too: cover it
         _write_json(tmp / MANIFEST, manifest)
         _replace_dir(tmp, out)
     except BaseException:

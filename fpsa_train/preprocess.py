@@ -14,7 +14,8 @@ a rerun skips everything the index already holds. The empty caption's embedding 
 (`empty_prompt.safetensors`) for caption dropout.
 
 Bad input never stops the run: a missing, empty, corrupt, too short or non-video file, or an empty caption, is
-skipped with its reason, counted, listed in `report.json` and summarised at the end.
+skipped with its reason, counted, listed in `report.json` and summarised at the end. A row that repeats an
+earlier one (same video, same caption) is cached once and reported as "duplicate".
 """
 
 from __future__ import annotations
@@ -35,13 +36,11 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from fpsa_train.data.cache import EMPTY_PROMPT, INDEX, REPORT
 from fpsa_train.data.metadata import Sample, read_metadata
 from fpsa_train.data.video import BadVideo, VideoSpec, load_clip
 
 log = logging.getLogger(__name__)
-INDEX = "index.json"
-REPORT = "report.json"
-EMPTY_PROMPT = "empty_prompt.safetensors"
 
 
 @dataclass
@@ -83,6 +82,24 @@ ConfigStore.instance().store(name="preprocess_schema", node=PreprocessConfig)
 def sample_key(sample: Sample) -> str:
     """Stable id of a (video, caption) pair: a rerun recognises what it has done."""
     return hashlib.sha1(f"{sample.video}\0{sample.caption}".encode()).hexdigest()[:16]
+
+
+def split_duplicates(samples: list[Sample]) -> tuple[list[Sample], list[dict]]:
+    """The first row of every (video, caption) pair, and a skip entry (reason "duplicate") for each repeat.
+
+    Why: a repeated row has the same key, so it would be stored twice under one name and listed twice in the
+    index, and training would draw it twice as often, a weighting nobody asked for. The same video with another
+    caption is another sample and is kept."""
+    first: dict[str, Sample] = {}
+    duplicates = []
+    for s in samples:
+        key = sample_key(s)
+        if key in first:
+            duplicates.append({"row": s.index, "source": str(s.video), "reason": "duplicate",
+                               "detail": f"same video and caption as row {first[key].index}, which is cached once"})
+        else:
+            first[key] = s
+    return list(first.values()), duplicates
 
 
 class _Clips(Dataset):
@@ -182,12 +199,13 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     index = load_index(out, spec)
     done = {e["key"] for e in index["samples"]}
     samples = read_metadata(cfg.metadata)
-    todo = [s for s in samples if sample_key(s) not in done]
+    unique, duplicates = split_duplicates(samples)
+    todo = [s for s in unique if sample_key(s) not in done]
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.latent_dtype]
-    log.info("%d samples in %s: %d cached, %d to do (device %s)", len(samples), cfg.metadata, len(samples) - len(todo),
-             len(todo), device)
+    log.info("%d samples in %s (%d duplicate rows): %d cached, %d to do (device %s)", len(samples), cfg.metadata,
+             len(duplicates), len(unique) - len(todo), len(todo), device)
     enc = Encoders(cfg.components, device, cfg.text_len)
     if not (out / EMPTY_PROMPT).exists():
         _atomic_safetensors(out / EMPTY_PROMPT, {"text": enc.text([""])[0].to(dtype)})
@@ -195,7 +213,9 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     video_spec = VideoSpec(cfg.num_frames, cfg.fps, cfg.start, tuple(tuple(b) for b in cfg.buckets))
     loader = DataLoader(_Clips(todo, video_spec, cfg.seed), batch_size=None, num_workers=cfg.workers,
                         prefetch_factor=4 if cfg.workers else None)
-    skipped: list[dict] = []
+    for d in duplicates:
+        log.warning("skipped row %d (%s): duplicate: %s", d["row"], d["source"], d["detail"])
+    failed: list[dict] = []  # rows whose video or caption could not be used
     pending: dict[tuple, list] = defaultdict(list)  # bucket shape → decoded samples waiting for a full batch
     shard: dict[str, torch.Tensor] = {}
     shard_entries: list[dict] = []
@@ -228,7 +248,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     for item in tqdm(loader, total=len(todo), desc="preprocess", unit="clip", dynamic_ncols=True):
         if item["clip"] is None:
             s = todo[item["i"]]
-            skipped.append({"row": s.index, "source": str(s.video), "reason": item["reason"], "detail": item["detail"]})
+            failed.append({"row": s.index, "source": str(s.video), "reason": item["reason"], "detail": item["detail"]})
             log.warning("skipped row %d (%s): %s: %s", s.index, s.video, item["reason"], item["detail"])
             continue
         bucket = tuple(item["clip"].shape)
@@ -239,9 +259,10 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         encode(batch)
     flush()
 
+    skipped = sorted(duplicates + failed, key=lambda s: s["row"])
     reasons = Counter(s["reason"] for s in skipped)
     report = {"metadata": str(cfg.metadata), "samples": len(samples), "cached": len(index["samples"]),
-              "encoded_now": len(todo) - len(skipped), "skipped": len(skipped), "skipped_by_reason": dict(reasons),
+              "encoded_now": len(todo) - len(failed), "skipped": len(skipped), "skipped_by_reason": dict(reasons),
               "skipped_samples": skipped}
     _atomic_json(out / REPORT, report)
     log.info("cache %s: %d samples cached (%d new), %d skipped %s; report: %s", out, report["cached"],

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +20,7 @@ from fpsa_train.deploy import DeployError, load_deploy, model_config, verify_dep
 from fpsa_train.export import ExportConfig, expected_bytes, export, read_training_checkpoint
 from fpsa_train.fps.schedule import schedule_from_data
 from fpsa_train.fps.transform import apply_fps_attention
-from fpsa_train.models.checkpoint import load_wan_weights
+from fpsa_train.models.checkpoint import load_wan_weights, temp_sibling
 from fpsa_train.models.config import WAN_1_3B, WAN_14B, WanConfig
 from fpsa_train.models.state_dict import to_diffusers
 from fpsa_train.models.wan import WanModel
@@ -216,3 +220,104 @@ def test_schedule_file_replaces_the_checkpoints_schedule(trained_checkpoint, tmp
                    "     sparsity: {pattern: learned, target_density: 0.5}}\n")
     with pytest.raises(ValueError, match="selectors.other"):
         _export(trained_checkpoint, tmp_path / "b", schedule_file=str(bad))
+
+
+# ---------------------------------------------------------------------------- the manifest is verified too
+
+
+@pytest.fixture(scope="module")
+def exported(trained_checkpoint, tmp_path_factory) -> Path:
+    """One deploy folder; tests edit copies of it."""
+    return Path(_export(trained_checkpoint, tmp_path_factory.mktemp("exported") / "deploy")["out"])
+
+
+def copy_with_manifest(exported: Path, folder: Path, edit=None) -> Path:
+    """A copy of the deploy folder whose manifest is `edit`ed (in place, on the parsed JSON) and re-serialised."""
+    shutil.copytree(exported, folder)
+    if edit is not None:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        edit(manifest)
+        (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return folder
+
+
+# Every part of the manifest the runtime or the sampler reads. Before the manifest hashed itself, the first two
+# loaded without error and changed the output by 0.2–0.25% (RoPE θ 1e4 → 1e3) and 0.09–1.3% (tile 2×4×4 → 2×2×8).
+MANIFEST_EDITS = {
+    "model.rope_theta": lambda m: m["model"].update(rope_theta=1000.0),
+    "model.tile_shape": lambda m: m["model"].update(tile_shape=[2, 2, 8]),
+    "key_format": lambda m: m.update(key_format="diffusers"),
+    "kernel.quant_groups": lambda m: m["kernel"].update(quant_groups=["tile"]),
+    "sampling.num_train_timesteps": lambda m: m["sampling"].update(num_train_timesteps=500),
+    "sampling.video": lambda m: m["sampling"].update(video={"height": 64, "width": 64, "frames": 5}),
+    "files": lambda m: m["files"].pop("config.json"),
+}
+
+
+@pytest.mark.parametrize("field", sorted(MANIFEST_EDITS))
+def test_an_edited_manifest_is_refused_naming_it_and_the_fix(exported, tmp_path, field):
+    folder = copy_with_manifest(exported, tmp_path / "d", MANIFEST_EDITS[field])
+    fix = rf"re-export: python -m fpsa_train\.export checkpoint=\S+\.ckpt out={re.escape(str(folder))} " \
+          r"overwrite=true"
+    for verify in (True, False):  # the manifest's own hash costs nothing: checked even without the file hashes
+        with pytest.raises(DeployError, match=rf"manifest\.json has been edited since export: .*{fix}"):
+            load_deploy(folder, backend="reference", verify=verify)
+
+
+def test_a_reformatted_manifest_still_loads(exported, tmp_path):
+    """The hash is over canonical JSON (sorted keys, no whitespace): indentation and key order do not matter."""
+    folder = copy_with_manifest(exported, tmp_path / "d")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps(dict(reversed(list(manifest.items()))), indent=4))
+    assert (folder / "manifest.json").read_text() != (exported / "manifest.json").read_text()
+    assert load_deploy(folder, backend="reference").manifest["format_version"] == 2
+
+
+def test_a_format_version_1_folder_is_refused_with_the_reexport_command(exported, tmp_path):
+    """Version 1 manifests carry no hash over the model config, so they cannot be verified: refused, with the exact
+    export command that rewrites the folder from the checkpoint the manifest names."""
+    def as_version_1(m):
+        m.pop("manifest_sha256", None)
+        m["format_version"] = 1
+
+    folder = copy_with_manifest(exported, tmp_path / "d", as_version_1)
+    checkpoint = json.loads((exported / "manifest.json").read_text())["source"]["checkpoint"]
+    command = f"python -m fpsa_train.export checkpoint={checkpoint} out={folder} overwrite=true weights=ema"
+    with pytest.raises(DeployError, match=r"format_version 1 \(an older fpsa's export.*Re-export: ") as err:
+        load_deploy(folder)
+    assert str(err.value).endswith(command)
+
+
+# ------------------------------------------------------------------------- leftovers of a killed export
+
+STALLED_EXPORT = """
+import sys, time
+import fpsa_train.export as export
+def stall(folder):  # killed here: weights, selectors and schedule written, no manifest yet
+    print("written", flush=True)
+    time.sleep(600)
+export.file_entries = stall
+export.export(export.ExportConfig(checkpoint=sys.argv[1], out=sys.argv[2]))
+"""
+
+
+def test_the_next_export_removes_a_killed_exports_leftover(trained_checkpoint, tmp_path):
+    """An export SIGKILLed mid-way leaves its hidden temporary folder (the weights); the next export to the same
+    `out` removes it, and leaves a running export's alone."""
+    out = tmp_path / "d"
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", STALLED_EXPORT, str(trained_checkpoint), str(out)], cwd=repo,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"written\n", proc.stderr.read().decode()[-2000:]
+    finally:
+        proc.kill()
+        proc.wait()
+    killed = [p.name for p in tmp_path.iterdir()]
+    assert len(killed) == 1 and killed[0].startswith(".d.tmp-"), killed
+    running = temp_sibling(out, "tmp")  # this process's: alive, so a concurrent export to keep
+    running.mkdir()
+
+    _export(trained_checkpoint, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["d", running.name])
+    verify_deploy(out)

@@ -6,6 +6,10 @@ every rank of a distributed job draws a disjoint share of the same batch list (b
 every rank gets the same number of batches). Caption dropout for classifier-free guidance is decided in the
 sampler too (deterministic for a seed, wherever the sample is decoded): a dropped caption is replaced by the
 cached embedding of the empty prompt, as sampling with an empty negative prompt would see it.
+
+The cache's file names live here (preprocessing writes them, training reads them). A folder without an index is
+explained from its `report.json` when preprocessing ran and skipped every row, and a damaged shard is named with
+the fix, so neither surfaces as a generic "no index" or a path-less safetensors error.
 """
 
 from __future__ import annotations
@@ -16,11 +20,37 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
-from safetensors import safe_open
 from torch.utils.data import Dataset
 
 from fpsa_train.data.sampler import ResumableBatches
-from fpsa_train.preprocess import EMPTY_PROMPT, INDEX
+from fpsa_train.models.checkpoint import open_safetensors
+
+INDEX = "index.json"
+REPORT = "report.json"
+EMPTY_PROMPT = "empty_prompt.safetensors"
+
+
+class CacheError(ValueError):
+    """A cache folder that cannot be used as it is; the message names the file and the fix."""
+
+
+def missing_index_error(root: Path) -> Exception:
+    """Why `root` has no index: preprocessing never ran there, or it ran and skipped every row (an index is
+    written with the first shard), in which case its report says how many rows and why."""
+    report_file = root / REPORT
+    try:
+        report = json.loads(report_file.read_text())
+    except (OSError, ValueError):  # no report (or a damaged one): nothing to explain beyond the missing index
+        report = None
+    if not isinstance(report, dict) or report.get("cached") != 0:
+        return FileNotFoundError(f"no {INDEX} in {root}: run `python -m fpsa_train.preprocess ... out={root}` first")
+    metadata, rows = report.get("metadata"), report.get("samples", 0)
+    if rows == 0:
+        return CacheError(f"the metadata {metadata} has no rows, so the cache {root} holds no samples; give a "
+                          "metadata file that lists videos and captions")
+    reasons = ", ".join(f"{n} {reason}" for reason, n in report.get("skipped_by_reason", {}).items())
+    return CacheError(f"all {rows} samples of {metadata} were skipped ({reasons}): see {report_file} for each row's "
+                      "reason; fix those videos and captions (or point data.metadata at good ones) and run again")
 
 
 class LatentCache(Dataset):
@@ -29,11 +59,10 @@ class LatentCache(Dataset):
     def __init__(self, root: str | Path, indices: list[int] | None = None):
         self.root = Path(root)
         if not (self.root / INDEX).exists():
-            raise FileNotFoundError(f"no {INDEX} in {self.root}: run `python -m fpsa_train.preprocess ... "
-                                    f"out={self.root}` first")
+            raise missing_index_error(self.root)
         entries = json.loads((self.root / INDEX).read_text())["samples"]
         self.entries = entries if indices is None else [entries[i] for i in indices]
-        with safe_open(self.root / EMPTY_PROMPT, framework="pt") as f:
+        with self._open(EMPTY_PROMPT) as f:
             self.empty_prompt = f.get_tensor("text").float()  # (L0, D)
         self._handles: dict[str, object] = {}
 
@@ -43,9 +72,14 @@ class LatentCache(Dataset):
     def shapes(self) -> list[tuple[int, ...]]:
         return [tuple(e["latent_shape"]) for e in self.entries]
 
+    def _open(self, name: str):
+        fix = (f"Rebuild the cache: delete {self.root} (training builds it again from data.metadata) or run "
+               "python -m fpsa_train.preprocess into a new out= folder")
+        return open_safetensors(self.root / name, fix, error=CacheError)
+
     def _shard(self, name: str):
         if name not in self._handles:  # one open handle per shard per worker process
-            self._handles[name] = safe_open(self.root / name, framework="pt")
+            self._handles[name] = self._open(name)
         return self._handles[name]
 
     def __getitem__(self, item) -> dict:

@@ -20,6 +20,10 @@ not found"); one whose moov sits at the front (faststart) mostly fails at open t
 ("partial file"), and if only the last packet is cut it opens and fails when that frame is decoded; garbage in the
 middle of the media data opens fine and get_batch raises DECORDError for frames past the damage (and now and
 then for frames before it: decord's decoder thread reads ahead).
+A text file is "not_video" even when ffmpeg opens it: its `tty` demuxer renders .txt/.ans/.nfo files as video
+(25 fps, a few frames per screenful of text), which would come out "too_short", "corrupt", or as a clip of
+rendered text. No video container but y4m (which has magic bytes) starts with a head of printable text, so the
+head is checked before decoding.
 decord 0.6 also misreads some tiny widths (16, 24, 48, 72 px: its frame buffer comes out with 4 "channels" and
 get_batch fails); those report "corrupt". Real sources (hundreds of pixels wide) are unaffected.
 """
@@ -145,6 +149,8 @@ def load_clip(path: str | Path, spec: VideoSpec, seed: int = 0) -> torch.Tensor:
         raise BadVideo("missing", f"no such file: {path}" if not path.exists() else f"not a file: {path}")
     if path.stat().st_size == 0:
         raise BadVideo("empty_file", f"0 bytes: {path}")
+    if _sniff_container(path) is None and _looks_like_text(_head(path, _TEXT_PROBE)):
+        raise BadVideo("not_video", f"{path}: a text file, not a video (starts with {_head(path)!r})")
     try:
         reader = VideoReader(str(path), ctx=cpu(0))
     except (RuntimeError, DECORDError) as e:
@@ -200,7 +206,25 @@ _MAGIC = (
     (b"\x30\x26\xb2\x75\x8e\x66\xcf\x11", "asf/wmv"),
     (b"\x00\x00\x01\xba", "mpeg-ps"),
     (b"GIF8", "gif"),
+    (b"YUV4MPEG2", "y4m"),  # a text header line, then raw pixels (which may well be printable bytes)
 )
+
+
+_TEXT_PROBE = 512  # bytes read to tell text from media; every container's header has binary bytes well before
+_TEXT_CONTROLS = frozenset(b"\t\n\r\f\v\x1b")  # whitespace, and ESC of ANSI art (.ans, which ffmpeg renders)
+
+
+def _looks_like_text(head: bytes) -> bool:
+    """Whether a file's first bytes are text: valid UTF-8 (a character cut at the end allowed) with no control
+    bytes but whitespace and ESC. Media headers hold binary sizes and flags (zero bytes) from their first bytes;
+    y4m, whose header line is text, is recognised by its magic first (`_sniff_container`)."""
+    if any(b < 0x20 and b not in _TEXT_CONTROLS for b in head) or b"\x7f" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start >= len(head) - 3 and e.reason == "unexpected end of data"  # a multibyte character cut off
+    return True
 
 
 def _sniff_container(path: Path) -> str | None:

@@ -6,14 +6,19 @@ at a time, and a model built on the meta device receives them by assignment, so 
 copies of the weights. Only safetensors and `torch.load(weights_only=True)` are used: nothing is unpickled.
 
 Saving writes into a temporary sibling folder and renames it into place, so a crash midway never leaves a
-half-written checkpoint under the final name, nor destroys the previous one.
+half-written checkpoint under the final name, nor destroys the previous one. A killed write leaves its hidden
+sibling behind; the next replace of the same folder removes the leftovers whose writer process is gone.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import pickle
+import re
 import shutil
+import socket
 import uuid
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -21,7 +26,7 @@ from itertools import chain
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -40,6 +45,9 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 ACCEPTED = (f"a .safetensors or {'/'.join(TORCH_SUFFIXES)} file, a folder with {WEIGHTS_NAME} (or shards plus "
             f"{INDEX_NAME}), or a diffusers pipeline folder with transformer/")
 _MAX_LISTED = 20
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"  # a name part without '-' or '.'
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointKeyError(CheckpointError):
@@ -85,6 +93,22 @@ def _weight_files(path: Path) -> tuple[list[Path], dict | None]:
     return [path / s for s in shards], weight_map
 
 
+def open_safetensors(file: Path, fix: str, error: type[ValueError] = CheckpointError, device: str = "cpu"):
+    """`safe_open(file)` (a context manager), with a damaged file raised as `error` naming the file and `fix`.
+
+    Why: safetensors checks the header and that the file is as long as the header says, but its messages
+    ("incomplete metadata, file not fully covered", "invalid header length") name no file, and a truncated copy
+    is the common case (an interrupted rsync, a full disk, a killed write)."""
+    try:
+        return safe_open(file, framework="pt", device=device)
+    except SafetensorError as e:
+        raise error(f"{file}: not a complete safetensors file ({e}): it is truncated or damaged, e.g. by an "
+                    f"interrupted copy or write. {fix}") from None
+
+
+_WEIGHTS_FIX = "Copy or download it again (or re-save it from its source)."
+
+
 def _torch_load(file: Path) -> dict[str, torch.Tensor]:
     """A flat {name: tensor} dict (or one under 'state_dict'/'module') from a .pt/.pth/.bin, weights only."""
     try:  # mmap keeps the file on disk until each tensor is cast; only the zip format supports it
@@ -114,7 +138,7 @@ class _Reader:
             return {k: tuple(v.shape) for k, v in self.torch_sd.items()}
         out = {}
         for file in self.files:
-            with safe_open(file, framework="pt") as f:
+            with open_safetensors(file, _WEIGHTS_FIX) as f:
                 out.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
         return out
 
@@ -123,7 +147,7 @@ class _Reader:
             yield from self.torch_sd.items()
             return
         for file in self.files:
-            with safe_open(file, framework="pt", device="cpu") as f:
+            with open_safetensors(file, _WEIGHTS_FIX) as f:
                 for key in f.keys():
                     yield key, f.get_tensor(key)
 
@@ -157,6 +181,7 @@ def load_wan_weights(model: WanModel, path: str | Path, key_format: str = "auto"
 
     Returns {"path", "files", "key_format", "dtype", "stored_dtypes"}. Raises CheckpointConfigError,
     CheckpointKeyError or CheckpointShapeError before reading any tensor data when the checkpoint does not fit.
+    A truncated or damaged safetensors file is a CheckpointError naming it.
     """
     if key_format not in ("auto", *KEY_FORMATS):
         raise ValueError(f"key_format={key_format!r}: expected 'auto' or one of {KEY_FORMATS}")
@@ -274,11 +299,67 @@ def save_wan_weights(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]
     return {"out_dir": str(out_dir), "files": names, "total_size": sum(nbytes.values())}
 
 
+def temp_sibling(final: Path, kind: str) -> Path:
+    """A hidden sibling of `final` for an atomic replace, `.{name}.{kind}-{host}-{pid}-{random}`: kind `tmp` (the
+    new version being written) or `old` (the replaced version until it is deleted). Host and pid name the writer,
+    so that a later write can tell a killed writer's leftover from a running one's (`remove_stale_siblings`)."""
+    if kind not in ("tmp", "old"):
+        raise ValueError(f"temp_sibling kind={kind!r}: expected 'tmp' or 'old'")
+    return final.with_name(f".{final.name}.{kind}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def remove_stale_siblings(final: Path) -> list[Path]:
+    """Delete what killed writes of `final` left beside it; returns the deleted paths.
+
+    A leftover (`temp_sibling`; also `..{name}.tmp-...` of a nested save inside one) is deleted when its writer
+    ran on this host and that process is gone: a `tmp` always, an `old` only while `final` exists (a write killed
+    between its two renames leaves the previous version only there). Kept and logged: a live writer's (a
+    concurrent write to the same folder), another host's (its pid means nothing here), and names that carry no
+    writer (from an fpsa before writers were recorded; delete those by hand once no write is running).
+    By owner rather than by age: an export of a 14B model runs for minutes, so a leftover's age cannot say
+    whether its writer is still at work; its pid can (a recycled pid only keeps a leftover longer)."""
+    pattern = re.compile(rf"\.+{re.escape(final.name)}\.(?P<kind>tmp|old)-"
+                         rf"(?:(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)-)?[0-9a-f]{{8}}")
+    removed, kept = [], []
+    for path in sorted(final.parent.iterdir()) if final.parent.is_dir() else []:
+        match = pattern.match(path.name)
+        if match is None:
+            continue
+        host, pid = match["host"], match["pid"]
+        if host != _HOST or pid is None or _process_alive(int(pid)):
+            kept.append(path)
+        elif match["kind"] == "tmp" or final.exists():
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        log.info("removed %d leftover(s) of killed writes of %s: %s", len(removed), final,
+                 ", ".join(p.name for p in removed))
+    if kept:
+        log.warning("kept %s beside %s: written by a running process, another host, or an older fpsa that did not "
+                    "record its writer; delete by hand what no running write uses", ", ".join(p.name for p in kept),
+                    final)
+    return removed
+
+
 def _replace_dir(new: Path, final: Path) -> None:
-    """Rename `new` to `final`; an existing `final` is moved aside first and deleted only once `new` is in place."""
+    """Rename `new` to `final`; an existing `final` is moved aside first and deleted only once `new` is in place.
+    Then the leftovers of earlier killed writes of `final` are removed (`remove_stale_siblings`)."""
     old = None
     if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        old = temp_sibling(final, "old")
         final.rename(old)
     try:
         new.rename(final)
@@ -288,3 +369,7 @@ def _replace_dir(new: Path, final: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)  # the new folder is in place: never fail the save for this
+    try:
+        remove_stale_siblings(final)
+    except OSError as e:  # tidying up must not fail a complete save either
+        log.warning("could not look for leftovers beside %s: %s", final, e)

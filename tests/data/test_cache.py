@@ -1,14 +1,19 @@
-"""Bucketed, sharded, seeded batches over the cache; the tiny default runs clips → cache → training."""
+"""Bucketed, sharded, seeded batches over the cache; the tiny default runs clips → cache → training; a cache
+where every row was skipped is explained from its report."""
 
 from __future__ import annotations
 
+import json
+import re
 from collections import Counter
 
+import pytest
 import torch
 
-from fpsa_train.data.cache import BucketBatchSampler
+from fpsa_train.data.cache import BucketBatchSampler, CacheError, LatentCache
 from fpsa_train.train import train
 from tests.conftest import compose_train
+from tests.data.conftest import BAD_ROWS, write_metadata
 
 SHAPES = [(16, 5, 16, 16)] * 10 + [(16, 5, 12, 20)] * 7 + [(16, 3, 16, 16)] * 5
 
@@ -62,3 +67,25 @@ def test_tiny_experiment_runs_from_clips_to_training(tmp_path):
     assert '"encoded_now": 0' in (base / "cache" / "report.json").read_text()
     assert second["steps"] == 12
     assert Counter(p.suffix for p in (base / "cache").iterdir())[".safetensors"] >= 2
+
+
+def test_training_when_every_row_was_skipped_names_the_count_and_the_report(video_root, tmp_path):
+    """Before: preprocessing skipped every row, wrote no index, and training then failed with "no index.json in
+    <cache>: run `python -m fpsa_train.preprocess ...` first", although it had just run."""
+    metadata = write_metadata(video_root / "all_bad.csv", [row for row, _ in BAD_ROWS])
+    cache = tmp_path / "cache"
+    overrides = ["+experiment=tiny", "data=videos", f"data.metadata={metadata}",
+                 f"data.components={video_root / 'components'}", f"data.cache_dir={cache}", "data.num_frames=17",
+                 "data.buckets=[[128,128]]", "data.preprocess_workers=0", "trainer.max_steps=2", "fps=dense"]
+    report = re.escape(str(cache / "report.json"))
+    with pytest.raises(CacheError, match=rf"^all {len(BAD_ROWS)} samples of \S+all_bad\.csv were skipped "
+                                         rf"\(1 missing, 1 empty_file, .*\): see {report} for each row's reason"):
+        train(compose_train(overrides, tmp_path / "run"))
+
+
+def test_a_folder_without_an_index_says_whether_preprocessing_ran(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no index\.json in .*: run `python -m fpsa_train\.preprocess"):
+        LatentCache(tmp_path)  # never preprocessed
+    (tmp_path / "report.json").write_text(json.dumps({"metadata": "clips.csv", "samples": 0, "cached": 0}))
+    with pytest.raises(CacheError, match=r"^the metadata clips\.csv has no rows, so the cache .* holds no samples"):
+        LatentCache(tmp_path)

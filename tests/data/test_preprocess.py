@@ -1,14 +1,16 @@
-"""Preprocessing into a cache: every bad input skipped and reported, round trip, resume, normalisation."""
+"""Preprocessing into a cache: every bad input skipped and reported, duplicates cached once, round trip, resume,
+normalisation, a damaged cache file named."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 from diffusers import AutoencoderKLWan
 
-from fpsa_train.data.cache import LatentCache
+from fpsa_train.data.cache import CacheError, LatentCache
 from fpsa_train.data.metadata import read_metadata
 from fpsa_train.data.video import VideoSpec, load_clip
 from fpsa_train.preprocess import Encoders, PreprocessConfig, preprocess
@@ -95,3 +97,35 @@ def test_cache_built_with_other_settings_is_refused(video_root, tmp_path):
     preprocess(config(video_root, metadata, tmp_path / "cache"))
     with pytest.raises(ValueError, match="num_frames=17"):
         preprocess(config(video_root, metadata, tmp_path / "cache", num_frames=9))
+
+
+def test_duplicate_rows_are_cached_once_and_reported(video_root, tmp_path):
+    """Before, a repeated (video, caption) row was encoded again and listed twice in the index under one key, so
+    training drew it twice as often. The same video with another caption is another sample."""
+    first, second = good_rows(video_root)[:2]
+    rows = [first, second, first, {**second, "prompt": "another caption"}]
+    metadata = write_metadata(video_root / "duplicates.csv", rows)
+    out = tmp_path / "cache"
+    report = preprocess(config(video_root, metadata, out))
+    assert sorted(e["row"] for e in json.loads((out / "index.json").read_text())["samples"]) == [0, 1, 3]
+    assert (report["samples"], report["cached"], report["encoded_now"]) == (4, 3, 3)
+    assert report["skipped_by_reason"] == {"duplicate": 1}
+    assert json.loads((out / "report.json").read_text())["skipped_samples"] == [
+        {"row": 2, "source": first["video"], "reason": "duplicate",
+         "detail": "same video and caption as row 0, which is cached once"}]
+    again = preprocess(config(video_root, metadata, out))  # a rerun still reports it, and encodes nothing
+    assert again["encoded_now"] == 0 and again["skipped_by_reason"] == {"duplicate": 1}
+
+
+@pytest.mark.parametrize("name", ["shard_00000.safetensors", "empty_prompt.safetensors"])
+def test_a_truncated_cache_file_is_an_error_naming_it(video_root, tmp_path, name):
+    """A shard (or the empty prompt) cut short by a copy: before, safetensors' "incomplete metadata, file not fully
+    covered" without a file name."""
+    metadata = write_metadata(video_root / "two_for_cache.csv", good_rows(video_root)[:2])
+    cache = tmp_path / "cache"
+    preprocess(config(video_root, metadata, cache))
+    victim = cache / name
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    with pytest.raises(CacheError, match=rf"^{re.escape(str(victim))}: not a complete safetensors file .*truncated"
+                                         rf".*Rebuild the cache: delete {re.escape(str(cache))}"):
+        LatentCache(cache)[0]

@@ -44,6 +44,22 @@ def write_mp4(path: Path, width: int, height: int, fps: int, num_frames: int, fa
     return path
 
 
+def write_y4m(path: Path, width: int, height: int, fps: int, num_frames: int) -> Path:
+    """Raw y4m: a text header line, then pixels; a luma of 100 is the printable byte 'd', so the file's head reads as
+    text, and only its magic tells it is a video."""
+    container = av.open(str(path), "w")
+    stream = container.add_stream("rawvideo", rate=fps)
+    stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+    for _ in range(num_frames):
+        for packet in stream.encode(av.VideoFrame.from_ndarray(np.full((height, width, 3), 100, np.uint8),
+                                                               format="rgb24")):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+    return path
+
+
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("videos")
@@ -64,6 +80,14 @@ def videos(tmp_path_factory) -> dict[str, Path]:
     v["garbage"].write_bytes(fast[:keep] + random.Random(0).randbytes(len(fast) - keep))
     v["text"] = root / "text.mp4"
     v["text"].write_text("this is a caption file, renamed\n")
+    # Text that ffmpeg's tty demuxer renders as video (by suffix): before, "too_short" (a few frames), or "corrupt"
+    v["text_txt"] = root / "captions.txt"
+    v["text_txt"].write_text("a red circle moving left\n" * 20)
+    v["ansi_art"] = root / "art.ans"
+    v["ansi_art"].write_text("\x1b[31mred\x1b[0m ünïcode\n" * 20)
+    v["long_text"] = root / "long.txt"
+    v["long_text"].write_text("a red circle moving left\n" * 2000)
+    v["y4m"] = write_y4m(root / "grey.y4m", 64, 48, fps=16, num_frames=30)  # text header, printable pixels
     v["empty"] = root / "empty.mp4"
     v["empty"].write_bytes(b"")
     return v
@@ -201,6 +225,9 @@ def test_load_clip_random_start_is_seeded(videos):
         ("missing", "missing"),
         ("empty", "empty_file"),
         ("text", "not_video"),
+        ("text_txt", "not_video"),
+        ("ansi_art", "not_video"),
+        ("long_text", "not_video"),
         ("half", "corrupt"),  # moov (the index) at the end is cut away: decord fails to open
         ("fast_half", "corrupt"),  # moov at the front, media cut: decord fails to open while indexing packets
         # moov intact, media half garbage: opens; get_batch raises on frames past the damage (every time), and at
@@ -214,6 +241,13 @@ def test_bad_inputs(videos, tmp_path, name, reason):
         load_clip(path, VideoSpec(num_frames=25, buckets=((48, 64),)))  # needs source frames 0..36 of 40
     assert e.value.reason == reason
     assert str(path) in e.value.detail
+
+
+def test_text_is_named_as_such_and_y4m_is_still_a_video(videos):
+    with pytest.raises(BadVideo, match=r"captions\.txt: a text file, not a video \(starts with b'a red circle"):
+        load_clip(videos["text_txt"], VideoSpec(num_frames=25, buckets=((48, 64),)))
+    clip = load_clip(videos["y4m"], VideoSpec(num_frames=25, buckets=((48, 64),)))
+    assert clip.shape == (3, 25, 48, 64)
 
 
 def test_too_short_and_directory(videos, tmp_path):

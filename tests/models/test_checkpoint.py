@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -193,6 +196,20 @@ def test_unsupported_paths_are_refused(tmp_path):
         load_wan_weights(meta_model(), tmp_path / "empty")
 
 
+@pytest.mark.parametrize("sharded", [False, True])
+@pytest.mark.parametrize("cut", ["media", "header"])
+def test_truncated_safetensors_is_an_error_naming_the_file(tmp_path, sharded, cut):
+    """A copy cut short (half the tensor data, or inside the header) is named with the fix, not reported as
+    safetensors' path-less "incomplete metadata, file not fully covered" / "invalid header length"."""
+    save_wan_weights(make_model(), tmp_path / "c", max_shard_bytes=40_000 if sharded else 5 * 2**30)
+    victim = sorted((tmp_path / "c").glob("*.safetensors"))[-1]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2] if cut == "media" else data[:20])
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(victim))}: not a complete safetensors file "
+                                              r"\(.*\): it is truncated or damaged.*Copy or download it again"):
+        load_wan_weights(meta_model(), tmp_path / "c")
+
+
 # --------------------------------------------------------------------------------------- torch files
 
 
@@ -325,3 +342,46 @@ def test_shared_storage_tensors_are_saved(tmp_path):
     loaded = meta_model()
     load_wan_weights(loaded, tmp_path / "c")
     assert_same_weights({k: v.contiguous() for k, v in sd.items()}, loaded.state_dict())
+
+
+# ------------------------------------------------------------------------------ leftovers of killed writes
+
+
+def exited_pid() -> int:
+    """The pid of a process that has exited and been reaped (a killed writer's)."""
+    proc = subprocess.Popen([sys.executable, "-c", ""])
+    proc.wait()
+    return proc.pid
+
+
+def leftover(final: Path, kind: str, pid: int, host: str = ckpt._HOST) -> Path:
+    """A hidden sibling as `temp_sibling` names it, for writer `host`/`pid`, holding a file."""
+    path = final.with_name(f".{final.name}.{kind}-{host}-{pid}-0123abcd")
+    path.mkdir()
+    (path / ckpt.WEIGHTS_NAME).write_bytes(b"0")
+    return path
+
+
+def test_temp_sibling_names_its_writer(tmp_path):
+    name = ckpt.temp_sibling(tmp_path / "out", "tmp").name
+    assert re.fullmatch(rf"\.out\.tmp-{ckpt._HOST}-{os.getpid()}-[0-9a-f]{{8}}", name), name
+
+
+def test_replace_removes_leftovers_of_killed_writers_only(tmp_path):
+    """What a killed writer left is removed; what a running writer, another host's writer or an older fpsa (no
+    writer recorded) left is kept; a killed replace's `old` (the previous version) is kept until `out` exists."""
+    final, dead = tmp_path / "out", exited_pid()
+    dead_tmp, dead_old = leftover(final, "tmp", dead), leftover(final, "old", dead)
+    nested = tmp_path / f".{dead_tmp.name}.tmp-89abcdef"  # a save nested in a killed export (export.py)
+    nested.mkdir()
+    running = leftover(final, "tmp", os.getpid())
+    other_host = leftover(final, "tmp", dead, host="otherhost")
+    no_writer = tmp_path / ".out.tmp-0123abcd"
+    no_writer.mkdir()
+    other_folder = leftover(tmp_path / "out2", "tmp", dead)
+    kept = {running, other_host, no_writer, other_folder}
+
+    assert ckpt.remove_stale_siblings(final) == [nested, dead_tmp]  # sorted by name
+    assert set(tmp_path.iterdir()) == kept | {dead_old}  # `out` is missing: the previous version stays
+    save_wan_weights(make_model(), final)  # a replace removes the rest once `out` is in place
+    assert set(tmp_path.iterdir()) == kept | {final}
