@@ -22,18 +22,19 @@ from dataclasses import asdict
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
 from omegaconf import DictConfig
 
 from fpsa_train.config import TrainConfig, TrainerConfig, resolve
 from fpsa_train.fps.schedule import Schedule
 from fpsa_train.fps.transform import apply_fps_attention
 from fpsa_train.lit.checkpoint_io import AtomicCheckpointIO
+from fpsa_train.lit.checkpointing import StepCheckpoint
 from fpsa_train.lit.datamodule import LatentDataModule
 from fpsa_train.lit.loggers import build_loggers
 from fpsa_train.lit.module import FlowMatchingModule
 from fpsa_train.lit.monitor import TrainingMonitor
-from fpsa_train.lit.resume import check_same_run, resume_checkpoint
+from fpsa_train.lit.resume import check_same_run, checkpoint_step, resume_checkpoint
 from fpsa_train.lit.strategy import build_strategy
 from fpsa_train.lit.val_video import ValidationVideo
 from fpsa_train.models.build import architecture_of, build_model
@@ -65,9 +66,7 @@ def build_trainer(conf: TrainConfig) -> L.Trainer:
     cfg, run_dir = conf.trainer, conf.run_dir
     on_cpu = cfg.accelerator == "cpu" or (cfg.accelerator == "auto" and not torch.cuda.is_available())
     callbacks = [
-        ModelCheckpoint(dirpath=os.path.join(run_dir, "checkpoints"), filename="step{step:07d}",
-                        auto_insert_metric_name=False, every_n_train_steps=cfg.checkpoint_every_n_steps,
-                        save_last="link", save_top_k=cfg.keep_checkpoints, monitor="step", mode="max"),
+        StepCheckpoint(os.path.join(run_dir, "checkpoints"), cfg.checkpoint_every_n_steps, cfg.keep_checkpoints),
         LearningRateMonitor(logging_interval="step"),
         TQDMProgressBar(refresh_rate=max(1, cfg.log_every_n_steps // 2)),
         TrainingMonitor(cfg.log_every_n_steps, sp_size=cfg.sp_size, per_layer=conf.logger.per_layer),
@@ -95,6 +94,7 @@ def build_trainer(conf: TrainConfig) -> L.Trainer:
         use_distributed_sampler=False,  # the DataModule shards by data-parallel rank and resumes mid-epoch
         default_root_dir=run_dir,
         enable_model_summary=True,
+        enable_checkpointing=False,  # StepCheckpoint writes them (lit/checkpointing.py says why not ModelCheckpoint)
     )
 
 
@@ -108,6 +108,29 @@ def run_config(conf: TrainConfig, schedule: Schedule | None) -> dict:
             "num_train_timesteps": conf.objective.num_train_timesteps, "train_shift": conf.objective.shift,
             "video": {"height": height, "width": width, "frames": frames},
             "components": os.path.abspath(data.components) if data.components else None}
+
+
+def write_config_record(cfg: DictConfig, run_dir: str) -> None:
+    """`<run_dir>/.hydra/`: the composed config and, under `python -m fpsa_train`, the overrides and Hydra's own
+    config, as Hydra would write them. configs/train.yaml turns Hydra's writing off (`hydra.output_subdir: null`)
+    because Hydra writes before the task runs, so a run refused for a config mismatch overwrote the record of the
+    run whose checkpoints are there; train() writes it once the checks passed. Global rank 0 only."""
+    from hydra.core.hydra_config import HydraConfig
+    from lightning.pytorch.utilities import rank_zero_only
+    from omegaconf import OmegaConf
+
+    from fpsa_train.atomic import write_text_atomic
+
+    if rank_zero_only.rank != 0:
+        return
+    folder = os.path.join(run_dir, ".hydra")
+    os.makedirs(folder, exist_ok=True)
+    write_text_atomic(os.path.join(folder, "config.yaml"), OmegaConf.to_yaml(cfg))
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        write_text_atomic(os.path.join(folder, "overrides.yaml"),
+                          OmegaConf.to_yaml(OmegaConf.create(list(hydra_cfg.overrides.task))))
+        write_text_atomic(os.path.join(folder, "hydra.yaml"), OmegaConf.to_yaml({"hydra": hydra_cfg}))
 
 
 def train(cfg: DictConfig | TrainConfig) -> dict:
@@ -132,9 +155,19 @@ def train(cfg: DictConfig | TrainConfig) -> dict:
                                 cpu_adam=cpu_adam)
     data = LatentDataModule(conf.data, text_len=conf.model.text_len, sp_size=conf.trainer.sp_size)
     trainer = build_trainer(conf)
-    ckpt_path = resume_checkpoint(conf.trainer.resume, os.path.join(conf.run_dir, "checkpoints"))
+    ckpt_path = resume_checkpoint(conf.trainer.resume, os.path.join(conf.run_dir, "checkpoints"),
+                                  conf.trainer.verify_checksums)
     if ckpt_path is not None:
         check_same_run(ckpt_path, module.run_config)
+    if isinstance(cfg, DictConfig):
+        write_config_record(cfg, conf.run_dir)  # only now: a refused run must not overwrite the record of the run
+    if ckpt_path is not None and (done := checkpoint_step(ckpt_path)) >= conf.trainer.max_steps:
+        log.warning("nothing to do: this run already finished (%s is at step %d, trainer.max_steps=%d); raise "
+                    "trainer.max_steps to train further, or pass trainer.resume=never or another hydra.run.dir to "
+                    "start over", ckpt_path, done, conf.trainer.max_steps)
+        return {"val/loss_start": float("nan"), "val/loss_end": float("nan"), "train/loss": float("nan"),
+                "steps": float(done), "resumed_from": ckpt_path, "params": float(n_params), "finished": True,
+                "wall_s": time.perf_counter() - started}
 
     # Lightning cannot see that our DataModule restores the data position (lit/datamodule.py); its warning would
     # tell the user the opposite of what happens.
@@ -142,6 +175,9 @@ def train(cfg: DictConfig | TrainConfig) -> dict:
     val = ds is None  # see the module docstring
     val_start = trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"] if val else float("nan")
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    checkpoints = next(c for c in trainer.callbacks if isinstance(c, StepCheckpoint))
+    if checkpoints.preempted is not None:
+        raise checkpoints.preempted
     train_loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
     if val:
         val_end = trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"]
@@ -155,6 +191,7 @@ def train(cfg: DictConfig | TrainConfig) -> dict:
         "steps": float(trainer.global_step),
         "resumed_from": ckpt_path,
         "params": float(n_params),
+        "finished": trainer.global_step >= conf.trainer.max_steps,
         "wall_s": time.perf_counter() - started,
     }
     log.info("done: %s; checkpoints in %s", metrics, os.path.join(conf.run_dir, "checkpoints"))

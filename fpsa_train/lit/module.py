@@ -137,7 +137,7 @@ class FlowMatchingModule(L.LightningModule):
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         # The EMA follows every optimizer step here, before any callback's on_train_batch_end: a checkpoint
-        # written there (ModelCheckpoint) must already hold this step's average, or a resumed run misses one update.
+        # written there (StepCheckpoint) must already hold this step's average, or a resumed run misses one update.
         if self.ema is not None:
             self.ema.update(self.model)
 
