@@ -44,7 +44,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from fpsa_train.fps.schedule import Schedule, ScheduleError
@@ -292,6 +291,7 @@ def load_fps_transformer(folder, backend: str = "auto", torch_dtype: torch.dtype
 
     from fpsa_train.deploy import (SELECTORS, DeployError, describe_backend, load_schedule, model_config,
                                    read_manifest, verify_deploy)
+    from fpsa_train.models.checkpoint import open_safetensors
 
     manifest = verify_deploy(folder) if verify else read_manifest(folder)
     if manifest["key_format"] != "diffusers":
@@ -304,7 +304,10 @@ def load_fps_transformer(folder, backend: str = "auto", torch_dtype: torch.dtype
     if schedule is None:
         return transformer
     selectors = Path(folder) / SELECTORS
-    state = load_file(str(selectors)) if selectors.is_file() else None
+    state = None
+    if selectors.is_file():  # hashed by verify_deploy; with verify=False a damaged file is still named
+        with open_safetensors(selectors, "Re-export the folder, or copy it again", error=DeployError) as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
     apply_fps_attention_diffusers(transformer, schedule, cfg.tile_shape, backend=backend,
                                   num_train_timesteps=int(manifest["sampling"]["num_train_timesteps"]),
                                   selector_state=state)

@@ -116,6 +116,11 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{file}: torch.load(weights_only=True) refused it (only tensors and plain "
                               f"containers are read; arbitrary pickles are never loaded): {e}") from e
+    except FileNotFoundError:
+        raise
+    except (RuntimeError, OSError, EOFError) as e:  # a truncated or damaged file (torch's zip or legacy reader)
+        raise CheckpointError(f"{file}: not a complete torch file ({str(e).splitlines()[0]}): it is truncated or "
+                              f"damaged. {_WEIGHTS_FIX}") from None
     for nested in ("state_dict", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(nested), dict):
             obj = obj[nested]
@@ -281,7 +286,7 @@ def save_wan_weights(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]
         [f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = temp_sibling(out_dir, "tmp")  # names its writer, so a killed save's leftover can be told apart
     try:
         tmp.mkdir()
         seen: set[int] = set()

@@ -385,3 +385,16 @@ def test_replace_removes_leftovers_of_killed_writers_only(tmp_path):
     assert set(tmp_path.iterdir()) == kept | {dead_old}  # `out` is missing: the previous version stays
     save_wan_weights(make_model(), final)  # a replace removes the rest once `out` is in place
     assert set(tmp_path.iterdir()) == kept | {final}
+
+
+def test_truncated_torch_weights_file_is_an_error_naming_it(tmp_path):
+    """Regression: a truncated .pt weights file raised torch's "PytorchStreamReader failed reading zip archive"
+    without the path."""
+    from fpsa_train.models.checkpoint import CheckpointError, _torch_load
+
+    file = tmp_path / "weights.pt"
+    torch.save({"w": torch.ones(64, 64)}, file)
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"weights\.pt: not a complete torch file.*truncated or damaged"):
+        _torch_load(file)
