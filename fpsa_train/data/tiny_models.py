@@ -76,7 +76,8 @@ def build_tiny_wan_components(folder: str | Path, clips_metadata: str | Path | N
         torch.manual_seed(seed)
         vae = AutoencoderKLWan(**VAE_CONFIG)
         if videos:
-            report.update(train_vae(vae, videos, seed, vae_steps, eval_clips, stats_clips))
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            report.update(train_vae(vae, videos, seed, vae_steps, eval_clips, stats_clips, device=device))
         else:
             init_for_short_training(vae, torch.zeros(3))
             report["vae_training"] = "skipped (clips_metadata=None): untrained VAE, latents_mean/std 0/1"

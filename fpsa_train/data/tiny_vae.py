@@ -1,4 +1,5 @@
-"""Brief CPU training of the tiny Wan VAE on the synthetic clips, so the demo decodes to recognisable video.
+"""Brief training of the tiny Wan VAE on the synthetic clips (CPU, or a GPU when present), so the demo decodes to
+recognisable video.
 
 A few hundred steps from diffusers' default init leave a decoder that ignores its latents (~15 dB). Starting from a
 smooth near-identity (`init_for_short_training`) and training on random crops with L1 + MSE of the unclamped
@@ -65,7 +66,11 @@ def init_for_short_training(vae, mean_rgb: torch.Tensor) -> None:
     vae.decoder.conv_out.bias.copy_(mean_rgb)
 
 
-def train_vae(vae, videos: list[Path], seed: int, steps: int, eval_clips: int, stats_clips: int) -> dict:
+def train_vae(vae, videos: list[Path], seed: int, steps: int, eval_clips: int, stats_clips: int,
+              device: str | torch.device = "cpu") -> dict:
+    """Train `vae` in place on `device` (the crops are drawn on the CPU by a seeded generator, so the sequence of
+    batches is the same everywhere); it is returned to the CPU with its latent statistics set."""
+    device = torch.device(device)
     clips = [_load_video(p) for p in videos]  # each (3, T, H, W) uint8
     n_eval = eval_clips if len(clips) > eval_clips else 0
     train, held_out = clips[: len(clips) - n_eval], clips[len(clips) - n_eval:] or clips[:eval_clips]
@@ -81,10 +86,11 @@ def train_vae(vae, videos: list[Path], seed: int, steps: int, eval_clips: int, s
     busy = hasattr(os, "getloadavg") and os.getloadavg()[0] > (os.cpu_count() or 1) - 1
     train_threads = 1 if busy else threads
     torch.set_num_threads(train_threads)
+    vae.to(device)
     try:
         vae.train()
         for _ in range(steps):
-            x = torch.stack([_random_crop(train, g) for _ in range(BATCH)])  # (B, 3, T, h, w)
+            x = torch.stack([_random_crop(train, g) for _ in range(BATCH)]).to(device)  # (B, 3, T, h, w)
             recon = _decode_unclamped(vae, vae.encode(x).latent_dist.mode())  # (B, 3, T, h, w)
             loss = (recon - x).abs().mean() + (recon - x).pow(2).mean()
             opt.zero_grad(set_to_none=True)
@@ -99,8 +105,10 @@ def train_vae(vae, videos: list[Path], seed: int, steps: int, eval_clips: int, s
     train_seconds = time.perf_counter() - t0
     mean, std = _latent_stats(vae, train[:stats_clips])
     vae.register_to_config(latents_mean=mean, latents_std=std)
-    return {"vae_training": f"{steps} steps, batch {BATCH} of {list(CROP)} crops from {len(train)} clips",
-            "psnr_db": _psnr(vae, held_out), "held_out_clips": n_eval,
+    psnr = _psnr(vae, held_out)
+    vae.to("cpu")
+    return {"vae_training": f"{steps} steps, batch {BATCH} of {list(CROP)} crops from {len(train)} clips on {device}",
+            "psnr_db": psnr, "held_out_clips": n_eval,
             "train_seconds": round(train_seconds, 2), "train_threads": train_threads,
             "latents_mean": mean, "latents_std": std,
             "loss_first_last": [round(float(np.mean(part or [0.0])), 4) for part in (losses[:10], losses[-10:])]}
@@ -144,7 +152,7 @@ def _psnr(vae, clips: list[torch.Tensor]) -> float:
     """PSNR (dB) on the [0, 1] scale of full-clip reconstructions, pooled over the clips."""
     se, n = 0.0, 0
     for clip in clips:
-        x = _full(clip)
+        x = _full(clip).to(vae.device)
         recon = vae.decode(vae.encode(x).latent_dist.mode()).sample
         se += ((recon - x) / 2).pow(2).sum().item()
         n += x.numel()
@@ -154,7 +162,8 @@ def _psnr(vae, clips: list[torch.Tensor]) -> float:
 @torch.no_grad()
 def _latent_stats(vae, clips: list[torch.Tensor]) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of the latent means (what preprocessing normalises with)."""
-    mu = torch.cat([vae.encode(_full(c)).latent_dist.mode().flatten(2) for c in clips], dim=2)  # (1, C, N)
+    mu = torch.cat([vae.encode(_full(c).to(vae.device)).latent_dist.mode().flatten(2).cpu() for c in clips],
+                   dim=2)  # (1, C, N)
     std = mu.std((0, 2)).clamp_min(1e-3)  # a dead channel must not blow up the normalised latents
     return [round(v, 5) for v in mu.mean((0, 2)).tolist()], [round(v, 5) for v in std.tolist()]
 
