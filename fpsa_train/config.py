@@ -147,6 +147,12 @@ class DataConfig:
     """videos: decoding processes when building the cache."""
     generate_clips: int = 0
     """videos: write this many synthetic captioned clips to the metadata's folder first (the tiny default)."""
+    generate_frames: int = 25
+    """videos, generate_clips > 0: frames per generated clip (resampled from generate_fps to `fps` when cached)."""
+    generate_fps: float = 24.0
+    """videos, generate_clips > 0: frame rate of the generated clips."""
+    generate_size: list[int] = field(default_factory=lambda: [128, 128])
+    """videos, generate_clips > 0: (height, width) of the generated clips, even numbers."""
     build_tiny_components: bool = False
     """videos: build the tiny VAE / UMT5 / tokenizer into `components` first (the tiny default)."""
     tiny_vae_steps: int = 300
@@ -189,6 +195,11 @@ class DataConfig:
         for b in self.buckets:
             if len(b) != 2 or any(int(x) % 16 or int(x) < 16 for x in b):
                 raise ConfigError(f"data.buckets entry {list(b)}: expected [height, width], multiples of 16")
+        if len(self.generate_size) != 2 or any(int(x) % 2 or int(x) < 16 for x in self.generate_size):
+            raise ConfigError(f"data.generate_size={list(self.generate_size)}: expected [height, width], even, >= 16")
+        if self.generate_frames < 1 or self.generate_fps <= 0:
+            raise ConfigError(f"data.generate_frames={self.generate_frames} must be >= 1 and "
+                              f"data.generate_fps={self.generate_fps} > 0")
 
 
 STRATEGIES = ("auto", "ddp", "deepspeed")

@@ -165,9 +165,11 @@ def train(cfg: DictConfig | TrainConfig) -> dict:
         log.warning("nothing to do: this run already finished (%s is at step %d, trainer.max_steps=%d); raise "
                     "trainer.max_steps to train further, or pass trainer.resume=never or another hydra.run.dir to "
                     "start over", ckpt_path, done, conf.trainer.max_steps)
-        return {"val/loss_start": float("nan"), "val/loss_end": float("nan"), "train/loss": float("nan"),
-                "steps": float(done), "resumed_from": ckpt_path, "params": float(n_params), "finished": True,
-                "wall_s": time.perf_counter() - started}
+        metrics = {"val/loss_start": float("nan"), "val/loss_end": float("nan"), "train/loss": float("nan"),
+                   "steps": float(done), "resumed_from": ckpt_path, "params": float(n_params), "finished": True,
+                   "wall_s": time.perf_counter() - started}
+        write_summary(conf.run_dir, metrics)
+        return metrics
 
     # Lightning cannot see that our DataModule restores the data position (lit/datamodule.py); its warning would
     # tell the user the opposite of what happens.
@@ -195,4 +197,17 @@ def train(cfg: DictConfig | TrainConfig) -> dict:
         "wall_s": time.perf_counter() - started,
     }
     log.info("done: %s; checkpoints in %s", metrics, os.path.join(conf.run_dir, "checkpoints"))
+    write_summary(conf.run_dir, metrics)
     return metrics
+
+
+def write_summary(run_dir: str, metrics: dict) -> None:
+    """`<run_dir>/summary.json`: what train() returned (global rank 0), for scripts that drive runs."""
+    import json
+
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from fpsa_train.atomic import write_text_atomic
+
+    if rank_zero_only.rank == 0:
+        write_text_atomic(os.path.join(run_dir, "summary.json"), json.dumps(metrics, indent=1) + "\n")

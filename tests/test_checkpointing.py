@@ -5,6 +5,7 @@ the run's record alone. Each test is the regression test of a failure seen befor
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
@@ -81,6 +82,8 @@ def test_rerunning_a_finished_run_says_so(tmp_path, caplog):
         metrics = train(compose_train(args, tmp_path))
     assert metrics["finished"] and metrics["steps"] == 3
     assert "nothing to do: this run already finished" in caplog.text and "trainer.max_steps" in caplog.text
+    summary = json.loads((tmp_path / "summary.json").read_text())  # what scripts driving runs read
+    assert summary["finished"] is True and summary["steps"] == 3
 
 
 def _zero_inside_largest_tensor(path: Path, nbytes: int = 65536) -> None:

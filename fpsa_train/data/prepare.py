@@ -25,7 +25,8 @@ def prepare_video_data(cfg: DataConfig, text_len: int) -> Path:
     if cfg.generate_clips > 0:
         from fpsa_train.data.synthetic_video import generate_clips
 
-        written = generate_clips(metadata.parent, cfg.generate_clips, seed=cfg.seed)
+        written = generate_clips(metadata.parent, cfg.generate_clips, frames=cfg.generate_frames,
+                                 fps=cfg.generate_fps, size=tuple(cfg.generate_size), seed=cfg.seed)
         if Path(written).resolve() != metadata.resolve():
             raise ConfigError(f"data.metadata={cfg.metadata} must be {written} when data.generate_clips > 0")
     if not metadata.exists():
