@@ -26,13 +26,20 @@ The runtime builds our Wan DiT from the manifest, loads the weights (fp32 on CPU
 and swaps in FPS attention with the exported schedule. Which implementation runs is decided as in training
 (`fps.backend`): the Hopper FP8 kernel on H100/H200, the PyTorch reference elsewhere; `Deployed.backend` says
 which, and loading logs it.
+
+Evaluation needs two variations of the same weights, so the runtime offers them rather than evaluate forking it:
+`load_deploy(..., fps=False)` keeps dense SDPA (the model's own BF16 baseline: same weights, no FP8, no sparsity),
+and `Deployed.only_regime(name)` runs every step in one regime of the schedule whatever σ, so the damage of each
+regime can be measured alone.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -208,7 +215,7 @@ class Deployed:
     folder: Path
     device: torch.device
     backend: str
-    """Which attention implementation runs, in words (also logged at load)."""
+    """Which attention implementation runs, in words (also logged at load; within `only_regime`, for that regime)."""
 
     @property
     def num_train_timesteps(self) -> int:
@@ -227,6 +234,41 @@ class Deployed:
         kwargs = {"sigma": sigma} if self.schedule is not None else {}
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
             return self.model(x, t, context, attn_kwargs=kwargs).float()
+
+    def realised_density(self) -> float:
+        """Fraction of (query tile, key tile) pairs the last forward's self-attention computed, mean over layers
+        (and over the regimes of the batch); 1.0 when attention is dense SDPA."""
+        from fpsa_train.fps.transform import realised_density
+
+        per_regime = realised_density(self.model) if self.schedule is not None else {}
+        return sum(per_regime.values()) / len(per_regime) if per_regime else 1.0
+
+    @contextmanager
+    def only_regime(self, name: str):
+        """Within the block, every step runs in the schedule's regime `name`, whatever its σ (it is given σ ∈ [0, 1]
+        and keeps its name, so learned regimes keep their selectors); the exported schedule is back on exit.
+        For evaluation: each regime's damage seen alone."""
+        from fpsa_train.fps.schedule import Schedule
+        from fpsa_train.fps.transform import fps_cores
+
+        if self.schedule is None:
+            raise DeployError(f"{self.folder}: regime {name!r} asked for, but attention is dense SDPA here (no FPS "
+                              "schedule, or loaded with fps=False)")
+        names = [r.name for r in self.schedule.regimes]
+        if name not in names:
+            raise DeployError(f"regime {name!r} is not in {self.folder / SCHEDULE}: its regimes are {names}")
+        exported, described, cores = self.schedule, self.backend, fps_cores(self.model)
+        forced = Schedule((dataclasses.replace(exported.regimes[names.index(name)], lo=0.0, hi=1.0),))
+        for core in cores:
+            core.schedule = forced
+        self.schedule = forced
+        self.backend = describe_backend(forced, self.device, cores[0].backend, self.model.cfg.head_dim)
+        try:
+            yield self
+        finally:
+            for core in cores:
+                core.schedule = exported
+            self.schedule, self.backend = exported, described
 
 
 def describe_backend(schedule: Schedule | None, device: torch.device, backend: str, head_dim: int) -> str:
@@ -249,12 +291,13 @@ def describe_backend(schedule: Schedule | None, device: torch.device, backend: s
 
 
 def load_deploy(folder: str | Path, device: str | torch.device = "cpu", backend: str = "auto",
-                dtype: torch.dtype | None = None, verify: bool = True) -> Deployed:
+                dtype: torch.dtype | None = None, verify: bool = True, fps: bool = True) -> Deployed:
     """Load a deploy folder: verify it, build the DiT from its manifest, load the weights, apply FPS attention.
 
     `dtype` of the parameters: default fp32 on CPU (exactly the exported values, computed in fp32) and bf16 on CUDA
     (the stored dtype; `Deployed.denoise` runs under bf16 autocast there). `verify=False` skips the files' hashes
-    (the manifest's own hash is still checked); only for folders checked moments ago.
+    (the manifest's own hash is still checked); only for folders checked moments ago. `fps=False` leaves the
+    schedule unapplied: dense SDPA with the same weights (evaluation's dense reference).
     """
     from fpsa_train.fps.transform import apply_fps_attention
     from fpsa_train.models.checkpoint import load_wan_weights
@@ -264,7 +307,7 @@ def load_deploy(folder: str | Path, device: str | torch.device = "cpu", backend:
         raise DeployError(f"backend={backend!r}: expected one of {BACKENDS}")
     manifest = verify_deploy(folder) if verify else read_manifest(folder)
     cfg = model_config(manifest)
-    schedule = load_schedule(folder, cfg)
+    schedule = load_schedule(folder, cfg) if fps else None
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with torch.device("meta"):
@@ -274,7 +317,8 @@ def load_deploy(folder: str | Path, device: str | torch.device = "cpu", backend:
     if schedule is not None:
         apply_fps_attention(model, schedule, backend=backend)
         _load_selectors(model, folder, device)
-    described = describe_backend(schedule, device, backend, cfg.head_dim)
+    described = describe_backend(schedule, device, backend, cfg.head_dim) if fps else \
+        "dense SDPA (fps=False: the exported schedule is not applied)"
     log.info("deploy %s: %s weights (%s), attention: %s", folder, manifest["key_format"], dtype, described)
     return Deployed(model, schedule, manifest, folder, device, described)
 

@@ -11,6 +11,11 @@ regime that owns the step's σ, exactly as training did; the report counts the s
 The VAE and text encoder come from a Wan2.1 diffusers-format folder (`components`: vae/, text_encoder/,
 tokenizer/); the embedded tiny default records its own in the checkpoint, so the demo needs no path. Height, width
 and frames default to the clip size the model was trained on (manifest), else Wan's 480×832, 81 frames.
+
+The pieces are library functions so that `python -m fpsa_train.evaluate` samples exactly as this command does:
+`initial_noise` (seeded on the CPU, so a seed means the same noise on every device and for every model),
+`denoise_loop` (optionally tracing σ, regime, realised attention density and seconds per step) and `generate`
+(noise → decoded uint8 frames with a loaded deploy folder and encoders).
 """
 
 from __future__ import annotations
@@ -83,21 +88,42 @@ class SampleConfig:
     """Frames on the PNG contact sheet (evenly spaced)."""
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ConfigError(f"steps={self.steps} must be >= 1")
-        if self.guidance < 1:
-            raise ConfigError(f"guidance={self.guidance} must be >= 1 (1 disables classifier-free guidance)")
-        if self.shift <= 0:
-            raise ConfigError(f"shift={self.shift} must be > 0")
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"backend={self.backend!r}: expected one of {BACKENDS}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ConfigError(f"device={self.device!r}: expected auto, cpu or cuda[:N]")
+        check_sampling_options(self)
         if self.sheet_frames < 1:
             raise ConfigError(f"sheet_frames={self.sheet_frames} must be >= 1")
 
 
+def check_sampling_options(cfg) -> None:
+    """The checks every sampling config shares (sample, evaluate): steps, guidance, shift, backend, device."""
+    if cfg.steps < 1:
+        raise ConfigError(f"steps={cfg.steps} must be >= 1")
+    if cfg.guidance < 1:
+        raise ConfigError(f"guidance={cfg.guidance} must be >= 1 (1 disables classifier-free guidance)")
+    if cfg.shift <= 0:
+        raise ConfigError(f"shift={cfg.shift} must be > 0")
+    if cfg.backend not in BACKENDS:
+        raise ConfigError(f"backend={cfg.backend!r}: expected one of {BACKENDS}")
+    if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
+        raise ConfigError(f"device={cfg.device!r}: expected auto, cpu or cuda[:N]")
+
+
 ConfigStore.instance().store(name="sample_schema", node=SampleConfig)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto`: CUDA when present, else the CPU; otherwise the device named."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def components_folder(components: str | None, manifest: dict) -> str:
+    """The Wan2.1 diffusers folder to encode and decode with: the one given, else the one the run trained with."""
+    folder = components or manifest.get("sampling", {}).get("components")
+    if not folder or not Path(folder).is_dir():
+        raise ConfigError(f"components={folder!r} is not a folder: pass components=<Wan2.1 diffusers folder with "
+                          "vae/, text_encoder/, tokenizer/> (e.g. Wan2.1-T2V-1.3B-Diffusers)")
+    return folder
 
 
 def video_size(cfg: SampleConfig, manifest: dict) -> tuple[int, int, int]:
@@ -137,20 +163,79 @@ def contact_sheet(video: np.ndarray, n: int, columns: int = 4):
     return Image.fromarray(sheet)
 
 
-def denoise_loop(deployed, x: torch.Tensor, texts: list, steps: int, shift: float, guidance: float):
+def denoise_loop(deployed, x: torch.Tensor, texts: list, steps: int, shift: float, guidance: float,
+                 trace: list | None = None, leave: bool = True):
     """Noise x (1, C, T, H, W) → latents, by flow UniPC with guidance; `texts` = [prompt] or [prompt, negative].
-    Returns (latents, steps per regime). `deployed.denoise(x, σ, context, timestep)` gives the velocity."""
+    Returns (latents, steps per regime). `deployed.denoise(x, σ, context, timestep)` gives the velocity.
+
+    With a `trace` list, one record per step is appended: {step, sigma, timestep, regime, density, seconds}, where
+    density is the fraction of tile pairs the step's attention computed (`Deployed.realised_density`) and seconds
+    its wall time (the device synchronised, so a CUDA step is not under-counted). `leave`: keep the progress bar."""
     scheduler = flow_unipc(steps, shift, deployed.num_train_timesteps, x.device)
     regimes: Counter = Counter()
-    for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", unit="step")):
+    for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", unit="step", leave=leave)):
+        started = time.perf_counter()
         sigma = float(scheduler.sigmas[i])
-        if deployed.schedule is not None:
-            regimes[deployed.schedule.regime_for(sigma).name] += 1
+        regime = deployed.schedule.regime_for(sigma).name if deployed.schedule is not None else None
+        if regime is not None:
+            regimes[regime] += 1
         v = deployed.denoise(x.expand(len(texts), *x.shape[1:]), sigma, texts, timestep=t)  # (n, C, T, H, W) fp32
         if len(texts) == 2:
             v = v[1:] + guidance * (v[:1] - v[1:])  # v_neg + g·(v_pos − v_neg)
         x = scheduler.step(v, t, x).prev_sample
+        if trace is not None:
+            if x.device.type == "cuda":
+                torch.cuda.synchronize(x.device)
+            trace.append({"step": i, "sigma": sigma, "timestep": int(t), "regime": regime,
+                          "density": deployed.realised_density(), "seconds": time.perf_counter() - started})
     return x, dict(regimes)
+
+
+def initial_noise(seed: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Gaussian noise of `shape` (1, C, T, H, W) fp32 from a CPU generator seeded with `seed`, then moved to `device`:
+    a seed gives bit-identical noise on every device and for every model of that latent shape, which is what makes
+    videos of different models (a candidate and its reference) comparable frame by frame."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def latent_shape(in_dim: int, vae, height: int, width: int, frames: int) -> tuple[int, int, int, int, int]:
+    """(1, C, T, H, W) of the latents that the Wan VAE decodes to `frames` frames of height × width."""
+    downsample = list(vae.config.temperal_downsample)
+    t_scale, s_scale = 2 ** sum(downsample), 2 ** len(downsample)
+    return 1, in_dim, (frames - 1) // t_scale + 1, height // s_scale, width // s_scale
+
+
+@torch.no_grad()
+def decode(enc, latents: torch.Tensor) -> np.ndarray:
+    """Normalised latents (1, C, T, H, W) → (F, H, W, 3) uint8 frames, by the Wan VAE of `enc`
+    (preprocess.Encoders)."""
+    pixels = enc.vae.decode(latents * enc.std + enc.mean).sample  # (1, 3, F, H, W) in [-1, 1]
+    return ((pixels[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+
+
+@dataclass
+class Generated:
+    """One sampled video and how it was made."""
+
+    video: np.ndarray
+    """(F, H, W, 3) uint8 frames."""
+    steps_per_regime: dict
+    """{regime name: steps} (empty when attention is dense SDPA)."""
+    seconds_denoising: float
+    """Wall time of the denoising loop (the decode excluded)."""
+    trace: list
+    """Per step: {step, sigma, timestep, regime, density, seconds} (`denoise_loop`)."""
+
+
+def generate(deployed, enc, texts: list, noise: torch.Tensor, steps: int, shift: float, guidance: float,
+             leave: bool = True) -> Generated:
+    """Noise (1, C, T, H, W) → decoded video with a loaded deploy folder (`deploy.Deployed`) and the encoders' VAE;
+    `texts` are the embeddings of [prompt, negative] (guidance > 1) or [prompt] (`Encoders.text`)."""
+    trace: list = []
+    started = time.perf_counter()
+    latents, regimes = denoise_loop(deployed, noise, texts, steps, shift, guidance, trace=trace, leave=leave)
+    seconds = time.perf_counter() - started
+    return Generated(decode(enc, latents), regimes, seconds, trace)
 
 
 def _stem(cfg: SampleConfig) -> str:
@@ -167,34 +252,21 @@ def sample(cfg: SampleConfig) -> dict:
     from fpsa_train.preprocess import Encoders
 
     started = time.perf_counter()
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
+    device = resolve_device(cfg.device)
     deployed = load_deploy(cfg.deploy, device=device, backend=cfg.backend)
     manifest = deployed.manifest
     height, width, frames = video_size(cfg, manifest)
-    components = cfg.components or manifest.get("sampling", {}).get("components")
-    if not components or not Path(components).is_dir():
-        raise ConfigError(f"components={components!r} is not a folder: pass components=<Wan2.1 diffusers folder with "
-                          "vae/, text_encoder/, tokenizer/> (e.g. Wan2.1-T2V-1.3B-Diffusers)")
+    components = components_folder(cfg.components, manifest)
 
     enc = Encoders(components, device, deployed.model.cfg.text_len)
     texts = enc.text([cfg.prompt, cfg.negative_prompt] if cfg.guidance > 1 else [cfg.prompt])
-    vae, mean, std = enc.vae, enc.mean, enc.std
     del enc.text_encoder  # not needed past this point (UMT5-XXL is 11 GB in bf16)
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    downsample = list(vae.config.temperal_downsample)
-    t_scale, s_scale = 2 ** sum(downsample), 2 ** len(downsample)
-    shape = (1, deployed.model.cfg.in_dim, (frames - 1) // t_scale + 1, height // s_scale, width // s_scale)
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(cfg.seed)).to(device)  # (1, C, T, H, W) fp32
-    loop_start = time.perf_counter()
-    x, regimes = denoise_loop(deployed, x, texts, cfg.steps, cfg.shift, cfg.guidance)
-    loop_seconds = time.perf_counter() - loop_start
-
-    with torch.no_grad():
-        pixels = vae.decode(x * std + mean).sample  # (1, 3, F, H, W) in [-1, 1]
-    video = ((pixels[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+    noise = initial_noise(cfg.seed, latent_shape(deployed.model.cfg.in_dim, enc.vae, height, width, frames), device)
+    generated = generate(deployed, enc, texts, noise, cfg.steps, cfg.shift, cfg.guidance)
+    video, regimes, loop_seconds = generated.video, generated.steps_per_regime, generated.seconds_denoising
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
