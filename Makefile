@@ -17,14 +17,18 @@ lock:
 
 DEMO ?= outputs/demo
 DEMO_PROMPT ?= a red circle moving left quickly on a dark blue background
+# Overrides appended to the demo's training and sampling commands (empty: the full demo). `make docs-check` passes
+# tiny ones, e.g. DEMO_TRAIN_ARGS="trainer.max_steps=2" DEMO_SAMPLE_ARGS="steps=2".
+DEMO_TRAIN_ARGS ?=
+DEMO_SAMPLE_ARGS ?=
 
 ## Train the embedded tiny default (CPU, or GPU when present), export it, and generate a video with it.
 demo: $(STAMP)
-	$(PY) -m fpsa_train +experiment=tiny hydra.run.dir=$(DEMO)/train
+	$(PY) -m fpsa_train +experiment=tiny hydra.run.dir=$(DEMO)/train $(DEMO_TRAIN_ARGS)
 	$(PY) -m fpsa_train.export checkpoint=$(DEMO)/train/checkpoints/last.ckpt out=$(DEMO)/deploy overwrite=true \
 		hydra.run.dir=$(DEMO)/export
 	$(PY) -m fpsa_train.sample deploy=$(DEMO)/deploy prompt="$(DEMO_PROMPT)" out=$(DEMO)/samples name=demo \
-		hydra.run.dir=$(DEMO)/sample
+		hydra.run.dir=$(DEMO)/sample $(DEMO_SAMPLE_ARGS)
 
 ## The CPU test suite (what CI runs). Slow, DeepSpeed and GPU tests are excluded; `make test-all` adds the slow
 ## and DeepSpeed ones (ZeRO-3 on two CPU ranks: ~5 min).
@@ -33,6 +37,12 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu"
+
+## Run every command of README.md's bash and python blocks on CPU with tiny inputs, as CI does after `make test`
+## (scripts/docs_check.py: prints a table of the commands and their results; a few minutes).
+.PHONY: docs-check
+docs-check: $(STAMP)
+	$(PY) scripts/docs_check.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
