@@ -1,8 +1,11 @@
-"""The synthetic clips decode as written and their captions state what is on screen (colour, shape, motion)."""
+"""The synthetic clips decode as written and their captions state what is on screen (colour, shape, motion); captions
+parse back to their attributes; the held-out object combinations never reach training."""
 
 from __future__ import annotations
 
+import collections
 import csv
+import itertools
 import math
 import re
 
@@ -11,11 +14,12 @@ import numpy as np
 import pytest
 
 from fpsa_train.data.synthetic_video import (
-    BACKGROUNDS, DIRECTIONS, PALETTE, SPEEDS, caption_vocabulary, clip_spec, generate_clips, render, write_mp4,
+    BACKGROUNDS, DIRECTIONS, HELDOUT_OBJECTS, HELDOUT_SEEDS, PALETTE, SEPARATION, SHAPES, SPEEDS, caption,
+    caption_vocabulary, clip_spec, generate_clips, heldout_prompts, is_heldout, parse_caption, render, write_mp4,
 )
 
 FRAMES, FPS, SIZE = 13, 24.0, (96, 112)  # (height, width): non-square catches a swapped axis
-CAPTION = re.compile(r"an? (\w+) (circle|square) moving ([a-z ]+?) (slowly|quickly)")
+CAPTION = re.compile(r"an? (\w+) (circle|square|triangle) moving ([a-z ]+?) (slowly|quickly)")
 
 
 def _rows(metadata) -> list[dict]:
@@ -90,7 +94,7 @@ def test_captions_match_content(clips):
         assert np.linalg.norm(motion - expected) < 0.25 * np.linalg.norm(expected), \
             f"{row['prompt']}: moves {motion}, expected {expected}"
 
-        mask = far[0]  # circle: area / max_radius² = π; square: 4 r² / (r√2)² = 2
+        mask = far[0]  # circle: area / max_radius² = π; square: 4 r² / (r√2)² = 2; triangle: 3√3 a² / (2a)² = 1.3
         ys, xs = np.nonzero(mask)
         dy = (ys + 0.5 - centres[0, 0] + SIZE[0] / 2) % SIZE[0] - SIZE[0] / 2
         dx = (xs + 0.5 - centres[0, 1] + SIZE[1] / 2) % SIZE[1] - SIZE[1] / 2
@@ -147,3 +151,98 @@ def test_bad_arguments_are_rejected(tmp_path):
         generate_clips(tmp_path, 1, size=(33, 64))
     with pytest.raises(ValueError, match="num_clips"):
         generate_clips(tmp_path, 0)
+
+
+def _attributes(spec: dict) -> dict:
+    """What a caption states about a clip_spec: its background and each shape's four attributes."""
+    keys = ("colour", "shape", "direction", "speed")
+    return {"background": spec["background"], "shapes": [{k: s[k] for k in keys} for s in spec["shapes"]]}
+
+
+def test_parse_caption_inverts_caption():
+    """Thousands of specs round-trip, including two-shape captions whose directions contain "and"."""
+    specs = [clip_spec(seed, i) for seed in (0, 1) for i in range(2000)]
+    assert sum(len(s["shapes"]) == 2 for s in specs) > 1000
+    assert any(" and " in s["shapes"][0]["direction"] and len(s["shapes"]) == 2 for s in specs)
+    for spec in specs:
+        assert parse_caption(caption(spec)) == _attributes(spec), caption(spec)
+    red = {"colour": "red", "shape": "circle", "direction": "left", "speed": "quickly"}
+    assert parse_caption("  A Red  circle moving LEFT quickly on a black background ") == {
+        "background": "black", "shapes": [red]}
+
+
+@pytest.mark.parametrize("text, part", [
+    ("a pink circle moving left quickly on a black background", "'a pink circle moving left quickly'"),
+    ("a red circle moving sideways quickly on a black background", "'a red circle moving sideways quickly'"),
+    ("a red circle moving left quickly and a blue hexagon moving up slowly on a black background",
+     "'a blue hexagon moving up slowly'"),
+    ("a red circle moving left quickly on a bright background", "background"),
+    ("a red circle moving left quickly", "background"),
+    ("", "background"),
+])
+def test_parse_caption_names_the_part_it_cannot_read(text, part):
+    with pytest.raises(ValueError, match=re.escape(part)):
+        parse_caption(text)
+
+
+def test_heldout_prompts_cover_every_value_and_parse():
+    prompts = heldout_prompts()
+    assert 16 <= len(prompts) == len(set(prompts)) <= 32 and prompts == heldout_prompts()  # fixed, deterministic
+    scenes = [parse_caption(p) for p in prompts]
+    assert all(len(s["shapes"]) == 1 and is_heldout(s) for s in scenes)
+    assert {tuple(s["shapes"][0].values()) for s in scenes} == set(HELDOUT_OBJECTS)
+    for key, values in (("colour", PALETTE), ("shape", SHAPES), ("direction", DIRECTIONS), ("speed", SPEEDS)):
+        assert {s["shapes"][0][key] for s in scenes} == set(values), key
+    assert {s["background"] for s in scenes} == set(BACKGROUNDS)
+    assert set(" ".join(prompts).split()) <= set(caption_vocabulary())
+    assert len(HELDOUT_SEEDS) == len(set(HELDOUT_SEEDS)) >= 2
+
+
+def test_training_never_draws_a_heldout_object_but_sees_every_value():
+    """Held out = the object combination, on any background, alone or beside another shape; each single value of
+    every attribute still appears in training."""
+    specs = [clip_spec(seed, i) for seed in (0, 1234) for i in range(2500)]
+    heldout = set(heldout_prompts())
+    seen = collections.defaultdict(set)
+    for spec in specs:
+        assert not is_heldout(spec) and caption(spec) not in heldout, caption(spec)
+        seen["background"].add(spec["background"])
+        for s in spec["shapes"]:
+            for key in ("colour", "shape", "direction", "speed"):
+                seen[key].add(s[key])
+    assert seen == {"background": set(BACKGROUNDS), "colour": set(PALETTE), "shape": set(SHAPES),
+                    "direction": set(DIRECTIONS), "speed": set(SPEEDS)}
+    objects = {(s["colour"], s["shape"], s["direction"], s["speed"]) for spec in specs for s in spec["shapes"]}
+    all_objects = set(itertools.product(PALETTE, SHAPES, DIRECTIONS, SPEEDS))
+    assert objects == all_objects - set(HELDOUT_OBJECTS)  # every other combination is drawn
+    assert is_heldout(parse_caption(heldout_prompts()[0]))
+
+
+def test_generated_metadata_has_no_heldout_caption(clips):
+    for row in _rows(clips[1]):
+        assert not is_heldout(parse_caption(row["prompt"])), row["prompt"]
+
+
+def test_two_shapes_start_apart():
+    for i in range(1000):
+        spec = clip_spec(2, i)
+        if len(spec["shapes"]) == 2:
+            a, b = (np.asarray(s["start"]) for s in spec["shapes"])
+            gap = np.abs((a - b + 0.5) % 1.0 - 0.5)  # per axis on the torus
+            assert gap.max() >= SEPARATION, spec
+
+
+def test_triangle_points_up_with_its_centroid_at_the_centre():
+    """The triangle's pixels: apex above the centre, flat base below, centroid at the drawn centre."""
+    spec = {"background": "black", "shapes": [{"shape": "triangle", "colour": "white", "direction": "left",
+                                                "speed": "slowly", "radius": 0.15, "start": [0.5, 0.5]}]}
+    frame = render(spec, 1, (128, 128))[0].astype(np.float32).mean(-1)  # (H, W)
+    alpha = (frame - 10) / (245 - 10)
+    ys, xs = np.nonzero(alpha > 0.5)
+    assert (alpha * (np.arange(128)[:, None] + 0.5)).sum() / alpha.sum() == pytest.approx(64, abs=0.3)
+    assert (alpha * (np.arange(128)[None, :] + 0.5)).sum() / alpha.sum() == pytest.approx(64, abs=0.3)
+    inradius = 0.75 * 0.15 * 128
+    assert 64 - ys.min() == pytest.approx(2 * inradius, abs=1.5)  # apex above
+    assert ys.max() + 1 - 64 == pytest.approx(inradius, abs=1.5)  # base below
+    assert (xs.max() + 1 - xs.min()) == pytest.approx(2 * math.sqrt(3) * inradius, abs=2)
+    assert alpha.sum() == pytest.approx(3 * math.sqrt(3) * inradius**2, rel=0.03)
