@@ -12,15 +12,15 @@ How a command gets from the README to a run:
 3. With the few substitutions CI needs, all in SUBSTITUTIONS: paths that only exist on a training machine point to
    tiny fixtures in the same layout (build_data), a placeholder run to a real one. A rule may add its own (the
    torchrun launch: loopback addresses, one process per node); `torchrun` is the venv's (its bin/ leads PATH).
-   DeepSpeed builds its CPU op into the scratch folder (TORCH_EXTENSIONS_DIR).
+   DeepSpeed builds its CPU op into the scratch folder (TORCH_EXTENSIONS_DIR), not into ~/.cache.
 4. With tiny sizes appended (Hydra and argparse take the last value given): 2 training steps; for the embedded
    default 12 small clips and an untrained tiny VAE; Wan-shaped models at 2 blocks of width 128 (the fixtures'
    shape); 2 sampling steps at 64x64x5; 2 calibration σ.
 5. Checked: exit status 0, and every output the README promises (a checkpoint, a cache index, a deploy folder, an
    mp4 and its PNG, a calibrated schedule, a printed table) is there, written after the command started.
-It takes about 5 minutes on 2 CPU cores; the slowest commands are `make demo` (it builds the tiny data the other
-tiny commands reuse), the first DeepSpeed launch (DeepSpeed JIT-builds its CPU communication op, about a minute)
-and the two-node torchrun launch.
+It takes about 6 minutes on 2 CPU cores; the slowest commands are the two DeepSpeed launches (`+experiment=wan14b`
+and the two-node torchrun; each JIT-builds DeepSpeed's CPU communication op, 40-60 s) and `make demo` (it builds
+the tiny data the other tiny commands reuse).
 
 Why a script and not a pytest module: the commands are one chain (train, then export, then sample; calibrate, then
 train with its schedule) sharing one folder, and the result is one table. tests/test_readme.py checks in
@@ -319,8 +319,9 @@ def run(cmd: Command, work: Path, log: Path, timeout: float = 600) -> tuple[bool
     env = {k: v for k, v in os.environ.items() if k not in (
         "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "RANK", "WORLD_SIZE",
         "LOCAL_RANK")}
-    # DeepSpeed JIT-builds its CPU op with paths through the scratch folder's .venv link: build it there, so that the
-    # copy the test suite uses (same source, other paths) is not rebuilt after every check, nor this one per launch.
+    # DeepSpeed JIT-builds its CPU op with the paths of the Python that runs it (through the scratch folder's .venv
+    # link for `.venv/bin/python`, the checkout's for torchrun's workers): build into the scratch folder, so that the
+    # build the test suite keeps in ~/.cache is not replaced under it.
     env.update(PATH=f"{work / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}",
                TORCH_EXTENSIONS_DIR=str(work / ".torch_extensions"), **dict(rule.env))
     text = _substitute(cmd.text, work)
