@@ -32,6 +32,22 @@ def test_consolidation_equals_deepspeeds(stage):
     assert "fpsa_run_config" in client
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_bf16_file_names_are_read(stage, tmp_path):
+    """Regression: under bf16, DeepSpeed names the optimizer partitions `bf16_zero_pp_rank_N_...`, which the reader
+    refused as "not a ZeRO checkpoint" (exporting the wan14b experiment's bf16 ZeRO-3 checkpoint failed)."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(FIXTURES / f"zero{stage}" / "ckpt", ckpt)
+    renamed = 0
+    for f in ckpt.rglob("zero_pp_rank_*_optim_states.pt"):
+        f.rename(f.with_name("bf16_" + f.name))
+        renamed += 1
+    assert renamed == 2
+    weights, _ = read_zero_checkpoint(ckpt)
+    reference = load_file(FIXTURES / f"zero{stage}" / "reference.safetensors")
+    assert weights.keys() == reference.keys() and all(torch.equal(weights[k], v) for k, v in reference.items())
+
+
 def test_export_from_zero2_uses_the_ema_and_from_zero3_the_weights(tmp_path):
     two = export(ExportConfig(checkpoint=str(FIXTURES / "zero2" / "ckpt"), out=str(tmp_path / "z2"),
                               dtype="float32"))

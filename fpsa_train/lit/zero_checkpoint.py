@@ -12,6 +12,7 @@ Layout, as Lightning's DeepSpeed strategy writes it (`trainer.save_checkpoint("l
     last.ckpt/<tag>/mp_rank_00_model_states.pt               ZeRO-2: parameter copies, shapes, buffers, client state
     last.ckpt/<tag>/zero_pp_rank_R_mp_rank_00_model_states.pt  ZeRO-3: one per rank (parameters are empty there)
     last.ckpt/<tag>/zero_pp_rank_R_mp_rank_00_optim_states.pt  per rank: its partition of the fp32 master weights
+                                                              (`bf16_zero_pp_rank_...` when training in bf16)
 
 The fp32 master weights are the ones to export (the module copies are in the training dtype, or empty):
 - ZeRO-2: per parameter group, the ranks' partitions (`single_partition_of_fp32_groups[g]`) joined in rank order
@@ -62,7 +63,7 @@ def _load(file: Path) -> dict:
 
 
 def _rank_files(folder: Path, kind: str) -> list[Path]:
-    pattern = re.compile(rf"zero_pp_rank_(\d+)_mp_rank_00_{kind}_states\.pt$")
+    pattern = re.compile(rf"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_{kind}_states\.pt$")  # bf16_: DeepSpeed's bf16
     ranked = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := pattern.match(p.name)))
     if [r for r, _ in ranked] != list(range(len(ranked))):
         raise CheckpointError(f"{folder}: {kind}-state files of ranks {[r for r, _ in ranked]}; expected 0..N-1")
@@ -138,7 +139,7 @@ def read_zero_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
     folder = tag_folder(Path(path))
     optim_files = _rank_files(folder, "optim")
     if not optim_files:
-        raise CheckpointError(f"{folder}: no zero_pp_rank_*_optim_states.pt files; not a ZeRO checkpoint")
+        raise CheckpointError(f"{folder}: no [bf16_]zero_pp_rank_*_optim_states.pt files; not a ZeRO checkpoint")
     single = folder / "mp_rank_00_model_states.pt"
     model_files = [single] if single.is_file() else _rank_files(folder, "model")
     if not model_files:
