@@ -246,7 +246,9 @@ def _stem(cfg: SampleConfig) -> str:
 
 
 def sample(cfg: SampleConfig) -> dict:
-    """Generate one video; returns {mp4, png, seconds, seconds_per_step, steps_per_regime, backend, size}."""
+    """Generate one video; returns {mp4, png, seconds, seconds_per_step, steps_per_regime, backend, size,
+    prompt_check}: for a prompt of the synthetic world, whether the analyzer finds what it states
+    (eval/following.py)."""
     from fpsa_train.data.synthetic_video import write_mp4
     from fpsa_train.deploy import load_deploy
     from fpsa_train.preprocess import Encoders
@@ -276,8 +278,12 @@ def sample(cfg: SampleConfig) -> dict:
     tmp = png.with_name(f".{png.name}.tmp{os.getpid()}")
     contact_sheet(video, cfg.sheet_frames).save(tmp, format="PNG")
     os.replace(tmp, png)
+    from fpsa_train.eval.following import analyzer_unavailable, follow
+
+    why_not = analyzer_unavailable()  # a prompt of the synthetic world is checked against the video
+    check = follow(cfg.prompt, video) if why_not is None else {"applicable": False, "reason": why_not}
     report = {"mp4": str(mp4), "png": str(png), "size": [height, width, frames], "steps": cfg.steps,
-              "steps_per_regime": regimes, "backend": deployed.backend,
+              "prompt_check": check, "steps_per_regime": regimes, "backend": deployed.backend,
               "seconds_denoising": round(loop_seconds, 3), "seconds_per_step": round(loop_seconds / cfg.steps, 4),
               "seconds": round(time.perf_counter() - started, 3)}
     log.info("sample written: %s", report)
@@ -288,10 +294,13 @@ def sample(cfg: SampleConfig) -> dict:
 def main(cfg) -> None:
     from fpsa_train.config import resolve
 
+    from fpsa_train.eval.following import verdict
+
     report = sample(resolve(cfg))
     print(f"video: {report['mp4']}\ncontact sheet: {report['png']}\n"
           f"{report['steps']} steps in {report['seconds_denoising']:.1f} s ({report['steps_per_regime']}), "
-          f"attention: {report['backend']}")
+          f"attention: {report['backend']}\n"
+          f"prompt check (the synthetic world's analyzer): {verdict(report['prompt_check'])}")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,21 @@ def test_sample_writes_a_playable_mp4_and_a_contact_sheet(deploy, tiny_component
     assert "reference" in report["backend"]
     frames = video.get_batch(list(range(9))).asnumpy()
     assert frames.std() > 1  # not a constant image
+    check = report["prompt_check"]  # a prompt of the synthetic world is checked by its analyzer
+    assert check["applicable"] and set(check["scores"]) == {"colour", "shape", "direction", "speed", "background"}
+
+
+def test_verdict_names_each_attribute_and_what_the_video_shows():
+    from fpsa_train.eval.following import follow, verdict
+    from fpsa_train.data.synthetic_video import parse_caption, render
+
+    spec = {**parse_caption(PROMPT)}
+    spec["shapes"] = [{**spec["shapes"][0], "radius": 0.15, "start": [0.5, 0.5]}]
+    line = verdict(follow(PROMPT, render(spec, 17, (128, 128))))
+    assert line.startswith("colour ✓ shape ✓ direction ✓ speed ✓ background ✓ (5/5)") and PROMPT in line
+    wrong = verdict(follow(PROMPT.replace("left", "right"), render(spec, 17, (128, 128))))
+    assert "direction ✗" in wrong and "(4/5)" in wrong and "moving left" in wrong
+    assert verdict(follow("a photo of a cat", render(spec, 9, (64, 64)))).startswith("not checked: ")
 
 
 def test_regime_per_step_follows_the_scheduler_sigmas():

@@ -56,3 +56,22 @@ def accuracy(records: list[dict], names: tuple[str, ...]) -> dict:
     out["all"] = float(np.mean([all(s.values()) for s in scored])) if scored else None
     out["applicable"], out["not_applicable"] = len(scored), len(records) - len(scored)
     return out
+
+
+def verdict(check: dict) -> str:
+    """One line saying whether a video follows its prompt, from a `follow` record, e.g.
+    "colour ✓ shape ✓ direction ✗ speed ✓ background ✓ (4/5); the video shows: a red circle moving up slowly on a
+    dark blue background"."""
+    if not check.get("applicable"):
+        return f"not checked: {check.get('reason', 'not applicable')}"
+    from fpsa_train.data.synthetic_video import caption
+
+    scores = check["scores"]
+    marks = " ".join(f"{name} {'✓' if ok else '✗'}" for name, ok in scores.items())
+    found = check["found"]
+    try:
+        shown = caption(found) if found.get("shapes") else f"no shape on {found.get('background') or 'an unknown'} " \
+                                                            "background"
+    except (KeyError, TypeError):  # an attribute the analyzer could not name (None)
+        shown = "; ".join(", ".join(f"{k} {v}" for k, v in s.items()) for s in found.get("shapes", [])) or "no shape"
+    return f"{marks} ({sum(scores.values())}/{len(scores)}); the video shows: {shown}"
