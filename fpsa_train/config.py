@@ -153,6 +153,8 @@ class DataConfig:
     """videos, generate_clips > 0: frame rate of the generated clips."""
     generate_size: list[int] = field(default_factory=lambda: [128, 128])
     """videos, generate_clips > 0: (height, width) of the generated clips, even numbers."""
+    generate_workers: int = 1
+    """videos, generate_clips > 0: processes rendering and encoding the clips (the files do not depend on it)."""
     build_tiny_components: bool = False
     """videos: build the tiny VAE / UMT5 / tokenizer into `components` first (the tiny default)."""
     tiny_vae_steps: int = 300

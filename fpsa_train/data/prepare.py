@@ -26,7 +26,8 @@ def prepare_video_data(cfg: DataConfig, text_len: int) -> Path:
         from fpsa_train.data.synthetic_video import generate_clips
 
         written = generate_clips(metadata.parent, cfg.generate_clips, frames=cfg.generate_frames,
-                                 fps=cfg.generate_fps, size=tuple(cfg.generate_size), seed=cfg.seed)
+                                 fps=cfg.generate_fps, size=tuple(cfg.generate_size), seed=cfg.seed,
+                                 workers=cfg.generate_workers)
         if Path(written).resolve() != metadata.resolve():
             raise ConfigError(f"data.metadata={cfg.metadata} must be {written} when data.generate_clips > 0")
     if not metadata.exists():

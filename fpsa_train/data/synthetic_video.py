@@ -249,12 +249,13 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def generate_clips(out_dir: str | Path, num_clips: int, *, frames: int = 25, fps: float = 24.0,
-                   size: tuple[int, int] = (128, 128), seed: int = 0) -> Path:
+                   size: tuple[int, int] = (128, 128), seed: int = 0, workers: int = 1) -> Path:
     """Write `out_dir/clips/clip_%05d.mp4` and `out_dir/metadata.csv` (`video,prompt`); return the metadata path.
 
     `size` is (height, width), both even (yuv420p). Does nothing when the metadata already lists `num_clips`
     existing clips made with these parameters; resumes a killed run (clips that exist with the same parameters
-    are kept: each is a pure function of the parameters and its index, not of `num_clips`).
+    are kept: each is a pure function of the parameters and its index, not of `num_clips`). `workers` > 1 renders
+    and encodes clips in that many processes (the files are the same: each clip is a pure function of its spec).
     """
     if num_clips < 1 or frames < 1 or fps <= 0:
         raise ValueError(f"generate_clips: need num_clips >= 1, frames >= 1, fps > 0; got {num_clips}, {frames}, {fps}")
@@ -287,8 +288,21 @@ def generate_clips(out_dir: str | Path, num_clips: int, *, frames: int = 25, fps
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["video", "prompt"])
     writer.writerows(rows)
-    for spec, (name, _) in zip(specs, rows):
-        if not (out_dir / name).exists():
-            write_mp4(out_dir / name, render(spec, frames, (h, w)), fps)
+    todo = [(spec, out_dir / name, frames, (h, w), fps) for spec, (name, _) in zip(specs, rows)
+            if not (out_dir / name).exists()]
+    if workers > 1 and len(todo) > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(min(workers, len(todo))) as pool:
+            for _ in pool.imap_unordered(_write_clip, todo, chunksize=8):
+                pass
+    else:
+        for job in todo:
+            _write_clip(job)
     _write_text(metadata, buf.getvalue())
     return metadata
+
+
+def _write_clip(job: tuple) -> None:
+    spec, path, frames, size, fps = job
+    write_mp4(path, render(spec, frames, size), fps)

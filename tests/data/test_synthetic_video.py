@@ -246,3 +246,11 @@ def test_triangle_points_up_with_its_centroid_at_the_centre():
     assert ys.max() + 1 - 64 == pytest.approx(inradius, abs=1.5)  # base below
     assert (xs.max() + 1 - xs.min()) == pytest.approx(2 * math.sqrt(3) * inradius, abs=2)
     assert alpha.sum() == pytest.approx(3 * math.sqrt(3) * inradius**2, rel=0.03)
+
+
+def test_clips_written_by_several_processes_are_the_same_files(tmp_path):
+    one = generate_clips(tmp_path / "one", 6, frames=9, fps=FPS, size=(64, 64), seed=8)
+    two = generate_clips(tmp_path / "two", 6, frames=9, fps=FPS, size=(64, 64), seed=8, workers=2)
+    assert one.read_text() == two.read_text()
+    for row in _rows(one):
+        assert (one.parent / row["video"]).read_bytes() == (two.parent / row["video"]).read_bytes()

@@ -1,0 +1,201 @@
+"""Train the synthetic world's models on a GPU, export them, and measure how well they follow their prompts.
+
+    python scripts/world_models.py demo_base   # world_s, 128×128×17: the base that `make demo` fine-tunes
+    python scripts/world_models.py proving     # world_m, 256×256×33, 48 tiles: the proving ground (issue 17/18)
+
+Each is one command that reruns safely: training resumes from its newest checkpoint (a rerun after the last step is
+a no-op), the data cache and the tiny encoders are built once under .fpsa_data/, and evaluation reuses the videos
+it already made. Steps per phase, wall times and the held-out accuracy go to `<out>/report.json` (and the printed
+summary); `--pack DIR` also writes what later work reuses without retraining: the exported weights (bf16, Wan
+layout) and the tiny encoders as one tar.gz per model, each under the 16 MB a device call can bring back.
+
+Held out: the evaluation uses the synthetic world's held-out prompts and seeds
+(fpsa_train/data/synthetic_video.py), which the clip generator never produces for training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STARTED = time.perf_counter()
+WHICH = ("demo_base", "proving")
+
+
+PREEMPTED = 143  # python -m fpsa_train's exit status after a SIGTERM: checkpoint written, rerun to continue
+
+
+def run(cmd: list[str], log: Path, budget: float | None = None) -> tuple[float, bool]:
+    """Run `cmd` in the repo, tee its output to `log`; return (wall time, stopped by the budget). After `budget`
+    seconds it gets SIGTERM: training then writes a checkpoint at the next step and exits 143, and a rerun of this
+    script continues it (so a run longer than one device call spans several). Raises on any other failure."""
+    print("$", " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    with open(log, "a") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        timer = None
+        if budget is not None:
+            timer = threading.Timer(max(budget, 0.0), proc.send_signal, args=(signal.SIGTERM,))
+            timer.start()
+        for line in proc.stdout:
+            f.write(line)
+            if "it/s" not in line and "s/it" not in line:  # progress bars stay in the log
+                sys.stdout.write(line)
+        proc.wait()
+        if timer is not None:
+            timer.cancel()
+    stopped = budget is not None and proc.returncode in (PREEMPTED, -signal.SIGTERM)
+    if proc.returncode and not stopped:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}; log: {log}")
+    return time.perf_counter() - start, stopped
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("which", choices=WHICH)
+    parser.add_argument("--out", default=None, help="run folder (default outputs/<which>)")
+    parser.add_argument("--steps", type=int, default=None, help="trainer.max_steps (default: the experiment's)")
+    parser.add_argument("--eval-steps", type=int, default=30, help="denoising steps of the evaluation")
+    parser.add_argument("--eval-prompts", type=int, default=None, help="only the first N held-out prompts")
+    parser.add_argument("--no-eval", action="store_true")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds of training in this call: then SIGTERM (checkpoint, exit), rerun to continue")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds for the whole command: the data is prepared first, then training gets what "
+                             "is left minus --reserve (as --budget)")
+    parser.add_argument("--reserve", type=float, default=180.0, help="seconds kept for export and evaluation")
+    parser.add_argument("--eval-seeds", default=None, help="e.g. [1000,1001] (default: all held-out seeds)")
+    parser.add_argument("--training-free", default=None, metavar="SCHEDULE",
+                        help="export the dense model with this FPS schedule too (e.g. configs/fps/default.yaml) and "
+                             "evaluate it against its dense self, per regime (FP8 + sparsity applied after training; "
+                             "the evaluation's reference row is the dense model's own prompt following)")
+    parser.add_argument("--pack", default=None, help="write <which>.tar.gz (weights + encoders) into this folder")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for training")
+    args = parser.parse_intermixed_args()
+
+    out = Path(args.out or f"outputs/{args.which}").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "world_models.log"
+    py = sys.executable
+    report: dict = {"which": args.which, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    train = [py, "-m", "fpsa_train", f"+experiment={args.which}", f"hydra.run.dir={out / 'train'}", *args.overrides]
+    if args.steps is not None:
+        train.append(f"trainer.max_steps={args.steps}")
+    budget = args.budget
+    if args.deadline is not None:
+        report["data_seconds"] = round(prepare_data(args.which, args.overrides), 1)
+        left = args.deadline - (time.perf_counter() - STARTED) - args.reserve
+        budget = left if budget is None else min(budget, left)
+        report["train_budget_seconds"] = round(budget, 1)
+    seconds, stopped = run(train, log, budget)
+    report["train_seconds"] = round(seconds, 1)
+    summary = out / "train" / "summary.json"
+    report["train"] = json.loads(summary.read_text()) if summary.exists() and not stopped else {}
+    if stopped:  # the checkpoint written at the stop is exported and evaluated; a rerun continues the training
+        ckpt = out / "train" / "checkpoints" / "last.ckpt"
+        if not ckpt.exists():
+            report["train"] = {"stopped_by_budget": True, "note": "stopped before the first checkpoint; rerun"}
+            _write(out, report)
+            return
+        import torch
+
+        step = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+        report["train"] = {"stopped_by_budget": True, "steps": step, "note": "rerun the same command to continue"}
+
+    deploy = out / "deploy"
+    report["export_seconds"] = round(run([py, "-m", "fpsa_train.export",
+                                          f"checkpoint={out / 'train' / 'checkpoints' / 'last.ckpt'}",
+                                          f"out={deploy}", "overwrite=true", f"hydra.run.dir={out / 'export'}"],
+                                         log)[0], 1)
+    if not args.no_eval and not args.training_free:  # (with --training-free, its reference row is the dense model)
+        evaluate = [py, "-m", "fpsa_train.evaluate", f"candidates=[{deploy}]", "reference=dense",
+                    "prompts=heldout", f"steps={args.eval_steps}", f"out={out / 'eval'}",
+                    f"hydra.run.dir={out / 'eval'}"]
+        if args.eval_prompts:
+            evaluate.append(f"max_prompts={args.eval_prompts}")
+        if args.eval_seeds:
+            evaluate.append(f"seeds={args.eval_seeds}")
+        report["eval_seconds"] = round(run(evaluate, log)[0], 1)
+        report["eval"] = _variants(out / "eval" / "results.json")
+    if args.training_free:
+        fps = out / "deploy_training_free"
+        run([py, "-m", "fpsa_train.export", f"checkpoint={out / 'train' / 'checkpoints' / 'last.ckpt'}",
+             f"out={fps}", "overwrite=true", f"schedule_file={Path(args.training_free).resolve()}",
+             f"hydra.run.dir={out / 'export_training_free'}"], log)
+        evaluate = [py, "-m", "fpsa_train.evaluate", f"candidates=[{fps}]", "reference=dense", "per_regime=true",
+                    "prompts=heldout", f"steps={args.eval_steps}", f"out={out / 'eval_training_free'}",
+                    f"hydra.run.dir={out / 'eval_training_free'}"]
+        if args.eval_prompts:
+            evaluate.append(f"max_prompts={args.eval_prompts}")
+        if args.eval_seeds:
+            evaluate.append(f"seeds={args.eval_seeds}")
+        report["eval_training_free_seconds"] = round(run(evaluate, log)[0], 1)
+        report["eval_training_free"] = _variants(out / "eval_training_free" / "results.json")
+    if args.pack:
+        report["pack"] = pack(args.which, deploy, _components(out), Path(args.pack))
+    _write(out, report)
+
+
+def prepare_data(which: str, overrides: list[str]) -> float:
+    """Build the experiment's data cache (clips, tiny encoders, latents) in this process, as training's first step
+    would; returns its wall time. Separate so that a --deadline can give training what the data left over."""
+    from hydra import compose, initialize_config_dir
+
+    import fpsa_train.config  # noqa: F401  (registers the schema)
+    from fpsa_train.config import resolve
+    from fpsa_train.data.prepare import prepare_video_data
+
+    start = time.perf_counter()
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        conf = resolve(compose(config_name="train", overrides=[f"+experiment={which}", *overrides, "run_dir=/tmp"]))
+    os.chdir(REPO)
+    prepare_video_data(conf.data, conf.model.text_len)
+    return time.perf_counter() - start
+
+
+def _variants(results: Path) -> list[dict]:
+    """Each evaluated variant's summary row (fidelity, accuracy, density, speed) from an evaluation's results.json."""
+    return [{k: v for k, v in row.items() if k not in ("trace", "density_per_step")}
+            for row in json.loads(results.read_text())["variants"]]
+
+
+def _write(out: Path, report: dict) -> None:
+    report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(report, indent=1))
+
+
+def _components(out: Path) -> Path:
+    """The encoders the run trained with (its data.components, from the checkpoint-side config record)."""
+    import yaml
+
+    config = yaml.safe_load((out / "train" / ".hydra" / "config.yaml").read_text())
+    return (REPO / config["data"]["components"]).resolve()
+
+
+def pack(which: str, deploy: Path, components: Path, dest: Path) -> str:
+    """`<dest>/<which>.tar.gz`: the deploy folder's weights and config and the tiny encoders (components/)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    target = dest / f"{which}.tar.gz"
+    with tarfile.open(target, "w:gz") as tar:
+        for name in ("diffusion_pytorch_model.safetensors", "config.json", "manifest.json", "schedule.json"):
+            if (deploy / name).exists():
+                tar.add(deploy / name, arcname=name)
+        tar.add(components, arcname="components")
+    size = os.path.getsize(target)
+    if size > 16 * 2**20:
+        print(f"warning: {target} is {size / 2**20:.1f} MiB, above the 16 MiB a device call brings back")
+    return f"{target} ({size / 2**20:.2f} MiB)"
+
+
+if __name__ == "__main__":
+    main()
