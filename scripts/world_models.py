@@ -1,6 +1,6 @@
 """Train the synthetic world's models on a GPU, export them, and measure how well they follow their prompts.
 
-    python scripts/world_models.py demo_base   # world_s, 128×128×17: the base that `make demo` fine-tunes
+    python scripts/world_models.py demo_base   # world_s, 128×128×17: meant as the base `make demo` fine-tunes
     python scripts/world_models.py proving     # world_m, 256×256×33, 48 tiles: the proving ground (issue 17/18)
 
 Each is one command that reruns safely: training resumes from its newest checkpoint (a rerun after the last step is
