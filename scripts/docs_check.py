@@ -138,6 +138,11 @@ RULES = (
     Rule(r"-m fpsa_train\.export ", expect=("{out}/manifest.json", "{out}/diffusion_pytorch_model.safetensors")),
     Rule(r"-m fpsa_train\.sample ", append=("steps=2", "height=64", "width=64", "frames=5"),
          expect=("{out}/*.mp4", "{out}/*.png")),
+    # One held-out prompt, one seed, 2 steps at 64x64x5 (the tiny deploy folder exported above).
+    Rule(r"-m fpsa_train\.evaluate ", append=("max_prompts=1", "seeds=[1000]", "steps=2", "height=64", "width=64",
+                                              "frames=5"),
+         expect=("outputs/eval/results.md", "outputs/eval/results.json", "outputs/eval/contact_sheet.png",
+                 "outputs/eval/plot.png")),
     Rule(r"-m fpsa_train \+experiment=tiny\b", append=(*TINY_STEPS, *TINY_DATA), expect=TRAIN_OUTPUTS),
     Rule(r"-m fpsa_train \+experiment=wan", append=(*TINY_STEPS, *WAN_MODEL, *WAN_DATA), expect=TRAIN_OUTPUTS),
     # No Hopper GPU on CI: the kernels run in Triton's CPU interpreter.
