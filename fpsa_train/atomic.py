@@ -7,20 +7,27 @@ A reader (or a run killed mid-write and restarted) sees either the old file or t
 from __future__ import annotations
 
 import os
+from typing import BinaryIO, Callable
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Call `write(file)` on `.<name>.tmp-<pid>` beside `path`, flush it to disk, rename it over `path`; the
+    temporary file is removed whatever happens."""
     path = os.fspath(path)
     tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    write_atomic(path, lambda f: f.write(data))
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

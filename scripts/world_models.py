@@ -111,35 +111,29 @@ def main() -> None:
         step = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["global_step"]
         report["train"] = {"stopped_by_budget": True, "steps": step, "note": "rerun the same command to continue"}
 
+    ckpt = out / "train" / "checkpoints" / "last.ckpt"
+
+    def export(name: str, *extra: str) -> float:
+        return run([py, "-m", "fpsa_train.export", f"checkpoint={ckpt}", f"out={out / name}", "overwrite=true",
+                    *extra, f"hydra.run.dir={out / ('export' + name.removeprefix('deploy'))}"], log)[0]
+
+    def evaluate(deploy: Path, name: str, *extra: str) -> float:
+        cmd = [py, "-m", "fpsa_train.evaluate", f"candidates=[{deploy}]", "reference=dense", "prompts=heldout",
+               f"steps={args.eval_steps}", f"out={out / name}", f"hydra.run.dir={out / name}", *extra]
+        cmd += [f"max_prompts={args.eval_prompts}"] if args.eval_prompts else []
+        cmd += [f"seeds={args.eval_seeds}"] if args.eval_seeds else []
+        seconds = run(cmd, log)[0]
+        report[name] = _variants(out / name / "results.json")
+        return seconds
+
     deploy = out / "deploy"
-    report["export_seconds"] = round(run([py, "-m", "fpsa_train.export",
-                                          f"checkpoint={out / 'train' / 'checkpoints' / 'last.ckpt'}",
-                                          f"out={deploy}", "overwrite=true", f"hydra.run.dir={out / 'export'}"],
-                                         log)[0], 1)
+    report["export_seconds"] = round(export("deploy"), 1)
     if not args.no_eval and not args.training_free:  # (with --training-free, its reference row is the dense model)
-        evaluate = [py, "-m", "fpsa_train.evaluate", f"candidates=[{deploy}]", "reference=dense",
-                    "prompts=heldout", f"steps={args.eval_steps}", f"out={out / 'eval'}",
-                    f"hydra.run.dir={out / 'eval'}"]
-        if args.eval_prompts:
-            evaluate.append(f"max_prompts={args.eval_prompts}")
-        if args.eval_seeds:
-            evaluate.append(f"seeds={args.eval_seeds}")
-        report["eval_seconds"] = round(run(evaluate, log)[0], 1)
-        report["eval"] = _variants(out / "eval" / "results.json")
+        report["eval_seconds"] = round(evaluate(deploy, "eval"), 1)
     if args.training_free:
-        fps = out / "deploy_training_free"
-        run([py, "-m", "fpsa_train.export", f"checkpoint={out / 'train' / 'checkpoints' / 'last.ckpt'}",
-             f"out={fps}", "overwrite=true", f"schedule_file={Path(args.training_free).resolve()}",
-             f"hydra.run.dir={out / 'export_training_free'}"], log)
-        evaluate = [py, "-m", "fpsa_train.evaluate", f"candidates=[{fps}]", "reference=dense", "per_regime=true",
-                    "prompts=heldout", f"steps={args.eval_steps}", f"out={out / 'eval_training_free'}",
-                    f"hydra.run.dir={out / 'eval_training_free'}"]
-        if args.eval_prompts:
-            evaluate.append(f"max_prompts={args.eval_prompts}")
-        if args.eval_seeds:
-            evaluate.append(f"seeds={args.eval_seeds}")
-        report["eval_training_free_seconds"] = round(run(evaluate, log)[0], 1)
-        report["eval_training_free"] = _variants(out / "eval_training_free" / "results.json")
+        export("deploy_training_free", f"schedule_file={Path(args.training_free).resolve()}")
+        report["eval_training_free_seconds"] = round(
+            evaluate(out / "deploy_training_free", "eval_training_free", "per_regime=true"), 1)
     if args.pack:
         report["pack"] = pack(args.which, deploy, _components(out), Path(args.pack))
     _write(out, report)

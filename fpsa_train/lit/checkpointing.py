@@ -48,9 +48,10 @@ log = logging.getLogger(__name__)
 STEP_NAME = re.compile(r"^step(\d+)\.ckpt$")
 LAST = "last.ckpt"
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a process that SIGTERM ended
-# Temporary names of a save in progress: AtomicCheckpointIO's `<name>.tmp-<pid>`, the DeepSpeed strategy's hidden
-# `.<name>.tmp` / `.<name>.old` folders, and a `last.ckpt` link being replaced.
-LEFTOVER = re.compile(r"^(step\d+\.ckpt\.tmp-\d+|\.step\d+\.ckpt\.(tmp|old)|\.?last\.ckpt\.tmp-\d+)$")
+# Temporary names of a save in progress: AtomicCheckpointIO's `.<name>.tmp-<pid>` (fpsa_train/atomic.py; before it,
+# `<name>.tmp-<pid>`), the DeepSpeed strategy's hidden `.<name>.tmp` / `.<name>.old` folders, and a `last.ckpt`
+# link being replaced.
+LEFTOVER = re.compile(r"^\.?(step\d+|last)\.ckpt\.tmp-\d+$|^\.step\d+\.ckpt\.(tmp|old)$")
 
 
 def step_name(step: int) -> str:
