@@ -96,14 +96,20 @@ class ResumableCSVLogger(CSVLogger):
     """A resumed run continues its metrics.csv. Lightning's CSV writer deletes an existing metrics.csv when it is
     created, and would then rewrite the file with only the new session's columns; here the old rows are put back
     and the writer starts from their columns, so the file holds the whole run (a step logged by both sessions
-    appears twice, the resumed session's row last)."""
+    appears twice, the resumed session's row last). Only global rank 0 reads the old file: another rank reading it
+    raced with rank 0's writer deleting it (FileNotFoundError in a resumed two-rank run, seen once in `make test`)."""
 
     @property
     def experiment(self):
         if self._experiment is not None:
             return self._experiment
         path = os.path.join(self.log_dir, "metrics.csv")
-        old = Path(path).read_text() if os.path.isfile(path) else None
+        old = None
+        if rank_zero_only.rank == 0:  # only rank 0 writes; another rank reading could meet the file mid-delete
+            try:
+                old = Path(path).read_text()
+            except FileNotFoundError:
+                pass
         writer = super().experiment
         if old and self._experiment is not None:  # rank 0's real writer (other ranks get a dummy experiment)
             Path(writer.metrics_file_path).write_text(old)
