@@ -67,11 +67,10 @@ SUBSTITUTIONS = (
 
 # ------------------------------------------------------------------------------------------------------ tiny sizes
 TINY_STEPS = ("trainer.max_steps=2", "trainer.checkpoint_every_n_steps=1", "trainer.log_every_n_steps=1")
-# The embedded default's data (data=tiny_videos): 12 generated clips instead of 48, an untrained tiny VAE instead
-# of 300 training steps, clips of 9 frames at 64x128 (96 tokens in 4 tiles) instead of 17 at 128x128 (320 tokens).
+# The embedded default's data (data=tiny_videos, encoded by the shipped assets/world_components): 12 generated clips
+# instead of 48, clips of 9 frames at 64x128 (96 tokens in 4 tiles) instead of 17 at 128x128 (320 tokens).
 # Every tiny command uses the same values, so the data is built once (by `make demo`) and reused.
-TINY_DATA = ("data.generate_clips=12", "data.tiny_vae_steps=0", "data.val_samples=4", "data.num_frames=9",
-             "data.buckets=[[64,128]]")
+TINY_DATA = ("data.generate_clips=12", "data.val_samples=4", "data.num_frames=9", "data.buckets=[[64,128]]")
 # Wan's code path at toy size: 2 blocks of width 128 (2 heads of 64), the tiny UMT5's text width, 2x2x2-token tiles
 # (so the default schedule's top-4 regime has 4 tiles to pick from). build_data writes weights of this shape.
 WAN_MODEL = ("model.dim=128", "model.num_heads=2", "model.ffn_dim=256", "model.num_layers=2", "model.text_dim=64",

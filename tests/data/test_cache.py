@@ -57,7 +57,8 @@ def test_caption_dropout_rate_and_determinism():
 def test_tiny_experiment_runs_from_clips_to_training(tmp_path):
     base = tmp_path / "data"
     overrides = ["+experiment=tiny", f"data.metadata={base}/clips/metadata.csv", f"data.components={base}/components",
-                 f"data.cache_dir={base}/cache", "data.generate_clips=12", "data.tiny_vae_steps=0",
+                 f"data.cache_dir={base}/cache", "data.generate_clips=12", "data.build_tiny_components=true",
+                 "data.tiny_vae_steps=0",
                  "data.val_samples=4", "trainer.max_steps=12", "trainer.val_every_n_steps=6", "fps=dense"]
     metrics = train(compose_train(overrides, tmp_path / "run"))
     assert metrics["steps"] == 12 and torch.isfinite(torch.tensor(metrics["val/loss_end"]))
