@@ -40,8 +40,9 @@ def main() -> None:
         for name, ok in score(parse_caption(caption(spec)), analyze(out)).items():
             hits[name] += bool(ok)
     psnr = 10 * np.log10(255**2 / (squared / args.clips))
-    print(f"{args.components}: {args.clips} clips {args.frames}×{args.size}×{args.size}, round-trip PSNR {psnr:.1f} dB, "
-          f"accuracy {({k: round(v / args.clips, 3) for k, v in hits.items()})} ({time.perf_counter() - start:.0f} s)")
+    accuracy = {k: round(v / args.clips, 3) for k, v in hits.items()}
+    print(f"{args.components}: {args.clips} clips {args.frames}×{args.size}×{args.size}, round-trip PSNR "
+          f"{psnr:.1f} dB, accuracy {accuracy} ({time.perf_counter() - start:.0f} s)")
 
 
 if __name__ == "__main__":

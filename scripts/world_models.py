@@ -6,8 +6,9 @@
 Each is one command that reruns safely: training resumes from its newest checkpoint (a rerun after the last step is
 a no-op), the data cache is built once under .fpsa_data/ (encoded by the shipped assets/world_components), and
 evaluation reuses the videos it already made. Steps per phase, wall times and the held-out accuracy go to
-`<out>/report.json` (and the printed summary); `--pack DIR` also writes what later work reuses without retraining: the exported weights (bf16, Wan
-layout) and the tiny encoders as one tar.gz per model, each under the 16 MB a device call can bring back.
+`<out>/report.json` (and the printed summary); `--pack DIR` also writes what later work reuses without
+retraining: the exported weights (bf16, Wan layout) and the tiny encoders as one tar.gz per model, each under the
+16 MB a device call can bring back.
 
 Held out: the evaluation uses the synthetic world's held-out prompts and seeds
 (fpsa_train/data/synthetic_video.py), which the clip generator never produces for training.
