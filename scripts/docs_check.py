@@ -48,7 +48,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
-LINKED = (".venv", "Makefile", "pyproject.toml", "constraints.txt", "scripts", "configs")
+LINKED = (".venv", "Makefile", "pyproject.toml", "constraints.txt", "scripts", "configs", "assets")
 """What the commands use relative to the checkout's root: linked into the scratch folder."""
 
 # ---------------------------------------------------------------------------------------------------- substitutions
