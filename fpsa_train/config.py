@@ -9,6 +9,7 @@ Value checks (`__post_init__`) run when `resolve(cfg)` turns the composed config
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -17,6 +18,8 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from fpsa_train.fps.schedule import FPSConfig
 from fpsa_train.models.config import WanConfig
+
+log = logging.getLogger(__name__)
 
 TIMESTEP_SAMPLINGS = ("logit_normal", "uniform")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "bf16-true", "16-mixed")
@@ -395,8 +398,6 @@ class TrainConfig:
         tile count is said out loud: such a regime keeps every tile of those clips, so it trains dense under a
         sparse name (the diffusers path refuses it at run time). A warning rather than an error, because one
         schedule serves several resolutions (and the tiny test grids have fewer tiles than the default top-k)."""
-        import logging
-
         from fpsa_train.fps.schedule import Schedule, ScheduleError
         from fpsa_train.models.token_order import TokenLayout
 
@@ -407,7 +408,7 @@ class TrainConfig:
                 schedule.validate_grid(TokenLayout(grid, "tile", tuple(self.model.tile_shape)).tile_grid, grid)
             except ScheduleError as err:
                 source = "data.buckets / data.num_frames" if self.data.kind == "videos" else "data.latent_*"
-                logging.getLogger(__name__).warning(
+                log.warning(
                     "fps: %s of the training clips (latent %s from %s, model.patch_size=%s, model.tile_shape=%s): "
                     "that regime keeps every tile of these clips, i.e. trains dense; lower its sparsity.topk to "
                     "make it sparse", err, latent, source, list(self.model.patch_size), list(self.model.tile_shape))

@@ -34,7 +34,7 @@ from fpsa_train.lit.datamodule import LatentDataModule
 from fpsa_train.lit.loggers import build_loggers
 from fpsa_train.lit.module import FlowMatchingModule
 from fpsa_train.lit.monitor import TrainingMonitor
-from fpsa_train.lit.resume import check_same_run, checkpoint_step, resume_checkpoint
+from fpsa_train.lit.resume import check_same_run, resume_checkpoint
 from fpsa_train.lit.strategy import build_strategy
 from fpsa_train.lit.val_video import ValidationVideo
 from fpsa_train.models.build import architecture_of, build_model
@@ -157,11 +157,10 @@ def train(cfg: DictConfig | TrainConfig) -> dict:
     trainer = build_trainer(conf)
     ckpt_path = resume_checkpoint(conf.trainer.resume, os.path.join(conf.run_dir, "checkpoints"),
                                   conf.trainer.verify_checksums)
-    if ckpt_path is not None:
-        check_same_run(ckpt_path, module.run_config)
+    done = check_same_run(ckpt_path, module.run_config) if ckpt_path is not None else 0  # the checkpoint's step
     if isinstance(cfg, DictConfig):
         write_config_record(cfg, conf.run_dir)  # only now: a refused run must not overwrite the record of the run
-    if ckpt_path is not None and (done := checkpoint_step(ckpt_path)) >= conf.trainer.max_steps:
+    if ckpt_path is not None and done >= conf.trainer.max_steps:
         log.warning("nothing to do: this run already finished (%s is at step %d, trainer.max_steps=%d); raise "
                     "trainer.max_steps to train further, or pass trainer.resume=never or another hydra.run.dir to "
                     "start over", ckpt_path, done, conf.trainer.max_steps)

@@ -99,20 +99,17 @@ def main() -> None:
         report["train_budget_seconds"] = round(budget, 1)
     seconds, stopped = run(train, log, budget)
     report["train_seconds"] = round(seconds, 1)
-    summary = out / "train" / "summary.json"
+    summary, ckpt = out / "train" / "summary.json", out / "train" / "checkpoints" / "last.ckpt"
     report["train"] = json.loads(summary.read_text()) if summary.exists() and not stopped else {}
     if stopped:  # the checkpoint written at the stop is exported and evaluated; a rerun continues the training
-        ckpt = out / "train" / "checkpoints" / "last.ckpt"
         if not ckpt.exists():
             report["train"] = {"stopped_by_budget": True, "note": "stopped before the first checkpoint; rerun"}
             _write(out, report)
             return
-        import torch
+        from fpsa_train.lit.resume import checkpoint_step
 
-        step = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+        step = checkpoint_step(ckpt)
         report["train"] = {"stopped_by_budget": True, "steps": step, "note": "rerun the same command to continue"}
-
-    ckpt = out / "train" / "checkpoints" / "last.ckpt"
 
     def export(name: str, *extra: str) -> float:
         return run([py, "-m", "fpsa_train.export", f"checkpoint={ckpt}", f"out={out / name}", "overwrite=true",

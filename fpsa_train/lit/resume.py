@@ -142,10 +142,12 @@ def _short(value, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def check_same_run(path: str, current: dict | None) -> None:
+def check_same_run(path: str, current: dict | None) -> int:
     """Refuse to resume a checkpoint of another architecture or schedule (a reused run directory, say), naming
-    every field that differs, and a Lightning checkpoint that fpsa did not write."""
+    every field that differs, and a Lightning checkpoint that fpsa did not write. Returns the checkpoint's step
+    (read from the same load)."""
     state = _client_state(path)
+    step = int(state.get("global_step", 0))
     from fpsa_train.lit.module import RUN_CONFIG_KEY
 
     saved = state.get(RUN_CONFIG_KEY)
@@ -157,11 +159,12 @@ def check_same_run(path: str, current: dict | None) -> None:
                               "'model.blocks...'. Resume from a checkpoint written by `python -m fpsa_train`; to "
                               "start from pretrained Wan weights pass model.checkpoint=<folder> instead")
         log.warning("%s carries no run config; resuming without checking that it is the same model", path)
-        return
+        return step
     if current is None:
-        return
+        return step
     differ = [d for key in ("model", "schedule") for d in differences(saved.get(key), current.get(key), f"{key}.")]
     if differ:
         shown = "; ".join(differ[:12]) + (f"; and {len(differ) - 12} more" if len(differ) > 12 else "")
         raise ConfigError(f"{path} belongs to another run: {shown}. Pass the old values to continue that run, or "
                           "trainer.resume=never or another hydra.run.dir to start a new one")
+    return step
