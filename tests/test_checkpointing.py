@@ -226,7 +226,8 @@ def test_a_refused_run_keeps_the_record_and_names_the_differing_fields(tmp_path)
     first = _launch(run, args)
     assert first.wait(timeout=240) == 0, first.communicate()[0][-3000:]
     record = {p.name: p.read_text() for p in (run / ".hydra").iterdir()}
-    assert sorted(record) == ["config.yaml", "hydra.yaml", "overrides.yaml"] and "max_steps=2" in record["overrides.yaml"]
+    assert sorted(record) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+    assert "max_steps=2" in record["overrides.yaml"]
 
     refused = _launch(run, [*args, "model.rope_theta=5000", "fps.regimes.0.sparsity.window=[1,1,1]"])
     out = refused.communicate(timeout=240)[0]
