@@ -84,6 +84,11 @@ class OptimConfig:
     """Clip the global gradient norm to this value; 0 disables clipping."""
     ema_decay: float = 0.999
     """Decay of the exponential moving average of the weights (kept in fp32, saved in checkpoints); 0 disables."""
+    ema_warmup: bool = True
+    """Ramp the EMA's decay as min(ema_decay, (1 + t) / (10 + t)) at optimizer step t, so the average forgets the
+    starting weights within a short run (without it, decay 0.999 after 1,000 steps still holds 37% of the initial
+    weights: a model trained from scratch for that long exports mostly its random init). False: ema_decay from the
+    first step, the average starting at the initial (e.g. pretrained) weights."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:

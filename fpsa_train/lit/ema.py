@@ -1,6 +1,9 @@
 """Exponential moving average of the weights, kept in fp32 beside the model.
 
-shadow ← decay·shadow + (1−decay)·param after every optimizer step. Only trainable floating-point parameters are
+shadow ← decay·shadow + (1−decay)·param after every optimizer step; with `warmup`, the decay at optimizer step t
+is min(decay, (1 + t) / (10 + t)) (0.1 at the first step, 0.9 at step 80, 0.99 at step 890, 0.999 from step
+8,990), so the average of a short run from scratch is not its random initialisation. The step comes from the
+trainer (restored on resume), so a resumed run continues the same average. Only trainable floating-point parameters are
 tracked. The shadow is built by `attach(model)` once the strategy has placed the model (Lightning's on_fit_start),
 so it lives where the parameters live, and its state dict goes into every checkpoint: a resumed run continues
 the same average, and export uses it by default.
@@ -37,8 +40,9 @@ def _values(p: torch.Tensor) -> torch.Tensor:
 
 
 class EMA:
-    def __init__(self, decay: float):
+    def __init__(self, decay: float, warmup: bool = False):
         self.decay = decay
+        self.warmup = warmup
         self.shadow: dict[str, torch.Tensor] | None = None
         self.partitioned = False
         self._pending: dict[str, torch.Tensor] | None = None  # a checkpoint's state loaded before attach
@@ -53,13 +57,20 @@ class EMA:
             self.load_state_dict(state)
         return self
 
+    def decay_at(self, step: int | None) -> float:
+        """The decay of the update at optimizer step `step` (0-based; None: the plain decay)."""
+        if not self.warmup or step is None:
+            return self.decay
+        return min(self.decay, (1 + step) / (10 + step))
+
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, step: int | None = None) -> None:
         if self.shadow is None:
             raise RuntimeError("EMA.update before EMA.attach(model)")
+        weight = 1 - self.decay_at(step)
         for name, p in _tracked(model):
             if name in self.shadow:
-                self.shadow[name].lerp_(_values(p).detach().float(), 1 - self.decay)
+                self.shadow[name].lerp_(_values(p).detach().float(), weight)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.shadow is None:

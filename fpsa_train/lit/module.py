@@ -58,7 +58,7 @@ class FlowMatchingModule(L.LightningModule):
         self.seed = seed
         self.sp_size = sp_size
         self.cpu_adam = cpu_adam
-        self.ema = EMA(optim.ema_decay) if optim.ema_decay > 0 else None
+        self.ema = EMA(optim.ema_decay, optim.ema_warmup) if optim.ema_decay > 0 else None
 
     def setup(self, stage: str) -> None:
         if self.sp_size > 1 and not getattr(self.model, "sequence_parallel", None):
@@ -138,8 +138,8 @@ class FlowMatchingModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         # The EMA follows every optimizer step here, before any callback's on_train_batch_end: a checkpoint
         # written there (StepCheckpoint) must already hold this step's average, or a resumed run misses one update.
-        if self.ema is not None:
-            self.ema.update(self.model)
+        if self.ema is not None:  # step: this update's 0-based index (global_step counts completed steps)
+            self.ema.update(self.model, self.trainer.global_step)
 
     def on_fit_start(self) -> None:
         if self.ema is not None:  # after the strategy placed (and under ZeRO-3 partitioned) the parameters
