@@ -22,6 +22,7 @@ from fpsa_train.models.config import WanConfig
 log = logging.getLogger(__name__)
 
 TIMESTEP_SAMPLINGS = ("logit_normal", "uniform")
+TEACHERS = ("none", "dense")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "bf16-true", "16-mixed")
 
 
@@ -57,8 +58,22 @@ class ObjectiveConfig:
     """Flow shift σ' = s·σ / (1 + (s−1)·σ) applied after sampling; 1 disables it. Wan: ~2–3 at 480p, 5 at 720p."""
     num_train_timesteps: int = 1000
     """The model's timestep is num_train_timesteps·σ."""
+    teacher: str = "none"
+    """`none`: the flow-matching target ε − x0. `dense`: distil from the starting weights: a frozen copy of the
+    model as loaded from model.checkpoint, with dense attention, predicts the velocity for the same noisy input, and
+    that prediction is the target (self-distillation, for fine-tuning with FPS attention in the loop). Its target
+    carries no sampling noise (ε − x0 does), so a short fine-tune recovers what FP8 + sparsity cost the starting
+    model with far fewer steps; it can only reach the teacher, not improve on it. Validation loss stays the
+    flow-matching loss. Costs one more forward per step and one more copy of the weights (not with ZeRO-3)."""
+    distill_weight: float = 1.0
+    """With a teacher: the loss is distill_weight·MSE(prediction, teacher) + (1 − distill_weight)·MSE(prediction,
+    ε − x0)."""
 
     def __post_init__(self) -> None:
+        if self.teacher not in TEACHERS:
+            raise ConfigError(f"objective.teacher={self.teacher!r}: expected one of {TEACHERS}")
+        if not 0 <= self.distill_weight <= 1:
+            raise ConfigError(f"objective.distill_weight={self.distill_weight} must be in [0, 1]")
         if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
             raise ConfigError(f"objective.timestep_sampling={self.timestep_sampling!r}: expected one of "
                               f"{TIMESTEP_SAMPLINGS}")
@@ -396,6 +411,22 @@ class TrainConfig:
                               "splits the heads across the sequence-parallel ranks)")
         if self.data.text_tokens > self.model.text_len:
             raise ConfigError(f"data.text_tokens={self.data.text_tokens} exceeds model.text_len={self.model.text_len}")
+        self._check_teacher()
+
+    def _check_teacher(self) -> None:
+        if self.objective.teacher == "none":
+            return
+        if not self.model.checkpoint:
+            raise ConfigError("objective.teacher=dense distils from the starting weights, but model.checkpoint is "
+                              "empty (a randomly initialised teacher teaches nothing): give model.checkpoint, or "
+                              "objective.teacher=none")
+        if self.trainer.sp_size > 1:
+            raise ConfigError(f"objective.teacher=dense with trainer.sp_size={self.trainer.sp_size}: the teacher does "
+                              "not split its sequence across ranks yet; use trainer.sp_size=1 or objective.teacher=none")
+        if self.trainer.strategy == "deepspeed" and self.trainer.deepspeed.stage == 3:
+            raise ConfigError("objective.teacher=dense keeps a full copy of the weights on every rank, which ZeRO-3 "
+                              "(trainer.deepspeed.stage=3) exists to avoid: use trainer=zero2 or ddp, or "
+                              "objective.teacher=none")
 
 
     def _check_schedule_fits_the_clips(self) -> None:

@@ -297,8 +297,9 @@ def main(cfg) -> None:
     from fpsa_train.eval.following import verdict
 
     report = sample(resolve(cfg))
+    regimes = ", ".join(f"{n} {name}" for name, n in report["steps_per_regime"].items())
     print(f"video: {report['mp4']}\ncontact sheet: {report['png']}\n"
-          f"{report['steps']} steps in {report['seconds_denoising']:.1f} s ({report['steps_per_regime']}), "
+          f"{report['steps']} steps in {report['seconds_denoising']:.1f} s{f' ({regimes})' if regimes else ''}, "
           f"attention: {report['backend']}\n"
           f"prompt check (the synthetic world's analyzer): {verdict(report['prompt_check'])}")
 

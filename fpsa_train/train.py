@@ -14,6 +14,8 @@ A checkpoint of a different architecture or schedule is refused rather than sile
 
 from __future__ import annotations
 
+import copy
+
 import logging
 import os
 import time
@@ -142,6 +144,7 @@ def train(cfg: DictConfig | TrainConfig) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s: %.3f M parameters (%s), token order %s", conf.model.name, n_params / 1e6,
              str(next(model.parameters()).dtype).removeprefix("torch."), conf.model.token_order)
+    teacher = copy.deepcopy(model) if conf.objective.teacher == "dense" else None  # before FPS: dense attention
     schedule = None
     if conf.fps.enabled:
         schedule = Schedule.from_config(conf.fps, tuple(conf.model.tile_shape))
@@ -152,7 +155,7 @@ def train(cfg: DictConfig | TrainConfig) -> dict:
     cpu_adam = bool(ds and ds.offload_optimizer and torch.cuda.is_available())
     module = FlowMatchingModule(model, conf.objective, conf.optim, schedule, conf.fps.selector_reg_weight,
                                 run_config=run_config(conf, schedule), seed=conf.seed, sp_size=conf.trainer.sp_size,
-                                cpu_adam=cpu_adam)
+                                cpu_adam=cpu_adam, teacher=teacher)
     data = LatentDataModule(conf.data, text_len=conf.model.text_len, sp_size=conf.trainer.sp_size)
     trainer = build_trainer(conf)
     ckpt_path = resume_checkpoint(conf.trainer.resume, os.path.join(conf.run_dir, "checkpoints"),

@@ -117,9 +117,11 @@ dout = torch.randn(1, 2, layout.seq_len, 64, generator=g).bfloat16()
 
 RULES = (
     Rule(r"^make demo\b",  # the Makefile appends these to its training and sampling commands
-         append=("DEMO_TRAIN_ARGS=" + shlex.join(TINY_STEPS + TINY_DATA), "DEMO_SAMPLE_ARGS=steps=2"),
+         append=("DEMO_TRAIN_ARGS=" + shlex.join(TINY_STEPS + TINY_DATA), "DEMO_SAMPLE_ARGS=steps=2",
+                 "DEMO_EVAL_ARGS=steps=2", "DEMO_SEEDS=[0]"),
          expect=("outputs/demo/train/checkpoints/last.ckpt", "outputs/demo/deploy/manifest.json",
-                 "outputs/demo/samples/demo.mp4", "outputs/demo/samples/demo.png"),
+                 "outputs/demo/samples/demo.mp4", "outputs/demo/samples/demo.png",
+                 "outputs/demo/eval/results.md"),
          prints=r"video: outputs/demo/samples/demo\.mp4\ncontact sheet: outputs/demo/samples/demo\.png"),
     # Two nodes on loopback, one CPU process each (gloo), as the README's launch is run on each node.
     Rule(r"\btorchrun ", nodes=2,

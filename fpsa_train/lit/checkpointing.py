@@ -146,7 +146,9 @@ class StepCheckpoint(L.Callback):
 
     def save(self, trainer: L.Trainer, step: int) -> None:
         path = self.dirpath / step_name(step)
-        trainer.save_checkpoint(path)  # atomic (AtomicCheckpointIO / FPSDeepSpeedStrategy); every rank calls it
+        # The full state, optimizer included (explicit: Lightning logs a line when weights_only is left unset);
+        # atomic (AtomicCheckpointIO / FPSDeepSpeedStrategy); every rank calls it.
+        trainer.save_checkpoint(path, weights_only=False)
         if trainer.is_global_zero:
             link_last(self.dirpath, path.name)
             for old in prune(self.dirpath, step, self.keep):

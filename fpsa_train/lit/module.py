@@ -12,6 +12,11 @@ gradient clipping is the Trainer's; the EMA of the weights is updated after ever
 checkpoints, together with `run_config` (the architecture, token order, schedule and data shape of the run; plain
 data) so that `python -m fpsa_train.export` needs nothing but the checkpoint.
 
+With a teacher (`objective.teacher=dense`), the training target is a frozen dense copy of the starting weights'
+prediction for the same noisy input (self-distillation; ObjectiveConfig says when it helps). The teacher is held
+outside the module's registered children, so it is neither trained, nor saved in checkpoints (it is rebuilt from
+model.checkpoint on resume), nor seen by DDP.
+
 Sequence parallelism (`sp_size` > 1) is applied in `setup`, once the process group exists: the ranks of a group
 split each sample's tokens, every one of them computes the same loss on the gathered output, and each holds the
 gradient of its own tokens only; the loss is multiplied by `sp_size` before the backward so that the strategy's
@@ -47,8 +52,9 @@ def step_seed(*parts: int) -> int:
 class FlowMatchingModule(L.LightningModule):
     def __init__(self, model: nn.Module, objective: ObjectiveConfig, optim: OptimConfig,
                  schedule: Schedule | None = None, selector_reg_weight: float = 0.0, run_config: dict | None = None,
-                 seed: int = 0, sp_size: int = 1, cpu_adam: bool = False):
+                 seed: int = 0, sp_size: int = 1, cpu_adam: bool = False, teacher: nn.Module | None = None):
         super().__init__()
+        self._teacher = (teacher.requires_grad_(False).eval(),) if teacher is not None else ()  # a tuple: unregistered
         self.run_config = run_config
         self.model = model
         self.objective = objective
@@ -72,14 +78,23 @@ class FlowMatchingModule(L.LightningModule):
         seed = step_seed(self.seed, dp_rank, self.trainer.global_step, batch_idx % accumulate)
         return torch.Generator(device=device).manual_seed(seed)
 
-    def per_sample_loss(self, batch: dict, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """MSE to the velocity target, one value per sample (B,); σ also picks each sample's FPS regime."""
+    def per_sample_loss(self, batch: dict, sigma: torch.Tensor, noise: torch.Tensor,
+                        distill: bool = False) -> torch.Tensor:
+        """MSE to the velocity target, one value per sample (B,); σ also picks each sample's FPS regime. With
+        `distill` and a teacher, the target mixes in the teacher's prediction (objective.distill_weight)."""
         x0 = batch["latents"].float()  # (B, C, F, H, W)
         x_sigma, target = noisy_input(x0, noise, sigma)
+        timestep = sigma * self.objective.num_train_timesteps
         with self._low_precision(x0.device):
-            pred = self.model(x_sigma, sigma * self.objective.num_train_timesteps, batch["context"],
-                              attn_kwargs={"sigma": sigma})
-        return F.mse_loss(pred.float(), target, reduction="none").flatten(1).mean(1)
+            pred = self.model(x_sigma, timestep, batch["context"], attn_kwargs={"sigma": sigma}).float()
+            if distill and self._teacher:
+                with torch.no_grad():
+                    taught = self._teacher[0](x_sigma, timestep, batch["context"]).float()
+        losses = F.mse_loss(pred, target, reduction="none").flatten(1).mean(1)
+        if not (distill and self._teacher):
+            return losses
+        w = self.objective.distill_weight
+        return w * F.mse_loss(pred, taught, reduction="none").flatten(1).mean(1) + (1 - w) * losses
 
     def _low_precision(self, device: torch.device):
         """Autocast to the parameters' dtype when they are bf16/fp16 and nothing autocasts yet: DeepSpeed keeps
@@ -108,7 +123,7 @@ class FlowMatchingModule(L.LightningModule):
         g = self._generator(batch_idx, x0.device)
         sigma = sample_sigma(x0.shape[0], self.objective, device=x0.device, generator=g)
         noise = torch.randn(x0.shape, generator=g, device=x0.device, dtype=torch.float32)
-        loss = self._log_losses("train", self.per_sample_loss(batch, sigma, noise), sigma)
+        loss = self._log_losses("train", self.per_sample_loss(batch, sigma, noise, distill=True), sigma)
         reg = selector_loss(self.model)
         if reg is not None and self.selector_reg_weight > 0:
             self.log("train/selector_reg", reg, batch_size=x0.shape[0])
@@ -142,6 +157,8 @@ class FlowMatchingModule(L.LightningModule):
             self.ema.update(self.model, self.trainer.global_step)
 
     def on_fit_start(self) -> None:
+        if self._teacher:  # beside the model, in the dtype the strategy gave the model
+            self._teacher[0].to(device=self.device, dtype=next(self.model.parameters()).dtype)
         if self.ema is not None:  # after the strategy placed (and under ZeRO-3 partitioned) the parameters
             self.ema.attach(self.model)
 
