@@ -2,9 +2,9 @@
 
 The Hydra entry point (`python -m fpsa_train`) only calls this; tests call it directly with a composed config.
 Validation runs once before training and once after, on fixed noise and σ, so the returned metrics say whether
-the run learned anything (`val/loss_start` vs `val/loss_end`). Under DeepSpeed those two extra passes are
-skipped (a second engine on the same ZeRO-3 model is not safe); validation then runs inside fit every
-`trainer.val_every_n_steps` and `val/loss_end` is the last of those.
+the run learned anything (`val/loss_start` vs `val/loss_end`; a resumed session starts from its checkpoint's
+weights). Under DeepSpeed those two extra passes are skipped (a second engine on the same ZeRO-3 model is not
+safe); validation then runs inside fit every `trainer.val_every_n_steps` and `val/loss_end` is the last of those.
 
 Rerunning the same command continues the run (`trainer.resume=auto`): the newest readable checkpoint in
 `<run_dir>/checkpoints` is restored with the step, optimizer, LR schedule, EMA and data position; the noise draws
@@ -177,6 +177,8 @@ def train(cfg: DictConfig | TrainConfig) -> dict:
     # tell the user the opposite of what happens.
     warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
     val = ds is None  # see the module docstring
+    if val and ckpt_path is not None:  # a resumed session starts from the checkpoint: measure that, not the init
+        module.load_state_dict(torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"])
     val_start = trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"] if val else float("nan")
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     checkpoints = next(c for c in trainer.callbacks if isinstance(c, StepCheckpoint))

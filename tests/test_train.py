@@ -27,11 +27,13 @@ def test_short_run_on_fixed_seed_lowers_the_loss(tmp_path):
 
 
 def test_resume_continues_from_checkpoint(tmp_path):
-    train(compose_train([*SHORT, "trainer.max_steps=30"], tmp_path))
+    first = train(compose_train([*SHORT, "trainer.max_steps=30"], tmp_path))
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     ema_before = torch.load(ckpt, weights_only=True)["ema"]
     metrics = train(compose_train([*SHORT, "trainer.max_steps=40", f"trainer.resume={ckpt}"], tmp_path / "b"))
     assert metrics["steps"] == 40  # 30 restored + 10 new
+    # the resumed session's starting loss is the restored weights' (the first session's last), not the init's
+    assert abs(metrics["val/loss_start"] - first["val/loss_end"]) <= 1e-5 * first["val/loss_end"], (first, metrics)
     ema_after = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)["ema"]
     name = next(iter(ema_before))
     assert not torch.equal(ema_before[name], ema_after[name])  # the restored average kept moving
