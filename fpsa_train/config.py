@@ -421,8 +421,9 @@ class TrainConfig:
                               "empty (a randomly initialised teacher teaches nothing): give model.checkpoint, or "
                               "objective.teacher=none")
         if self.trainer.sp_size > 1:
-            raise ConfigError(f"objective.teacher=dense with trainer.sp_size={self.trainer.sp_size}: the teacher does "
-                              "not split its sequence across ranks yet; use trainer.sp_size=1 or objective.teacher=none")
+            raise ConfigError(f"objective.teacher=dense with trainer.sp_size={self.trainer.sp_size}: the teacher "
+                              "does not split its sequence across ranks yet; use trainer.sp_size=1 or "
+                              "objective.teacher=none")
         if self.trainer.strategy == "deepspeed" and self.trainer.deepspeed.stage == 3:
             raise ConfigError("objective.teacher=dense keeps a full copy of the weights on every rank, which ZeRO-3 "
                               "(trainer.deepspeed.stage=3) exists to avoid: use trainer=zero2 or ddp, or "

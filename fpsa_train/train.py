@@ -15,7 +15,6 @@ A checkpoint of a different architecture or schedule is refused rather than sile
 from __future__ import annotations
 
 import copy
-
 import logging
 import os
 import time
@@ -36,7 +35,7 @@ from fpsa_train.lit.datamodule import LatentDataModule
 from fpsa_train.lit.loggers import build_loggers
 from fpsa_train.lit.module import FlowMatchingModule
 from fpsa_train.lit.monitor import TrainingMonitor
-from fpsa_train.lit.resume import check_same_run, resume_checkpoint
+from fpsa_train.lit.resume import check_same_run, client_state, resume_checkpoint
 from fpsa_train.lit.strategy import build_strategy
 from fpsa_train.lit.val_video import ValidationVideo
 from fpsa_train.models.build import architecture_of, build_model
@@ -160,7 +159,8 @@ def train(cfg: DictConfig | TrainConfig) -> dict:
     trainer = build_trainer(conf)
     ckpt_path = resume_checkpoint(conf.trainer.resume, os.path.join(conf.run_dir, "checkpoints"),
                                   conf.trainer.verify_checksums)
-    done = check_same_run(ckpt_path, module.run_config) if ckpt_path is not None else 0  # the checkpoint's step
+    state = client_state(ckpt_path) if ckpt_path is not None else None  # memory-mapped: tensors read on use
+    done = check_same_run(ckpt_path, module.run_config, state) if state is not None else 0  # the checkpoint's step
     if isinstance(cfg, DictConfig):
         write_config_record(cfg, conf.run_dir)  # only now: a refused run must not overwrite the record of the run
     if ckpt_path is not None and done >= conf.trainer.max_steps:
@@ -177,8 +177,9 @@ def train(cfg: DictConfig | TrainConfig) -> dict:
     # tell the user the opposite of what happens.
     warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
     val = ds is None  # see the module docstring
-    if val and ckpt_path is not None:  # a resumed session starts from the checkpoint: measure that, not the init
-        module.load_state_dict(torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"])
+    if val and state is not None:  # a resumed session starts from the checkpoint: measure that, not the init
+        module.load_state_dict(state["state_dict"])
+    del state  # fit restores from the file itself
     val_start = trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"] if val else float("nan")
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     checkpoints = next(c for c in trainer.callbacks if isinstance(c, StepCheckpoint))

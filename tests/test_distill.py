@@ -23,7 +23,8 @@ RUN = ["+experiment=tiny", "data=synthetic", "trainer.max_steps=4", "trainer.val
 def _batch(conf, n=2):
     g = torch.Generator().manual_seed(0)
     lat = (conf.model.in_dim, conf.data.latent_frames, conf.data.latent_height, conf.data.latent_width)
-    return {"latents": torch.randn(n, *lat, generator=g), "context": torch.randn(n, 7, conf.model.text_dim, generator=g)}
+    return {"latents": torch.randn(n, *lat, generator=g),
+            "context": torch.randn(n, 7, conf.model.text_dim, generator=g)}
 
 
 def _module(conf, teacher_weights, distill_weight=1.0, with_fps=True):

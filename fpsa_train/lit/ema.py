@@ -2,11 +2,11 @@
 
 shadow ← decay·shadow + (1−decay)·param after every optimizer step; with `warmup`, the decay at optimizer step t
 is min(decay, (1 + t) / (10 + t)) (0.1 at the first step, 0.9 at step 80, 0.99 at step 890, 0.999 from step
-8,990), so the average of a short run from scratch is not its random initialisation. The step comes from the
-trainer (restored on resume), so a resumed run continues the same average. Only trainable floating-point parameters are
-tracked. The shadow is built by `attach(model)` once the strategy has placed the model (Lightning's on_fit_start),
-so it lives where the parameters live, and its state dict goes into every checkpoint: a resumed run continues
-the same average, and export uses it by default.
+8,990), so the average of a short run from scratch is not its random initialisation (t is the trainer's step,
+restored on resume). Only trainable floating-point parameters are tracked. The shadow is built by
+`attach(model)` once the strategy has placed the model (Lightning's on_fit_start), so it lives where the
+parameters live, and its state dict goes into every checkpoint: a resumed run continues the same average, and
+export uses it by default.
 
 Under DeepSpeed ZeRO-3 a parameter is partitioned: each rank holds only its flat slice `p.ds_tensor` (numel
 ceil(n/world), the last one zero-padded), and `p` itself is empty outside forward and backward. The EMA then

@@ -85,13 +85,14 @@ class FlowMatchingModule(L.LightningModule):
         x0 = batch["latents"].float()  # (B, C, F, H, W)
         x_sigma, target = noisy_input(x0, noise, sigma)
         timestep = sigma * self.objective.num_train_timesteps
+        teacher = self._teacher[0] if distill and self._teacher else None
         with self._low_precision(x0.device):
             pred = self.model(x_sigma, timestep, batch["context"], attn_kwargs={"sigma": sigma}).float()
-            if distill and self._teacher:
+            if teacher is not None:
                 with torch.no_grad():
-                    taught = self._teacher[0](x_sigma, timestep, batch["context"]).float()
+                    taught = teacher(x_sigma, timestep, batch["context"]).float()
         losses = F.mse_loss(pred, target, reduction="none").flatten(1).mean(1)
-        if not (distill and self._teacher):
+        if teacher is None:
             return losses
         w = self.objective.distill_weight
         return w * F.mse_loss(pred, taught, reduction="none").flatten(1).mean(1) + (1 - w) * losses

@@ -105,7 +105,7 @@ def resume_checkpoint(resume: str, ckpt_dir: str | Path, verify_checksums: bool 
     return None
 
 
-def _client_state(path: str | Path) -> dict:
+def client_state(path: str | Path) -> dict:
     """The top-level dict of a checkpoint (tensors memory-mapped, not read): the Lightning file, or for a DeepSpeed
     folder its model_states file (which carries Lightning's client state)."""
     path = Path(path)
@@ -116,7 +116,7 @@ def _client_state(path: str | Path) -> dict:
 
 def checkpoint_step(path: str | Path) -> int:
     """The optimizer steps a checkpoint has trained (Lightning's `global_step`)."""
-    return int(_client_state(path).get("global_step", 0))
+    return int(client_state(path).get("global_step", 0))
 
 
 def differences(saved, current, prefix: str = "") -> list[str]:
@@ -142,11 +142,11 @@ def _short(value, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def check_same_run(path: str, current: dict | None) -> int:
+def check_same_run(path: str, current: dict | None, state: dict | None = None) -> int:
     """Refuse to resume a checkpoint of another architecture or schedule (a reused run directory, say), naming
     every field that differs, and a Lightning checkpoint that fpsa did not write. Returns the checkpoint's step
-    (read from the same load)."""
-    state = _client_state(path)
+    (read from the same load). `state`: the checkpoint's `client_state`, when the caller has it open already."""
+    state = client_state(path) if state is None else state
     step = int(state.get("global_step", 0))
     from fpsa_train.lit.module import RUN_CONFIG_KEY
 
