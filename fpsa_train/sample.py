@@ -20,6 +20,7 @@ The pieces are library functions so that `python -m fpsa_train.evaluate` samples
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -56,8 +57,9 @@ class SampleConfig:
     """A deploy folder written by `python -m fpsa_train.export`."""
     prompt: str = MISSING
     """What the video shows."""
-    negative_prompt: str = WAN_NEGATIVE_PROMPT
-    """The guidance's negative branch (Wan's default)."""
+    negative_prompt: Optional[str] = None
+    """The guidance's negative branch; null: the components' own (model_index.json `_fpsa_negative_prompt`: "" for
+    the synthetic world's), else Wan's default."""
     components: Optional[str] = None
     """Wan2.1 diffusers-format folder with vae/, text_encoder/, tokenizer/; default: the one the run trained with."""
     steps: int = 50
@@ -124,6 +126,39 @@ def components_folder(components: str | None, manifest: dict) -> str:
         raise ConfigError(f"components={folder!r} is not a folder: pass components=<Wan2.1 diffusers folder with "
                           "vae/, text_encoder/, tokenizer/> (e.g. Wan2.1-T2V-1.3B-Diffusers)")
     return folder
+
+
+def default_negative_prompt(components: str | Path) -> str:
+    """The negative prompt the models of `components` were trained against: its model_index.json's
+    `_fpsa_negative_prompt` when present, else Wan's default (real Wan2.1 folders). The synthetic world's components
+    name "": the empty caption, which caption dropout taught their models as unconditional; Wan's negative prompt
+    is all unknown words to their tokenizer."""
+    from fpsa_train.data.tiny_models import NEGATIVE_PROMPT_KEY
+
+    try:
+        index = json.loads((Path(components) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        index = {}
+    value = index.get(NEGATIVE_PROMPT_KEY)
+    return WAN_NEGATIVE_PROMPT if value is None else str(value)
+
+
+def negative_prompt(given: str | None, components: str | Path, tokenizer=None) -> str:
+    """`given`, else the components' default; warns when most of its words are unknown to the tokenizer (loaded
+    from `components` when not given): an unconditional branch the model never saw makes guidance push towards
+    nothing (the synthetic world's models drew empty videos for 9 of 24 held-out prompts with Wan's)."""
+    text = default_negative_prompt(components) if given is None else given
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(Path(components) / "tokenizer")
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if ids and unk is not None and sum(i == unk for i in ids) > len(ids) / 2:
+        log.warning("negative_prompt %r is %d of %d unknown tokens for %s's tokenizer: its guidance branch is out of "
+                    "the model's distribution; pass negative_prompt='' (the caption-dropout prompt) or one in the "
+                    "tokenizer's vocabulary", text[:40], sum(i == unk for i in ids), len(ids), components)
+    return text
 
 
 def video_size(cfg: SampleConfig, manifest: dict) -> tuple[int, int, int]:
@@ -261,7 +296,8 @@ def sample(cfg: SampleConfig) -> dict:
     components = components_folder(cfg.components, manifest)
 
     enc = Encoders(components, device, deployed.model.cfg.text_len)
-    texts = enc.text([cfg.prompt, cfg.negative_prompt] if cfg.guidance > 1 else [cfg.prompt])
+    negative = negative_prompt(cfg.negative_prompt, components, enc.tokenizer) if cfg.guidance > 1 else None
+    texts = enc.text([cfg.prompt, negative] if cfg.guidance > 1 else [cfg.prompt])
     del enc.text_encoder  # not needed past this point (UMT5-XXL is 11 GB in bf16)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -283,6 +319,7 @@ def sample(cfg: SampleConfig) -> dict:
     why_not = analyzer_unavailable()  # a prompt of the synthetic world is checked against the video
     check = follow(cfg.prompt, video) if why_not is None else {"applicable": False, "reason": why_not}
     report = {"mp4": str(mp4), "png": str(png), "size": [height, width, frames], "steps": cfg.steps,
+              "negative_prompt": negative,
               "prompt_check": check, "steps_per_regime": regimes, "backend": deployed.backend,
               "seconds_denoising": round(loop_seconds, 3), "seconds_per_step": round(loop_seconds / cfg.steps, 4),
               "seconds": round(time.perf_counter() - started, 3)}

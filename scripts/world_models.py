@@ -1,7 +1,9 @@
 """Train the synthetic world's models on a GPU, export them, and measure how well they follow their prompts.
 
-    python scripts/world_models.py demo_base   # world_s, 128×128×17: meant as the base `make demo` fine-tunes
-    python scripts/world_models.py proving     # world_m, 256×256×33, 48 tiles: the proving ground (issue 17/18)
+    python scripts/world_models.py demo_base   # world_s from scratch, 128×128×17 (assets/demo_base)
+    python scripts/world_models.py proving     # world_s from demo_base at 256×256×17, 48 tiles: the proving ground
+    python scripts/world_models.py demo_qat --vs-start configs/fps/default.yaml
+                                               # demo_base fine-tuned with FPS attention in the loop
 
 Each is one command that reruns safely: training resumes from its newest checkpoint (a rerun after the last step is
 a no-op), the data cache is built once under .fpsa_data/ (encoded by the shipped assets/world_components), and
@@ -29,7 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 STARTED = time.perf_counter()
-WHICH = ("demo_base", "proving")
+WHICH = ("demo_base", "proving", "demo_qat")
 
 
 PREEMPTED = 143  # python -m fpsa_train's exit status after a SIGTERM: checkpoint written, rerun to continue
@@ -79,6 +81,11 @@ def main() -> None:
                         help="export the dense model with this FPS schedule too (e.g. configs/fps/default.yaml) and "
                              "evaluate it against its dense self, per regime (FP8 + sparsity applied after training; "
                              "the evaluation's reference row is the dense model's own prompt following)")
+    parser.add_argument("--vs-start", default=None, metavar="SCHEDULE",
+                        help="for a run that starts from model.checkpoint: evaluate the trained model (its own "
+                             "schedule) and the starting weights with this schedule applied untrained, both against "
+                             "the starting weights' dense videos (what training with the numerics in the loop "
+                             "recovers)")
     parser.add_argument("--pack", default=None, help="write <which>.tar.gz (weights + encoders) into this folder")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for training")
     args = parser.parse_intermixed_args()
@@ -116,8 +123,12 @@ def main() -> None:
                     *extra, f"hydra.run.dir={out / ('export' + name.removeprefix('deploy'))}"], log)[0]
 
     def evaluate(deploy: Path, name: str, *extra: str) -> float:
-        cmd = [py, "-m", "fpsa_train.evaluate", f"candidates=[{deploy}]", "reference=dense", "prompts=heldout",
-               f"steps={args.eval_steps}", f"out={out / name}", f"hydra.run.dir={out / name}", *extra]
+        return evaluate_vs([deploy], "dense", name, *extra)
+
+    def evaluate_vs(candidates: list[Path], reference: str | Path, name: str, *extra: str) -> float:
+        cmd = [py, "-m", "fpsa_train.evaluate", f"candidates=[{','.join(map(str, candidates))}]",
+               f"reference={reference}", "reference_fps=false", "prompts=heldout", f"steps={args.eval_steps}",
+               f"out={out / name}", f"hydra.run.dir={out / name}", *extra]
         cmd += [f"max_prompts={args.eval_prompts}"] if args.eval_prompts else []
         cmd += [f"seeds={args.eval_seeds}"] if args.eval_seeds else []
         seconds = run(cmd, log)[0]
@@ -126,15 +137,47 @@ def main() -> None:
 
     deploy = out / "deploy"
     report["export_seconds"] = round(export("deploy"), 1)
-    if not args.no_eval and not args.training_free:  # (with --training-free, its reference row is the dense model)
+    if not args.no_eval and not args.training_free and not args.vs_start:  # (those have a dense reference row)
         report["eval_seconds"] = round(evaluate(deploy, "eval"), 1)
     if args.training_free:
         export("deploy_training_free", f"schedule_file={Path(args.training_free).resolve()}")
         report["eval_training_free_seconds"] = round(
             evaluate(out / "deploy_training_free", "eval_training_free", "per_regime=true"), 1)
+    if args.vs_start:
+        start = start_deploys(py, args.which, args.overrides, out, log, Path(args.vs_start).resolve())
+        report["start"] = start
+        report["eval_vs_start_seconds"] = round(evaluate_vs(
+            [deploy, out / "deploy_start_fps"], out / "deploy_start", "eval_vs_start"), 1)
     if args.pack:
         report["pack"] = pack(args.which, deploy, _components(out), Path(args.pack))
     _write(out, report)
+
+
+def start_deploys(py: str, which: str, overrides: list[str], out: Path, log: Path, schedule: Path) -> dict:
+    """The run's starting weights (model.checkpoint) as two deploy folders: `deploy_start` (dense) and
+    `deploy_start_fps` (`schedule` applied, untrained). Made by one optimizer step at lr 1e-12 with dense attention
+    and exported as the live weights in bf16, then checked to be bit-identical to the starting file."""
+    from safetensors.torch import load_file
+
+    folder = out / "start"
+    cmd = [py, "-m", "fpsa_train", f"+experiment={which}", f"hydra.run.dir={folder}", *overrides, "fps=dense",
+           "objective.teacher=none", "optim.lr=1e-12", "optim.warmup_steps=0", "trainer.max_steps=1",
+           "trainer.val_every_n_steps=1000000"]
+    seconds = run(cmd, log)[0]
+    ckpt = folder / "checkpoints" / "last.ckpt"
+    for name, extra in (("deploy_start", []), ("deploy_start_fps", [f"schedule_file={schedule}"])):
+        seconds += run([py, "-m", "fpsa_train.export", f"checkpoint={ckpt}", f"out={out / name}", "overwrite=true",
+              "weights=model", *extra, f"hydra.run.dir={out / ('export_' + name)}"], log)[0]
+    import yaml
+
+    source = yaml.safe_load((folder / ".hydra" / "config.yaml").read_text())["model"]["checkpoint"]
+    start = load_file(str(REPO / source))
+    made = load_file(str(out / "deploy_start" / "diffusion_pytorch_model.safetensors"))
+    differ = sorted(k for k in start.keys() | made.keys() if k not in start or k not in made
+                    or start[k].dtype != made[k].dtype or not start[k].equal(made[k]))
+    if differ:
+        raise SystemExit(f"deploy_start is not {source} bit for bit: {len(differ)} tensors differ, e.g. {differ[:3]}")
+    return {"source": source, "seconds": round(seconds, 1), "bit_identical": True}
 
 
 def prepare_data(which: str, overrides: list[str]) -> float:

@@ -191,3 +191,21 @@ def test_topk_larger_than_the_clips_tile_count_is_logged_before_training(data, t
     with caplog.at_level("WARNING", logger="fpsa_train.config"):
         resolve(compose_train([*overrides, "fps.regimes.2.sparsity.topk=1"], tmp_path))  # within the grid
     assert "exceeds" not in caplog.text
+
+
+@pytest.mark.parametrize("experiment", ["demo_base", "proving", "demo_qat", "demo"])
+def test_world_experiments_compose_at_the_sizes_their_comments_state(experiment, tmp_path):
+    """The proving ground must be a grid where sparsity means something (issue 17: ≥ 48 tiles) at a head size the
+    Hopper kernel runs; the others are the demo's small grid. Tiles per axis: latent size / patch / tile, rounded up
+    (a partial last tile counts)."""
+    conf = resolve(compose_train([f"+experiment={experiment}"], tmp_path))
+    m, d = conf.model, conf.data
+    assert m.dim // m.num_heads in (64, 128)
+    (h, w), frames = d.buckets[0], d.num_frames
+    latent = ((frames - 1) // 4 + 1, h // 8 // m.patch_size[1], w // 8 // m.patch_size[2])  # tokens per axis
+    tiles = math.prod(math.ceil(n / t) for n, t in zip(latent, m.tile_shape))
+    expected = {"proving": (1280, 48)}.get(experiment, (320, 12))
+    assert (math.prod(latent), tiles) == expected
+    if experiment != "demo_base":  # the others start from the shipped base, which must load into them
+        model = build_model(conf.model, device="cpu", load_weights=True)
+        assert sum(p.numel() for p in model.parameters()) == 4_813_120

@@ -101,3 +101,33 @@ def test_denoise_loop_lands_on_the_clean_latents_of_a_perfect_denoiser(guidance)
     out, _ = denoise_loop(_Oracle(x0, other), noise, texts, steps=20, shift=5.0, guidance=guidance)
     err = ((out - target).norm() / target.norm()).item()
     assert err < 1e-4, f"relative error {err:.3g}"
+
+
+def test_negative_prompt_is_the_components_own_and_a_foreign_one_is_flagged(deploy, tiny_components, tmp_path,
+                                                                             caplog):
+    """The synthetic world's models learned the empty caption as unconditional (caption dropout); Wan's negative
+    prompt is unknown words to their tokenizer, and guidance against it drew empty videos (docs/results.md)."""
+    import json
+    import shutil
+
+    from fpsa_train.sample import WAN_NEGATIVE_PROMPT, default_negative_prompt, negative_prompt
+
+    assert default_negative_prompt(tiny_components) == ""  # built folders name it in model_index.json
+    assert default_negative_prompt("assets/world_components") == ""  # and so does the shipped one
+    wan_like = tmp_path / "wan_like"
+    shutil.copytree(tiny_components, wan_like)
+    index = json.loads((wan_like / "model_index.json").read_text())
+    del index["_fpsa_negative_prompt"]
+    (wan_like / "model_index.json").write_text(json.dumps(index))
+    assert default_negative_prompt(wan_like) == WAN_NEGATIVE_PROMPT  # real Wan folders: Wan's default
+
+    with caplog.at_level("WARNING", logger="fpsa_train.sample"):
+        assert negative_prompt(None, tiny_components) == ""
+        assert negative_prompt("a red circle", tiny_components) == "a red circle"
+        assert not caplog.records
+        assert negative_prompt(None, wan_like) == WAN_NEGATIVE_PROMPT
+    assert len(caplog.records) == 1 and "unknown tokens" in caplog.text and "negative_prompt=''" in caplog.text
+
+    report = sample(SampleConfig(deploy=deploy, prompt=PROMPT, components=str(tiny_components), steps=1,
+                                 height=32, width=32, frames=1, out=str(tmp_path / "s")))
+    assert report["negative_prompt"] == ""

@@ -13,7 +13,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from fpsa_train.config import ConfigError
-from fpsa_train.sample import WAN_NEGATIVE_PROMPT, check_sampling_options
+from fpsa_train.sample import check_sampling_options
 
 DENSE = "dense"
 HELDOUT = "heldout"
@@ -37,8 +37,9 @@ class EvaluateConfig:
     seeds: Optional[list[int]] = None
     """Seeds of the initial noise: one video per prompt and seed, the same noise for every model; null: the
     synthetic world's held-out seeds (fpsa_train.data.synthetic_video.HELDOUT_SEEDS)."""
-    negative_prompt: str = WAN_NEGATIVE_PROMPT
-    """The guidance's negative branch (Wan's default)."""
+    negative_prompt: Optional[str] = None
+    """The guidance's negative branch; null: the components' own (model_index.json `_fpsa_negative_prompt`: "" for
+    the synthetic world's), else Wan's default."""
     components: Optional[str] = None
     """Wan2.1 diffusers-format folder (vae/, text_encoder/, tokenizer/) used for every model; default: the one the
     first candidate trained with (its manifest)."""

@@ -18,6 +18,7 @@ The work runs in three passes, so that only what is missing costs model time:
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import hashlib
 import logging
@@ -35,7 +36,7 @@ from fpsa_train.eval import following, metrics
 from fpsa_train.eval.config import DENSE, EvaluateConfig
 from fpsa_train.eval.prompts import load_prompts, load_seeds, prompt_id
 from fpsa_train.eval.store import VideoStore, safe_name
-from fpsa_train.sample import components_folder, resolve_device, video_size
+from fpsa_train.sample import components_folder, negative_prompt, resolve_device, video_size
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     prompts, seeds = load_prompts(cfg), load_seeds(cfg)
     size = video_size(cfg, variants[1].manifest)
     components = components_folder(cfg.components, variants[1].manifest)
+    if cfg.guidance > 1:  # the resolved text, so the videos' keys and the report name what was used
+        cfg = dataclasses.replace(cfg, negative_prompt=negative_prompt(cfg.negative_prompt, components))
     store = VideoStore(out)
 
     jobs = []

@@ -119,10 +119,11 @@ class ValidationVideo(Callback):
     def _encode(self, device: torch.device) -> list[torch.Tensor]:
         """Rank 0: the prompt embeddings from data.components' UMT5; keeps only the VAE (on the CPU)."""
         from fpsa_train.preprocess import Encoders
-        from fpsa_train.sample import WAN_NEGATIVE_PROMPT
+        from fpsa_train.sample import negative_prompt
 
         enc = Encoders(self.data.components, device, self.text_len)
-        prompts = [self.cfg.prompt, WAN_NEGATIVE_PROMPT] if self.cfg.guidance > 1 else [self.cfg.prompt]
+        prompts = [self.cfg.prompt] + ([negative_prompt(None, self.data.components, enc.tokenizer)]
+                                       if self.cfg.guidance > 1 else [])
         texts = [t.float().cpu() for t in enc.text(prompts)]
         downsample = list(enc.vae.config.temperal_downsample)
         self._scales = (2 ** sum(downsample), 2 ** len(downsample))
