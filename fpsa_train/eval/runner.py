@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import hashlib
+import json
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -183,6 +184,20 @@ def _sample_missing(cfg: EvaluateConfig, jobs: list[Job], device: torch.device, 
     from fpsa_train.sample import generate, initial_noise, latent_shape
 
     pending = [j for j in jobs if j.record is None]
+    # a job whose inputs equal another's (a dense candidate against `reference=dense`: the same weights and
+    # attention) copies that video instead of sampling it again
+    made = {_same(j.inputs): j for j in jobs if j.record is not None}
+    twins: dict[int, list[Job]] = {}  # id(job to sample) → the jobs that copy it
+    to_sample = []
+    for job in pending:
+        source = made.setdefault(_same(job.inputs), job)
+        if source is job:
+            to_sample.append(job)
+        elif source.record is not None:
+            _copy(store, source, job)
+        else:
+            twins.setdefault(id(source), []).append(job)
+    pending = to_sample
     if not pending:
         return
     enc = Encoders(components, device, model_config(pending[0].variant.manifest).text_len)
@@ -205,17 +220,29 @@ def _sample_missing(cfg: EvaluateConfig, jobs: list[Job], device: torch.device, 
         with deployed.only_regime(v.only) if v.only else nullcontext():
             for job in tqdm(todo, desc=f"sampling {v.key}", unit="video"):
                 noise = initial_noise(job.seed, shape, device)
-                made = generate(deployed, enc, texts[job.prompt], noise, cfg.steps, cfg.shift, cfg.guidance,
-                                leave=False)
-                stats = {"attention": deployed.backend, "steps_per_regime": made.steps_per_regime,
-                         "seconds_denoising": round(made.seconds_denoising, 4),
-                         "seconds_per_step": round(made.seconds_denoising / cfg.steps, 5),
+                result = generate(deployed, enc, texts[job.prompt], noise, cfg.steps, cfg.shift, cfg.guidance,
+                                  leave=False)
+                stats = {"attention": deployed.backend, "steps_per_regime": result.steps_per_regime,
+                         "seconds_denoising": round(result.seconds_denoising, 4),
+                         "seconds_per_step": round(result.seconds_denoising / cfg.steps, 5),
                          "noise_sha256": hashlib.sha256(noise.cpu().numpy().tobytes()).hexdigest(),
                          "trace": [{**t, "sigma": round(t["sigma"], 6), "density": round(t["density"], 6),
-                                    "seconds": round(t["seconds"], 5)} for t in made.trace]}
-                job.record = store.save(v.key, job.prompt, job.seed, job.inputs, made.video, stats)
+                                    "seconds": round(t["seconds"], 5)} for t in result.trace]}
+                job.record = store.save(v.key, job.prompt, job.seed, job.inputs, result.video, stats)
+                for twin in twins.get(id(job), []):
+                    _copy(store, job, twin)
     deployed = None
     _free(device)
+
+
+def _same(inputs: dict) -> str:
+    return json.dumps(inputs, sort_keys=True, default=str)
+
+
+def _copy(store: VideoStore, source: Job, job: Job) -> None:
+    """`job`'s video is `source`'s (identical inputs): saved under job's variant with source's stats."""
+    video = store.load_video(source.variant.key, source.prompt, source.seed)
+    job.record = store.save(job.variant.key, job.prompt, job.seed, job.inputs, video, source.record["stats"])
 
 
 def _free(device: torch.device) -> None:

@@ -161,3 +161,32 @@ def test_the_cli_config_composes_and_rejects_unknown_keys():
             resolve(compose(config_name="evaluate", overrides=["candidates=[d]", "+per_regimes=true"]))
         with pytest.raises(ConfigError, match="steps=0"):
             resolve(compose(config_name="evaluate", overrides=["candidates=[d]", "steps=0"]))
+
+
+def test_a_dense_candidate_against_its_own_dense_weights_is_sampled_once(tiny_components, tmp_path, monkeypatch):
+    """`reference=dense` with a dense export: both rows have the same weights, attention and noise, so the
+    candidate's video is the reference's, copied (not sampled a second time)."""
+    import fpsa_train.sample
+    from fpsa_train.train import train
+    from tests.conftest import EXPORT_RUN, compose_train
+
+    run = [o for o in EXPORT_RUN if not o.startswith("fps")] + ["fps=dense", "trainer.max_steps=1"]
+    train(compose_train(run, tmp_path / "run"))
+    dense = export(ExportConfig(checkpoint=str(tmp_path / "run" / "checkpoints" / "last.ckpt"),
+                                out=str(tmp_path / "dense")))["out"]
+    calls = []
+    real = fpsa_train.sample.generate
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("fpsa_train.sample.generate", counting)
+    results = evaluate(_config(dense, tiny_components, tmp_path, per_regime=False))
+    assert [v["key"] for v in results["variants"]] == ["reference", "dense"]
+    assert len(calls) == 2  # 2 prompts × 1 seed, once each
+    row = results["variants"][1]
+    assert row["psnr"] == results["psnr_cap_db"] and row["ssim"] == pytest.approx(1.0)
+    store = VideoStore(tmp_path / "eval")
+    for prompt in PROMPTS:
+        assert np.array_equal(store.load_video("dense", prompt, 7), store.load_video("reference", prompt, 7))
