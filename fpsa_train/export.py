@@ -28,7 +28,7 @@ from typing import Optional
 import hydra
 import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 from safetensors.torch import save_file
 
 from fpsa_train.config import ConfigError
@@ -202,6 +202,8 @@ def export(cfg: ExportConfig) -> dict:
 
 def _schedule(run: dict, arch: WanConfig, schedule_file: str | None) -> Schedule | None:
     if schedule_file:  # from_config reads and validates the file
+        if Path(schedule_file).is_file() and OmegaConf.load(schedule_file).get("enabled", True) is False:
+            return None  # FPS attention off (configs/fps/dense.yaml): a dense deploy, as a `fps=dense` run exports
         return Schedule.from_config(FPSConfig(schedule_file=schedule_file), tuple(arch.tile_shape))
     return schedule_from_data(run.get("schedule"), tuple(arch.tile_shape))
 

@@ -222,6 +222,16 @@ def test_schedule_file_replaces_the_checkpoints_schedule(trained_checkpoint, tmp
         _export(trained_checkpoint, tmp_path / "b", schedule_file=str(bad))
 
 
+def test_a_schedule_file_with_fps_off_exports_a_dense_deploy(trained_checkpoint, tmp_path):
+    """configs/fps/dense.yaml says `enabled: false`: the deploy runs dense SDPA (no schedule), as a `fps=dense` run's
+    export does, not the FPS path with a dense regime."""
+    repo = Path(__file__).resolve().parents[1]
+    out = Path(_export(trained_checkpoint, tmp_path / "d", schedule_file=str(repo / "configs/fps/dense.yaml"))["out"])
+    assert json.loads((out / "schedule.json").read_text()) == {"regimes": []}
+    deployed = load_deploy(out)
+    assert deployed.schedule is None and "dense SDPA" in deployed.backend
+
+
 # ---------------------------------------------------------------------------- the manifest is verified too
 
 
