@@ -153,11 +153,11 @@ def negative_prompt(given: str | None, components: str | Path, tokenizer=None) -
 
         tokenizer = AutoTokenizer.from_pretrained(Path(components) / "tokenizer")
     ids = tokenizer(text, add_special_tokens=False).input_ids
-    unk = getattr(tokenizer, "unk_token_id", None)
-    if ids and unk is not None and sum(i == unk for i in ids) > len(ids) / 2:
+    unknown = sum(i == tokenizer.unk_token_id for i in ids) if tokenizer.unk_token_id is not None else 0
+    if unknown > len(ids) / 2:
         log.warning("negative_prompt %r is %d of %d unknown tokens for %s's tokenizer: its guidance branch is out of "
                     "the model's distribution; pass negative_prompt='' (the caption-dropout prompt) or one in the "
-                    "tokenizer's vocabulary", text[:40], sum(i == unk for i in ids), len(ids), components)
+                    "tokenizer's vocabulary", text[:40], unknown, len(ids), components)
     return text
 
 

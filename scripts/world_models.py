@@ -119,8 +119,7 @@ def main() -> None:
         report["train"] = {"stopped_by_budget": True, "steps": step, "note": "rerun the same command to continue"}
 
     def export(name: str, *extra: str) -> float:
-        return run([py, "-m", "fpsa_train.export", f"checkpoint={ckpt}", f"out={out / name}", "overwrite=true",
-                    *extra, f"hydra.run.dir={out / ('export' + name.removeprefix('deploy'))}"], log)[0]
+        return export_deploy(py, ckpt, out, name, log, *extra)
 
     def evaluate(deploy: Path, name: str, *extra: str) -> float:
         return evaluate_vs([deploy], "dense", name, *extra)
@@ -165,12 +164,9 @@ def start_deploys(py: str, which: str, overrides: list[str], out: Path, log: Pat
            "trainer.val_every_n_steps=1000000"]
     seconds = run(cmd, log)[0]
     ckpt = folder / "checkpoints" / "last.ckpt"
-    for name, extra in (("deploy_start", []), ("deploy_start_fps", [f"schedule_file={schedule}"])):
-        seconds += run([py, "-m", "fpsa_train.export", f"checkpoint={ckpt}", f"out={out / name}", "overwrite=true",
-              "weights=model", *extra, f"hydra.run.dir={out / ('export_' + name)}"], log)[0]
-    import yaml
-
-    source = yaml.safe_load((folder / ".hydra" / "config.yaml").read_text())["model"]["checkpoint"]
+    seconds += export_deploy(py, ckpt, out, "deploy_start", log, "weights=model")
+    seconds += export_deploy(py, ckpt, out, "deploy_start_fps", log, "weights=model", f"schedule_file={schedule}")
+    source = _run_config(folder)["model"]["checkpoint"]
     start = load_file(str(REPO / source))
     made = load_file(str(out / "deploy_start" / "diffusion_pytorch_model.safetensors"))
     differ = sorted(k for k in start.keys() | made.keys() if k not in start or k not in made
@@ -209,12 +205,22 @@ def _write(out: Path, report: dict) -> None:
     print(json.dumps(report, indent=1))
 
 
-def _components(out: Path) -> Path:
-    """The encoders the run trained with (its data.components, from the checkpoint-side config record)."""
+def _run_config(run_dir: Path) -> dict:
+    """The config a training run recorded (Hydra's .hydra/config.yaml in its run folder)."""
     import yaml
 
-    config = yaml.safe_load((out / "train" / ".hydra" / "config.yaml").read_text())
-    return (REPO / config["data"]["components"]).resolve()
+    return yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+
+
+def _components(out: Path) -> Path:
+    """The encoders the run trained with (its data.components, from the checkpoint-side config record)."""
+    return (REPO / _run_config(out / "train")["data"]["components"]).resolve()
+
+
+def export_deploy(py: str, ckpt: Path, out: Path, name: str, log: Path, *extra: str) -> float:
+    """`python -m fpsa_train.export` of `ckpt` into `out/name` (replacing it); returns its wall time."""
+    return run([py, "-m", "fpsa_train.export", f"checkpoint={ckpt}", f"out={out / name}", "overwrite=true", *extra,
+                f"hydra.run.dir={out / ('export' + name.removeprefix('deploy'))}"], log)[0]
 
 
 def pack(which: str, deploy: Path, components: Path, dest: Path) -> str:
