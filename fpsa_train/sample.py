@@ -200,12 +200,16 @@ def contact_sheet(video: np.ndarray, n: int, columns: int = 4):
 
 def denoise_loop(deployed, x: torch.Tensor, texts: list, steps: int, shift: float, guidance: float,
                  trace: list | None = None, leave: bool = True):
-    """Noise x (1, C, T, H, W) → latents, by flow UniPC with guidance; `texts` = [prompt] or [prompt, negative].
+    """Noise x (N, C, T, H, W) → latents, by flow UniPC with guidance; `texts` = the N prompts' embeddings, then
+    (guidance) the N negative ones: [prompt] or [prompt, negative] for one video. One model call per step for all.
     Returns (latents, steps per regime). `deployed.denoise(x, σ, context, timestep)` gives the velocity.
 
     With a `trace` list, one record per step is appended: {step, sigma, timestep, regime, density, seconds}, where
     density is the fraction of tile pairs the step's attention computed (`Deployed.realised_density`) and seconds
     its wall time (the device synchronised, so a CUDA step is not under-counted). `leave`: keep the progress bar."""
+    n, branches = x.shape[0], len(texts) // x.shape[0]
+    if branches not in (1, 2) or len(texts) != n * branches:
+        raise ValueError(f"denoise_loop: {len(texts)} text embeddings for {n} videos (expected {n} or {2 * n})")
     scheduler = flow_unipc(steps, shift, deployed.num_train_timesteps, x.device)
     regimes: Counter = Counter()
     for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", unit="step", leave=leave)):
@@ -214,9 +218,9 @@ def denoise_loop(deployed, x: torch.Tensor, texts: list, steps: int, shift: floa
         regime = deployed.schedule.regime_for(sigma).name if deployed.schedule is not None else None
         if regime is not None:
             regimes[regime] += 1
-        v = deployed.denoise(x.expand(len(texts), *x.shape[1:]), sigma, texts, timestep=t)  # (n, C, T, H, W) fp32
-        if len(texts) == 2:
-            v = v[1:] + guidance * (v[:1] - v[1:])  # v_neg + g·(v_pos − v_neg)
+        v = deployed.denoise(x.repeat(branches, 1, 1, 1, 1), sigma, texts, timestep=t)  # (n·branches, C, T, H, W)
+        if branches == 2:
+            v = v[n:] + guidance * (v[:n] - v[n:])  # v_neg + g·(v_pos − v_neg)
         x = scheduler.step(v, t, x).prev_sample
         if trace is not None:
             if x.device.type == "cuda":
@@ -271,6 +275,22 @@ def generate(deployed, enc, texts: list, noise: torch.Tensor, steps: int, shift:
     latents, regimes = denoise_loop(deployed, noise, texts, steps, shift, guidance, trace=trace, leave=leave)
     seconds = time.perf_counter() - started
     return Generated(decode(enc, latents), regimes, seconds, trace)
+
+
+def generate_batch(deployed, enc, texts: list[list], noises: list[torch.Tensor], steps: int, shift: float,
+                   guidance: float, leave: bool = True) -> list[Generated]:
+    """`generate` for several videos denoised together: `texts[i]` and `noises[i]` are video i's (as for
+    `generate`). Each video is decoded alone; the trace (its density a batch mean) and the denoising time are the
+    batch's, the time divided by the number of videos."""
+    if len(noises) == 1:
+        return [generate(deployed, enc, texts[0], noises[0], steps, shift, guidance, leave=leave)]
+    context = [t[0] for t in texts] + [t[1] for t in texts if len(t) == 2]
+    trace: list = []
+    started = time.perf_counter()
+    latents, regimes = denoise_loop(deployed, torch.cat(noises), context, steps, shift, guidance, trace=trace,
+                                    leave=leave)
+    seconds = (time.perf_counter() - started) / len(noises)
+    return [Generated(decode(enc, latents[i:i + 1]), regimes, seconds, trace) for i in range(len(noises))]
 
 
 def _stem(cfg: SampleConfig) -> str:

@@ -110,7 +110,8 @@ def test_components_video_is_decoded_and_logged_to_wandb_and_tensorboard(tmp_pat
     loggers = build_loggers(LoggerConfig(), str(tmp_path), "tiny")
     fit(tmp_path, cb, module, data, max_steps=1, loggers=loggers)
     assert cb._vae is not None and cb._vae[0].device.type == "cpu"  # the VAE waits on the CPU; UMT5 is gone
-    assert [t.shape[1] for t in cb._texts] == [conf.model.text_dim] * 2  # the prompt and the negative one (the components' own)
+    # the prompt and the negative one (the components' own)
+    assert [t.shape[1] for t in cb._texts] == [conf.model.text_dim] * 2
 
     video = decord.VideoReader(str(tmp_path / "val_videos" / "step0000001.mp4"))
     assert len(video) == 9 and video[0].shape == (64, 64, 3)  # decoded pixels, not a preview

@@ -62,6 +62,12 @@ class EvaluateConfig:
     """auto (CUDA when present), cpu or cuda[:N]."""
     backend: str = "auto"
     """FPS attention: auto (kernel on H100/H200, reference elsewhere), reference, kernel."""
+    batch: int = 1
+    """Videos denoised together (one model call per step for all of them and their negative branches): the same
+    seed's prompts in order, in chunks of `batch`, identically for every variant. 1 reproduces
+    `python -m fpsa_train.sample` bit for bit; a larger batch is much faster on a GPU for small models, but a
+    video's last bits may then depend on its batch-mates (they are part of its reuse key), and s/step is the batch's
+    step time divided by its videos."""
     out: str = "outputs/eval"
     """Folder for results.md, results.json, contact_sheet.png, plot.png and videos/ (reused by a rerun)."""
     sheet_frames: int = 4
@@ -83,7 +89,7 @@ class EvaluateConfig:
         if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
             raise ConfigError(f"seeds={list(self.seeds)}: expected distinct seeds, at least one (or null for the "
                               "held-out seeds)")
-        for key in ("sheet_frames", "sheet_rows", "sheet_height"):
+        for key in ("sheet_frames", "sheet_rows", "sheet_height", "batch"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)} must be >= 1")
 

@@ -144,7 +144,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     for variant in variants:
         for prompt in prompts:
             for seed in seeds:
-                job = Job(variant, prompt, seed, _inputs(cfg, variant, prompt, seed, size, components, device))
+                job = Job(variant, prompt, seed, _inputs(cfg, variant, prompt, seed, size, components, device, prompts))
                 job.record = store.load_record(variant.key, prompt, seed, job.inputs)
                 job.reused = job.record is not None
                 jobs.append(job)
@@ -169,19 +169,26 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
 
 def _inputs(cfg: EvaluateConfig, variant: Variant, prompt: str, seed: int, size, components: str,
-            device: torch.device) -> dict:
+            device: torch.device, prompts: list[str]) -> dict:
     """Everything that decides a video's pixels (the key under which it is reused)."""
     return {"deploy": variant.manifest["manifest_sha256"], "attention": variant.attention, "prompt": prompt,
             "negative_prompt": cfg.negative_prompt if cfg.guidance > 1 else None, "seed": seed, "steps": cfg.steps,
             "guidance": cfg.guidance, "shift": cfg.shift, "size": list(size),
-            "components": str(Path(components).resolve()), "device": device.type, "backend": cfg.backend}
+            "components": str(Path(components).resolve()), "device": device.type, "backend": cfg.backend,
+            **({"batch": _batch_of(cfg.batch, prompts, prompt, seed)} if cfg.batch > 1 else {})}
+
+
+def _batch_of(batch: int, prompts: list[str], prompt: str, seed: int) -> list[str]:
+    """The prompts denoised together with `prompt` at `seed` (itself included): its chunk of the prompt list."""
+    start = prompts.index(prompt) // batch * batch
+    return [f"{p} @ {seed}" for p in prompts[start:start + batch]]
 
 
 def _sample_missing(cfg: EvaluateConfig, jobs: list[Job], device: torch.device, size, components: str,
                     store: VideoStore) -> None:
     from fpsa_train.deploy import load_deploy
     from fpsa_train.preprocess import Encoders
-    from fpsa_train.sample import generate, initial_noise, latent_shape
+    from fpsa_train.sample import generate_batch, initial_noise, latent_shape
 
     pending = [j for j in jobs if j.record is None]
     # a job whose inputs equal another's (a dense candidate against `reference=dense`: the same weights and
@@ -217,22 +224,36 @@ def _sample_missing(cfg: EvaluateConfig, jobs: list[Job], device: torch.device, 
             deployed = load_deploy(v.folder, device=device, backend=cfg.backend, fps=v.attention != DENSE)
             loaded_key = (v.folder, v.attention != DENSE)
         shape = latent_shape(deployed.model.cfg.in_dim, enc.vae, *size)
-        with deployed.only_regime(v.only) if v.only else nullcontext():
-            for job in tqdm(todo, desc=f"sampling {v.key}", unit="video"):
-                noise = initial_noise(job.seed, shape, device)
-                result = generate(deployed, enc, texts[job.prompt], noise, cfg.steps, cfg.shift, cfg.guidance,
-                                  leave=False)
-                stats = {"attention": deployed.backend, "steps_per_regime": result.steps_per_regime,
-                         "seconds_denoising": round(result.seconds_denoising, 4),
-                         "seconds_per_step": round(result.seconds_denoising / cfg.steps, 5),
-                         "noise_sha256": hashlib.sha256(noise.cpu().numpy().tobytes()).hexdigest(),
-                         "trace": [{**t, "sigma": round(t["sigma"], 6), "density": round(t["density"], 6),
-                                    "seconds": round(t["seconds"], 5)} for t in result.trace]}
-                job.record = store.save(v.key, job.prompt, job.seed, job.inputs, result.video, stats)
-                for twin in twins.get(id(job), []):
-                    _copy(store, job, twin)
+        with deployed.only_regime(v.only) if v.only else nullcontext(), \
+                tqdm(total=len(todo), desc=f"sampling {v.key}", unit="video") as bar:
+            for batch in _batches(todo):
+                noises = [initial_noise(job.seed, shape, device) for job in batch]
+                results = generate_batch(deployed, enc, [texts[job.prompt] for job in batch], noises, cfg.steps,
+                                         cfg.shift, cfg.guidance, leave=False)
+                for job, noise, result in zip(batch, noises, results):
+                    stats = {"attention": deployed.backend, "steps_per_regime": result.steps_per_regime,
+                             "seconds_denoising": round(result.seconds_denoising, 4),
+                             "seconds_per_step": round(result.seconds_denoising / cfg.steps, 5),
+                             "batch": len(batch),
+                             "noise_sha256": hashlib.sha256(noise.cpu().numpy().tobytes()).hexdigest(),
+                             "trace": [{**t, "sigma": round(t["sigma"], 6), "density": round(t["density"], 6),
+                                        "seconds": round(t["seconds"], 5)} for t in result.trace]}
+                    job.record = store.save(v.key, job.prompt, job.seed, job.inputs, result.video, stats)
+                    for twin in twins.get(id(job), []):
+                        _copy(store, job, twin)
+                bar.update(len(batch))
     deployed = None
     _free(device)
+
+
+def _batches(todo: list[Job]) -> list[list[Job]]:
+    """The jobs grouped as they are denoised: jobs with the same `batch` key (cfg.batch > 1) together, in order;
+    one job per group otherwise. A group is the part of its chunk still to sample (the rest were reused)."""
+    groups: dict[str, list[Job]] = {}
+    for job in todo:
+        key = json.dumps(job.inputs.get("batch")) if "batch" in job.inputs else str(id(job))
+        groups.setdefault(key, []).append(job)
+    return list(groups.values())
 
 
 def _same(inputs: dict) -> str:
@@ -275,7 +296,8 @@ def _measure(cfg: EvaluateConfig, variants: list[Variant], jobs: list[Job], prom
                      "following": following.follow(prompt, video) if follow_reason is None else None,
                      "density_mean": float(np.mean([t["density"] for t in stats["trace"]])),
                      **{k: stats[k] for k in ("seconds_per_step", "attention", "steps_per_regime", "noise_sha256",
-                                              "trace")}}
+                                              "trace")},
+                     "batch": stats.get("batch", 1)}
             per_video[v.key].append(entry)
 
     vbench = vbench_plan() if cfg.vbench else {"available": False, "reason": "vbench=false", "dimensions": [],

@@ -190,3 +190,33 @@ def test_a_dense_candidate_against_its_own_dense_weights_is_sampled_once(tiny_co
     store = VideoStore(tmp_path / "eval")
     for prompt in PROMPTS:
         assert np.array_equal(store.load_video("dense", prompt, 7), store.load_video("reference", prompt, 7))
+
+
+def test_batched_sampling_denoises_the_prompts_together_and_matches_one_at_a_time(deploy, tiny_components, tmp_path,
+                                                                                    monkeypatch):
+    """batch=2: both prompts of a seed in one model call per step (guidance: 4 rows), every variant batched the
+    same way; each video matches the one sampled alone up to float rounding, and is not reused for batch=1."""
+    from fpsa_train.deploy import Deployed
+
+    alone = evaluate(_config(deploy, tiny_components, tmp_path, per_regime=False))
+    store = VideoStore(tmp_path / "eval")
+    before = {(k, p): store.load_video(k, p, 7) for k in ("reference", "tiny") for p in PROMPTS}
+    rows = []
+    real = Deployed.denoise
+
+    def recording(self, x, *args, **kwargs):
+        rows.append(x.shape[0])
+        return real(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(Deployed, "denoise", recording)
+    together = evaluate(_config(deploy, tiny_components, tmp_path, per_regime=False, batch=2))
+    assert together["videos_sampled"] == 4 and together["videos_reused"] == 0  # batch is part of the reuse key
+    assert rows == [4] * 4  # 2 variants × 2 steps, each call both prompts with their negative branches
+    for key in ("reference", "tiny"):
+        for i, prompt in enumerate(PROMPTS):
+            record = together["videos"][key][i]
+            assert record["batch"] == 2 and record["noise_sha256"] == alone["videos"][key][i]["noise_sha256"]
+            batched = store.load_video(key, prompt, 7)
+            assert batched.shape == before[key, prompt].shape
+            assert fidelity(batched, before[key, prompt])["psnr"] > 45  # rounding, not a different video
+    assert together["variants"][1]["psnr"] == pytest.approx(alone["variants"][1]["psnr"], abs=1.0)
