@@ -183,6 +183,8 @@ def main() -> None:
     ptq = {f"ptq_{n}": [f"schedule_file={schedules[n]}"] for n in names if n not in NO_PTQ}
     candidates = exports(py, {k: (start / "checkpoints" / "last.ckpt", extra) for k, extra in ptq.items()}, out,
                          args.parallel)
+    for key, deploy in candidates.items():
+        same_weights(deploy / "diffusion_pytorch_model.safetensors", weights, key)
 
     # QAT: every variant (and the dense control) fine-tuned the same way, `parallel` at a time
     if not args.no_qat:
@@ -193,6 +195,15 @@ def main() -> None:
         for n, steps in runs:
             key = f"qat_{n}" if steps == args.qat_steps else f"qat_{n}_{steps}"
             folder = out / "runs" / key
+            settings = {"teacher": args.teacher, "distill_weight": args.distill_weight, "lr": args.lr,
+                        "steps": steps, "train_backend": args.train_backend, "overrides": args.overrides,
+                        "base": str(weights)}
+            record = out / "runs" / f"{key}.settings.json"
+            if record.exists() and json.loads(record.read_text()) != settings:
+                raise SystemExit(f"{folder} was trained with {record.read_text().strip()}, not {settings}: use "
+                                 "another --out for different fine-tuning settings")
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps(settings) + "\n")
             if (folder / "summary.json").exists():
                 continue
             fps = (["fps=dense"] if n == CONTROL else
@@ -235,6 +246,18 @@ def main() -> None:
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "thesis.md").write_text(table(rows, report))
     print((out / "thesis.md").read_text())
+
+
+def same_weights(made: Path, source: Path, key: str) -> None:
+    """A PTQ deploy must carry the base's weights bit for bit (the 1-step lr-1e-12 run must not have moved them)."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(made)), load_file(str(source))
+    differ = sorted(k for k in a.keys() | b.keys() if k not in a or k not in b or a[k].dtype != b[k].dtype
+                    or not a[k].equal(b[k]))
+    if differ:
+        raise SystemExit(f"{key}: its weights are not the base's bit for bit ({len(differ)} tensors differ, e.g. "
+                         f"{differ[:3]})")
 
 
 def exports(py: str, todo: dict[str, tuple[Path, list[str]]], out: Path, parallel: int) -> dict[str, Path]:

@@ -4,7 +4,9 @@
 #   [BASE=outputs/carry/proving] bash scripts/thesis_device.sh DEADLINE_S [thesis.py args]
 # BASE is the dense proving model's deploy folder (carry it: the pack of `scripts/world_models.py proving --pack`,
 # unpacked, without its components/). Back in $OUT: thesis_results.tar.gz (tables, results, contact sheets,
-# training curves).
+# training curves). Carry [".whl/site.tar.xz", "outputs/carry/proving"] (scripts/pack_device_site.sh): the tracked
+# tree (~25 MB) + the wheels (~37 MB) + the base (9.6 MB) exceed the 64 MiB a call carries, so move assets/demo_qat
+# (not used here) out of the tree for the call and `git checkout assets/demo_qat` after it.
 set -u
 deadline=${1:?deadline in seconds}; shift
 source scripts/device_env.sh || exit 1
@@ -13,5 +15,5 @@ BASE=${BASE:-outputs/carry/proving}
 timeout $((deadline + 45)) python scripts/thesis.py --base "$BASE" --deadline "$deadline" "$@" 2>&1 | grep -v "it/s]" | tail -n 120
 cd outputs/thesis && tar czf "$OUT/thesis_results.tar.gz" --ignore-failed-read thesis.md report.json thesis.log \
   schedules $(ls eval/*/results.* eval/*/*.png per_regime/results.* per_regime/*.png runs/*/logs/metrics.csv \
-  runs/*.log deploys/*.log 2>/dev/null)
+  runs/*.log deploys/*.log eval/*.log 2>/dev/null)
 ls -la "$OUT"
