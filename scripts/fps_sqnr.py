@@ -11,6 +11,8 @@ Prints a markdown table: regime, σ, realised density, SQNR vs dense bf16 and vs
 
   python scripts/fps_sqnr.py --synthetic --grid 12 24 32
   python scripts/fps_sqnr.py --weights outputs/tiny/<run>/checkpoints/last.ckpt
+  python scripts/fps_sqnr.py --weights <deploy>/diffusion_pytorch_model.safetensors --overrides +experiment=proving \
+      --smooth-k
 """
 
 from __future__ import annotations
@@ -68,21 +70,38 @@ def synthetic_qkv(grid, heads: int, head_dim: int, seed: int, peak: float = 8.0)
     return [x[None][:, :, perm] for x in (q, k, v)], layout  # (1, H, L, D) tile-major
 
 
-def report(schedule: Schedule, layers_at) -> list[str]:
-    rows = ["| regime | σ | density | SQNR vs dense bf16 (dB) | SQNR vs dense fp32 (dB) |", "|---|---|---|---|---|"]
+def report(schedule: Schedule, layers_at, smooth_k: bool = False) -> list[str]:
+    """One row per regime: worst layer's SQNR vs dense bf16 and fp32; with `smooth_k` also the fp32 SQNR when K
+    has its per-head mean over tokens subtracted before quantization (exact for softmax: it shifts each query's
+    scores by one constant), and the mean over layers of both."""
+    head = "| regime | σ | density | SQNR vs dense bf16 (dB) | SQNR vs dense fp32 (dB) |"
+    rule = "|---|---|---|---|---|"
+    if smooth_k:
+        head += " fp32, K smoothed (dB) | mean over layers: plain / K smoothed (dB) |"
+        rule += "---|---|"
+    rows = [head, rule]
     for regime in schedule.regimes:
         sigma = (regime.lo + regime.hi) / 2
-        worst_bf16 = worst_fp32 = float("inf")
-        dens = []
+        worst_bf16 = worst_fp32 = worst_smooth = float("inf")
+        dens, plain, smoothed = [], [], []
         for q, k, v, layout in layers_at(sigma):
             ref32 = F.scaled_dot_product_attention(q, k, v)
             ref16 = F.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16()).float()
             out, sel = attention_tiles(q, k, v, layout, regime)
             worst_bf16 = min(worst_bf16, sqnr_db(ref16, out))
-            worst_fp32 = min(worst_fp32, sqnr_db(ref32, out))
+            plain.append(sqnr_db(ref32, out))
+            worst_fp32 = min(worst_fp32, plain[-1])
             dens.append(float(sel.mask.density().mean()))
-        rows.append(f"| {regime.describe()} | {sigma:.2f} | {sum(dens) / len(dens):.2f} | {worst_bf16:.1f} | "
-                    f"{worst_fp32:.1f} |")
+            if smooth_k:
+                out_s, _ = attention_tiles(q, k - k.mean(dim=-2, keepdim=True), v, layout, regime)
+                smoothed.append(sqnr_db(ref32, out_s))
+                worst_smooth = min(worst_smooth, smoothed[-1])
+        row = (f"| {regime.describe()} | {sigma:.2f} | {sum(dens) / len(dens):.2f} | {worst_bf16:.1f} | "
+               f"{worst_fp32:.1f} |")
+        if smooth_k:
+            row += (f" {worst_smooth:.1f} | {sum(plain) / len(plain):.1f} / "
+                    f"{sum(smoothed) / len(smoothed):.1f} |")
+        rows.append(row)
     return rows
 
 
@@ -92,7 +111,10 @@ def main() -> None:
     ap.add_argument("--grid", type=int, nargs=3, default=[12, 24, 32])
     ap.add_argument("--heads", type=int, default=2)
     ap.add_argument("--peak", type=float, default=8.0, help="locality: score bump of nearby tokens (synthetic)")
-    ap.add_argument("--weights", help="a training checkpoint (.ckpt) to capture q, k, v from")
+    ap.add_argument("--weights", help="a training checkpoint (.ckpt) or exported weights (.safetensors, Wan "
+                                      "layout) to capture q, k, v from")
+    ap.add_argument("--smooth-k", action="store_true",
+                    help="also measure K smoothing (K minus its per-head mean over tokens before quantization)")
     ap.add_argument("--overrides", nargs="*", default=["+experiment=tiny"], help="training config of --weights")
     ap.add_argument("--fps", default="default", help="the fps config option whose schedule is measured")
     args = ap.parse_args()
@@ -109,18 +131,22 @@ def main() -> None:
         schedule = Schedule.from_config(conf.fps, (6, 8, 8))
         print(f"synthetic 3D-locality q/k/v: grid {tuple(args.grid)} ({layout.seq_len} tokens), tile 6×8×8 "
               f"(tile grid {layout.tile_grid}), {args.heads} heads × 128, peak {args.peak}")
-        print("\n".join(report(schedule, lambda sigma: [(q, k, v, layout)])))
+        print("\n".join(report(schedule, lambda sigma: [(q, k, v, layout)], args.smooth_k)))
     if args.weights:
         from fpsa_train.calibrate import capture_qkv, load_weights
         from fpsa_train.lit.datamodule import validation_batch
         from fpsa_train.models.build import build_model
 
-        model = build_model(conf.model).eval()
-        which = load_weights(model, args.weights, use_ema=True)
+        if args.weights.endswith(".safetensors"):  # exported weights: loaded as model.checkpoint is
+            conf.model.checkpoint = args.weights
+            model, which = build_model(conf.model).eval(), "exported"
+        else:
+            model = build_model(conf.model).eval()
+            which = load_weights(model, args.weights, use_ema=True)
         batch = validation_batch(conf.data, conf.model.text_len, 4)
         schedule = Schedule.from_config(conf.fps, tuple(conf.model.tile_shape))
         print(f"q/k/v of {args.weights} ({which} weights), {len(model.blocks)} layers, 4 validation clips")
-        print("\n".join(report(schedule, lambda sigma: capture_qkv(model, batch, sigma, seed=0))))
+        print("\n".join(report(schedule, lambda sigma: capture_qkv(model, batch, sigma, seed=0), args.smooth_k)))
 
 
 if __name__ == "__main__":
