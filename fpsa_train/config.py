@@ -16,7 +16,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
-from fpsa_train.fps.schedule import FPSConfig
+from fpsa_train.fps.schedule import FPSConfig, fps_enabled
 from fpsa_train.models.config import WanConfig
 
 log = logging.getLogger(__name__)
@@ -396,13 +396,13 @@ class TrainConfig:
         if self.data.latent_channels != self.model.in_dim:
             raise ConfigError(f"data.latent_channels={self.data.latent_channels} differs from "
                               f"model.in_dim={self.model.in_dim}")
-        if self.fps.enabled:
+        if fps_enabled(self.fps):
             self._check_schedule_fits_the_clips()
         from fpsa_train.fps.schedule import BACKENDS
 
         if self.fps.backend not in BACKENDS:
             raise ConfigError(f"fps.backend={self.fps.backend!r}: expected one of {BACKENDS}")
-        if self.fps.enabled and self.model.token_order != "tile":
+        if fps_enabled(self.fps) and self.model.token_order != "tile":
             raise ConfigError(f"fps.enabled needs tile-major tokens but model.token_order={self.model.token_order!r}: "
                               "set model.token_order=tile (or fps=dense)")
         sp = self.trainer.sp_size

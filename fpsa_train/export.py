@@ -28,13 +28,13 @@ from typing import Optional
 import hydra
 import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING
 from safetensors.torch import save_file
 
 from fpsa_train.config import ConfigError
 from fpsa_train.deploy import (FORMAT, FORMAT_VERSION, MANIFEST, MANIFEST_SHA256, SCHEDULE, SELECTOR_PREFIX,
                                SELECTORS, file_entries, kernel_features, manifest_sha256, model_config)
-from fpsa_train.fps.schedule import FPSConfig, Schedule, schedule_from_data
+from fpsa_train.fps.schedule import FPSConfig, Schedule, fps_enabled, schedule_from_data
 from fpsa_train.lit.module import RUN_CONFIG_KEY
 from fpsa_train.models.checkpoint import _replace_dir, remove_stale_siblings, save_wan_weights, temp_sibling
 from fpsa_train.models.checkpoint_config import CheckpointError
@@ -202,9 +202,10 @@ def export(cfg: ExportConfig) -> dict:
 
 def _schedule(run: dict, arch: WanConfig, schedule_file: str | None) -> Schedule | None:
     if schedule_file:  # from_config reads and validates the file
-        if Path(schedule_file).is_file() and OmegaConf.load(schedule_file).get("enabled", True) is False:
-            return None  # FPS attention off (configs/fps/dense.yaml): a dense deploy, as a `fps=dense` run exports
-        return Schedule.from_config(FPSConfig(schedule_file=schedule_file), tuple(arch.tile_shape))
+        fps = FPSConfig(schedule_file=schedule_file)
+        if not fps_enabled(fps):  # `enabled: false` (configs/fps/dense.yaml): a dense deploy
+            return None
+        return Schedule.from_config(fps, tuple(arch.tile_shape))
     return schedule_from_data(run.get("schedule"), tuple(arch.tile_shape))
 
 

@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
 from omegaconf import DictConfig
 
 from fpsa_train.config import TrainConfig, TrainerConfig, resolve
-from fpsa_train.fps.schedule import Schedule
+from fpsa_train.fps.schedule import Schedule, fps_enabled
 from fpsa_train.fps.transform import apply_fps_attention
 from fpsa_train.lit.checkpoint_io import AtomicCheckpointIO
 from fpsa_train.lit.checkpointing import StepCheckpoint
@@ -145,11 +145,12 @@ def train(cfg: DictConfig | TrainConfig) -> dict:
              str(next(model.parameters()).dtype).removeprefix("torch."), conf.model.token_order)
     teacher = copy.deepcopy(model) if conf.objective.teacher == "dense" else None  # before FPS: dense attention
     schedule = None
-    if conf.fps.enabled:
+    if fps_enabled(conf.fps):
         schedule = Schedule.from_config(conf.fps, tuple(conf.model.tile_shape))
         apply_fps_attention(model, schedule, materialize=conf.fps.materialize, backend=conf.fps.backend)
     else:
-        log.info("FPS attention off (fps.enabled=false): dense SDPA self-attention")
+        log.info("FPS attention off (fps.enabled=false, or its schedule_file says enabled: false): dense SDPA "
+                 "self-attention")
     ds = conf.trainer.deepspeed if conf.trainer.strategy == "deepspeed" else None
     cpu_adam = bool(ds and ds.offload_optimizer and torch.cuda.is_available())
     module = FlowMatchingModule(model, conf.objective, conf.optim, schedule, conf.fps.selector_reg_weight,

@@ -331,3 +331,21 @@ def test_the_next_export_removes_a_killed_exports_leftover(trained_checkpoint, t
     _export(trained_checkpoint, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["d", running.name])
     verify_deploy(out)
+
+
+def test_training_with_a_schedule_file_that_turns_fps_off_trains_dense(tmp_path):
+    """`fps.schedule_file=configs/fps/dense.yaml` with an FPS config (`enabled: true`): the file decides, so the run
+    trains with dense SDPA and records no schedule, as `fps=dense` does (fpsa_train.fps.schedule.fps_enabled)."""
+    from fpsa_train.config import resolve
+    from fpsa_train.fps.schedule import FPSConfig, fps_enabled
+    from fpsa_train.train import train
+    from tests.conftest import EXPORT_RUN, compose_train
+
+    dense = str(Path(__file__).resolve().parents[1] / "configs/fps/dense.yaml")
+    assert not fps_enabled(FPSConfig(schedule_file=dense)) and fps_enabled(FPSConfig())
+    conf = resolve(compose_train([*EXPORT_RUN, f"fps.schedule_file={dense}", "trainer.max_steps=1"], tmp_path))
+    assert conf.fps.enabled  # the config's own flag, overruled by the file
+    train(conf)
+    out = Path(_export(tmp_path / "checkpoints" / "last.ckpt", tmp_path / "deploy")["out"])
+    assert json.loads((out / "schedule.json").read_text()) == {"regimes": []}
+    assert load_deploy(out).schedule is None

@@ -83,9 +83,9 @@ class FPSConfig:
     """Use the fully materialised reference (tiny shapes only) instead of the tile loop."""
     backend: str = "auto"
     """auto: the Hopper FP8 kernel (fpsa_kernels) for forward-only calls on H100/H200, the reference otherwise;
-    reference: always the PyTorch reference; kernel: the kernel for every forward-only call (error where it cannot
-    run; on CPU it needs TRITON_INTERPRET=1, for tests). Training (autograd) uses the reference until the training
-    kernel exists."""
+    reference: always the PyTorch reference; kernel: the kernel for every call (error where it cannot run; on CPU it
+    needs TRITON_INTERPRET=1, for tests). Training runs the kernel's forward and backward for the regimes it
+    implements (FP8 ones at its head dims) and the reference for the others."""
 
 
 @dataclass(frozen=True)
@@ -219,6 +219,16 @@ def _prod(xs) -> int:
     for x in xs:
         n *= int(x)
     return n
+
+
+def fps_enabled(cfg: FPSConfig) -> bool:
+    """Whether FPS attention is on: `cfg.enabled`, unless `cfg.schedule_file` is a file that says `enabled: false`
+    (configs/fps/dense.yaml): the file decides, as it decides the regimes, for training and export alike."""
+    if not cfg.enabled:
+        return False
+    if cfg.schedule_file and Path(cfg.schedule_file).is_file():
+        return OmegaConf.load(cfg.schedule_file).get("enabled", True) is not False
+    return True
 
 
 def load_schedule_file(path: str | Path) -> list[RegimeConfig]:
