@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -31,7 +30,8 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from world_models import PREEMPTED, REPO, prepare_data  # noqa: E402
+from world_models import (PREEMPTED, REPO, export_command, prepare_data, same_weights,  # noqa: E402
+                          start_checkpoint)
 
 STARTED = time.perf_counter()
 Q_TILE = {"group": "tile", "factor": [1, 1, 1]}
@@ -86,10 +86,12 @@ def schedule_file(name: str, folder: Path, grid_note: str = "") -> Path:
 
 
 def launch(cmd: list[str], log: Path) -> subprocess.Popen:
+    """`cmd` started in the repo, its output appended to `log` (the file closes with the child's copy)."""
     print("$", " ".join(cmd), flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),
                PYTORCH_CUDA_ALLOC_CONF=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"))
-    return subprocess.Popen(cmd, cwd=REPO, stdout=open(log, "a"), stderr=subprocess.STDOUT, env=env)
+    with open(log, "a") as out:
+        return subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
 def run_all(jobs: list[tuple[str, list[str], Path]], parallel: int, until: float | None) -> dict[str, int]:
@@ -171,18 +173,10 @@ def main() -> None:
     prepare_data(args.experiment, common[1:])
     report.setdefault("seconds", {})["data"] = round(time.perf_counter() - t, 1)
 
-    # PTQ: the dense weights under each schedule (export of a 1-step, lr 1e-12 run: the weights bit for bit)
-    start = out / "start"
-    if not (start / "checkpoints" / "last.ckpt").exists():
-        shutil.rmtree(start, ignore_errors=True)
-        code = run_all([("start", [py, "-m", "fpsa_train", *common, f"hydra.run.dir={start}", "fps=dense",
-                                   "objective.teacher=none", "optim.lr=1e-12", "optim.warmup_steps=0",
-                                   "trainer.max_steps=1", "trainer.val_every_n_steps=1000000"], log)], 1, None)
-        if code["start"]:
-            raise SystemExit(f"the start run failed; log: {log}")
+    # PTQ: the dense weights under each schedule (exported from a checkpoint of the weights as they are)
+    start = start_checkpoint(py, common, out / "start", log)
     ptq = {f"ptq_{n}": [f"schedule_file={schedules[n]}"] for n in names if n not in NO_PTQ}
-    candidates = exports(py, {k: (start / "checkpoints" / "last.ckpt", extra) for k, extra in ptq.items()}, out,
-                         args.parallel)
+    candidates = exports(py, {k: (start, extra) for k, extra in ptq.items()}, out, args.parallel)
     for key, deploy in candidates.items():
         same_weights(deploy / "diffusion_pytorch_model.safetensors", weights, key)
 
@@ -248,18 +242,6 @@ def main() -> None:
     print((out / "thesis.md").read_text())
 
 
-def same_weights(made: Path, source: Path, key: str) -> None:
-    """A PTQ deploy must carry the base's weights bit for bit (the 1-step lr-1e-12 run must not have moved them)."""
-    from safetensors.torch import load_file
-
-    a, b = load_file(str(made)), load_file(str(source))
-    differ = sorted(k for k in a.keys() | b.keys() if k not in a or k not in b or a[k].dtype != b[k].dtype
-                    or not a[k].equal(b[k]))
-    if differ:
-        raise SystemExit(f"{key}: its weights are not the base's bit for bit ({len(differ)} tensors differ, e.g. "
-                         f"{differ[:3]})")
-
-
 def exports(py: str, todo: dict[str, tuple[Path, list[str]]], out: Path, parallel: int) -> dict[str, Path]:
     """`python -m fpsa_train.export` (live weights) of each key's checkpoint into out/deploys/<key>, `parallel` at
     a time; a deploy exported from the same checkpoint file before (<key>.source: its mtime) is kept. Returns
@@ -269,8 +251,7 @@ def exports(py: str, todo: dict[str, tuple[Path, list[str]]], out: Path, paralle
         deploy = out / "deploys" / key
         stamp = out / "deploys" / f"{key}.source"
         if not (stamp.exists() and stamp.read_text() == str(ckpt.stat().st_mtime_ns)):
-            jobs.append((key, [py, "-m", "fpsa_train.export", f"checkpoint={ckpt}", f"out={deploy}", "overwrite=true",
-                               "weights=model", *extra, f"hydra.run.dir={out / 'deploys' / ('export_' + key)}"],
+            jobs.append((key, export_command(py, ckpt, out / "deploys", key, "weights=model", *extra),
                          out / "deploys" / f"{key}.log"))
         done[key] = deploy
     (out / "deploys").mkdir(parents=True, exist_ok=True)

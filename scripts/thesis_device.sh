@@ -14,6 +14,6 @@ OUT=${OUT:-outputs/device_out}; mkdir -p "$OUT"
 BASE=${BASE:-outputs/carry/proving}
 timeout $((deadline + 45)) python scripts/thesis.py --base "$BASE" --deadline "$deadline" "$@" 2>&1 | grep -v "it/s]" | tail -n 120
 cd outputs/thesis && tar czf "$OUT/thesis_results.tar.gz" --ignore-failed-read thesis.md report.json thesis.log \
-  schedules $(ls eval/*/results.* eval/*/*.png per_regime/results.* per_regime/*.png runs/*/logs/metrics.csv \
-  runs/*.log deploys/*.log eval/*.log 2>/dev/null)
+  schedules $(ls eval/*/results.* eval/*/*.png runs/*/logs/metrics.csv runs/*.log deploys/*.log \
+  eval/*.log 2>/dev/null)
 ls -la "$OUT"

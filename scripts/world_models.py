@@ -156,24 +156,37 @@ def start_deploys(py: str, which: str, overrides: list[str], out: Path, log: Pat
     """The run's starting weights (model.checkpoint) as two deploy folders: `deploy_start` (dense) and
     `deploy_start_fps` (`schedule` applied, untrained). Made by one optimizer step at lr 1e-12 with dense attention
     and exported as the live weights in bf16, then checked to be bit-identical to the starting file."""
+    folder = out / "start"
+    started = time.perf_counter()
+    ckpt = start_checkpoint(py, [f"+experiment={which}", *overrides], folder, log)
+    export_deploy(py, ckpt, out, "deploy_start", log, "weights=model")
+    export_deploy(py, ckpt, out, "deploy_start_fps", log, "weights=model", f"schedule_file={schedule}")
+    source = _run_config(folder)["model"]["checkpoint"]
+    same_weights(out / "deploy_start" / "diffusion_pytorch_model.safetensors", REPO / source, "deploy_start")
+    return {"source": source, "seconds": round(time.perf_counter() - started, 1), "bit_identical": True}
+
+
+def start_checkpoint(py: str, train_args: list[str], folder: Path, log: Path) -> Path:
+    """A checkpoint holding a run's starting weights (model.checkpoint): one optimizer step at lr 1e-12 with dense
+    attention, whose live weights export bit for bit as the starting file (check with `same_weights`). Reused
+    when `folder` has it already."""
+    ckpt = folder / "checkpoints" / "last.ckpt"
+    if not ckpt.exists():
+        run([py, "-m", "fpsa_train", *train_args, f"hydra.run.dir={folder}", "fps=dense", "objective.teacher=none",
+             "optim.lr=1e-12", "optim.warmup_steps=0", "trainer.max_steps=1", "trainer.val_every_n_steps=1000000"],
+            log)
+    return ckpt
+
+
+def same_weights(made: Path, source: Path, what: str) -> None:
+    """Raise unless the safetensors files `made` and `source` hold the same tensors bit for bit."""
     from safetensors.torch import load_file
 
-    folder = out / "start"
-    cmd = [py, "-m", "fpsa_train", f"+experiment={which}", f"hydra.run.dir={folder}", *overrides, "fps=dense",
-           "objective.teacher=none", "optim.lr=1e-12", "optim.warmup_steps=0", "trainer.max_steps=1",
-           "trainer.val_every_n_steps=1000000"]
-    seconds = run(cmd, log)[0]
-    ckpt = folder / "checkpoints" / "last.ckpt"
-    seconds += export_deploy(py, ckpt, out, "deploy_start", log, "weights=model")
-    seconds += export_deploy(py, ckpt, out, "deploy_start_fps", log, "weights=model", f"schedule_file={schedule}")
-    source = _run_config(folder)["model"]["checkpoint"]
-    start = load_file(str(REPO / source))
-    made = load_file(str(out / "deploy_start" / "diffusion_pytorch_model.safetensors"))
-    differ = sorted(k for k in start.keys() | made.keys() if k not in start or k not in made
-                    or start[k].dtype != made[k].dtype or not start[k].equal(made[k]))
+    a, b = load_file(str(made)), load_file(str(source))
+    differ = sorted(k for k in a.keys() | b.keys() if k not in a or k not in b or a[k].dtype != b[k].dtype
+                    or not a[k].equal(b[k]))
     if differ:
-        raise SystemExit(f"deploy_start is not {source} bit for bit: {len(differ)} tensors differ, e.g. {differ[:3]}")
-    return {"source": source, "seconds": round(seconds, 1), "bit_identical": True}
+        raise SystemExit(f"{what} is not {source} bit for bit: {len(differ)} tensors differ, e.g. {differ[:3]}")
 
 
 def prepare_data(which: str, overrides: list[str]) -> float:
@@ -220,8 +233,12 @@ def _components(out: Path) -> Path:
 
 def export_deploy(py: str, ckpt: Path, out: Path, name: str, log: Path, *extra: str) -> float:
     """`python -m fpsa_train.export` of `ckpt` into `out/name` (replacing it); returns its wall time."""
-    return run([py, "-m", "fpsa_train.export", f"checkpoint={ckpt}", f"out={out / name}", "overwrite=true", *extra,
-                f"hydra.run.dir={out / ('export' + name.removeprefix('deploy'))}"], log)[0]
+    return run(export_command(py, ckpt, out, name, *extra), log)[0]
+
+
+def export_command(py: str, ckpt: Path, out: Path, name: str, *extra: str) -> list[str]:
+    return [py, "-m", "fpsa_train.export", f"checkpoint={ckpt}", f"out={out / name}", "overwrite=true", *extra,
+            f"hydra.run.dir={out / ('export' + name.removeprefix('deploy'))}"]
 
 
 def pack(which: str, deploy: Path, components: Path, dest: Path) -> str:
