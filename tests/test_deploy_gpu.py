@@ -56,3 +56,29 @@ def test_deploy_runtime_uses_the_kernel_on_hopper(deploy_folder):
         db = sqnr_db(ref, got)
         print(f"{regime.name}: kernel vs reference SQNR {db:.1f} dB")
         assert db > 25, f"{regime.name}: SQNR {db:.1f} dB"
+
+
+def test_learned_selectors_load_onto_the_gpu(tmp_path):
+    """A deploy with learned regimes loaded on CUDA: its selectors live there too (they were made on the CPU after
+    the model moved, so sampling failed with a device mismatch), and every regime runs in the kernel."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from fpsa_train.fps.transform import apply_fps_attention
+
+    conf = resolve(compose_train([*KERNEL_SIZED, "fps=learned"], tmp_path))
+    schedule = Schedule.from_config(conf.fps, tuple(conf.model.tile_shape))
+    torch.manual_seed(0)
+    model = apply_fps_attention(WanModel(architecture_of(conf.model)), schedule)
+    torch.nn.init.normal_(model.head.head.weight, std=0.02)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                RUN_CONFIG_KEY: run_config(conf, schedule), "global_step": 0}, tmp_path / "last.ckpt")
+    folder = export(ExportConfig(checkpoint=str(tmp_path / "last.ckpt"), out=str(tmp_path / "deploy")))["out"]
+    deployed = load_deploy(folder, device="cuda")
+    selectors = [p for c in fps_cores(deployed.model) for p in c.selectors.parameters()]
+    assert selectors and {p.device.type for p in selectors} == {"cuda"}
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 16, 4, 16, 32, generator=g).cuda()
+    text = torch.randn(2, 512, 64, generator=g).cuda()
+    for regime in deployed.schedule.regimes:
+        out = deployed.denoise(x, (regime.lo + regime.hi) / 2, text)
+        assert torch.isfinite(out).all() and {c.last_backend for c in fps_cores(deployed.model)} == {"kernel"}
