@@ -53,7 +53,7 @@ def select_tiles(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, regime: 
         return RegimeMask(static, None, None)
     if regime.pattern in ("topk", "window_topk"):
         with torch.no_grad():  # a hard, non-trainable selection
-            dynamic = topk_mask(pooled_tile_scores(q, k, layout), regime.topk)
+            dynamic = topk_mask(pooled_tile_scores(q, k, layout), regime.topk_of(n))
         return RegimeMask(dynamic if static is None else union_mask(static, dynamic), None, None)
     if selector is None:
         raise ValueError(f"regime {regime.name!r} is `learned` but no LearnedSelector was given")

@@ -10,8 +10,9 @@ A regime is (quantization, sparsity):
   a block of factor tiles), `tile`, `subtile` (tile split by factor), `token`. V is always per channel and P
   always uses the fixed scale 448 when `quant` is set.
 - `sparsity.pattern`: `dense`, `window` (static 3D sliding window in tiles), `topk` (dynamic top-k per query
-  tile by pooled Q·K scores), `window_topk` (their union), or `learned` (trainable selector aiming at
-  `target_density`, unioned with the window when `window` is given).
+  tile by pooled Q·K scores; k given as a count, `topk`, or as a share of the key tiles, `topk_fraction`, which
+  keeps the same density at every resolution), `window_topk` (their union), or `learned` (trainable selector
+  aiming at `target_density`, unioned with the window when `window` is given).
 
 The config dataclasses here are the Hydra schema of the `fps` group; `Schedule.from_config` validates them and
 names the bad field (`fps.regimes[1].sparsity.window`, ...).
@@ -47,6 +48,9 @@ class SparsityConfig:
     """Window extent in tiles per axis (t, h, w), centred on the query tile, clipped at the grid edges."""
     topk: Optional[int] = None
     """Key tiles kept per query tile by pooled Q·K score (own tile included)."""
+    topk_fraction: Optional[float] = None
+    """Instead of `topk`: the share of the key tiles kept, k = max(1, round(fraction · tiles)) per call, so a
+    schedule keeps the same density at 480p, 720p and on the proving ground (give one of topk, topk_fraction)."""
     target_density: Optional[float] = None
     """Fraction of key tiles the learned selector aims to keep (its regulariser holds it there)."""
     temperature: float = 1.0
@@ -99,10 +103,19 @@ class Regime:
     topk: Optional[int]
     target_density: Optional[float]
     temperature: float
+    topk_fraction: Optional[float] = None
 
     @property
     def quantized(self) -> bool:
         return self.quant is not None
+
+    def topk_of(self, tiles: int) -> int:
+        """k for a grid of `tiles` key tiles: `topk`, or `topk_fraction` of them (at least 1)."""
+        if self.topk_fraction is not None:
+            return max(1, round(self.topk_fraction * tiles))
+        if self.topk is None:
+            raise ValueError(f"regime {self.name!r} ({self.pattern}) has no top-k")
+        return self.topk
 
     def describe(self) -> str:
         q = "no quant" if self.quant is None else f"fp8 {self.quant.group}{list(self.quant.factor)}"
@@ -111,6 +124,8 @@ class Regime:
             s += f" window={list(self.window)}"
         if self.topk:
             s += f" topk={self.topk}"
+        if self.topk_fraction is not None:
+            s += f" top {100 * self.topk_fraction:g}% of the tiles"
         if self.target_density:
             s += f" density={self.target_density}"
         return f"{self.name}: σ∈[{self.lo:g}, {self.hi:g}{']' if self.hi == 1 else ')'} {q}, {s}"
@@ -139,8 +154,15 @@ def regime_from_config(cfg: RegimeConfig, where: str, tile_shape: tuple[int, int
         raise ScheduleError(f"{where}.sparsity.window is required for pattern {sp.pattern!r}")
     if sp.window is not None and (len(sp.window) != 3 or any(int(w) < 1 for w in sp.window)):
         raise ScheduleError(f"{where}.sparsity.window={list(sp.window)}: expected three extents >= 1 (tiles)")
-    if sp.pattern in ("topk", "window_topk") and (sp.topk is None or sp.topk < 1):
-        raise ScheduleError(f"{where}.sparsity.topk={sp.topk}: pattern {sp.pattern!r} needs topk >= 1")
+    if sp.pattern in ("topk", "window_topk"):
+        if (sp.topk is None) == (sp.topk_fraction is None):
+            raise ScheduleError(f"{where}.sparsity: pattern {sp.pattern!r} needs one of topk (a count >= 1) and "
+                                f"topk_fraction (a share in (0, 1]); got topk={sp.topk}, "
+                                f"topk_fraction={sp.topk_fraction}")
+        if sp.topk is not None and sp.topk < 1:
+            raise ScheduleError(f"{where}.sparsity.topk={sp.topk}: pattern {sp.pattern!r} needs topk >= 1")
+        if sp.topk_fraction is not None and not 0 < sp.topk_fraction <= 1:
+            raise ScheduleError(f"{where}.sparsity.topk_fraction={sp.topk_fraction}: expected a share in (0, 1]")
     if sp.pattern == "learned":
         if sp.target_density is None or not 0 < sp.target_density <= 1:
             raise ScheduleError(f"{where}.sparsity.target_density={sp.target_density}: expected a value in (0, 1]")
@@ -149,7 +171,8 @@ def regime_from_config(cfg: RegimeConfig, where: str, tile_shape: tuple[int, int
     window = tuple(int(w) for w in sp.window) if sp.window is not None and sp.pattern != "dense" else None
     return Regime(cfg.name, float(cfg.sigma[0]), float(cfg.sigma[1]), quant, sp.pattern, window,
                   sp.topk if sp.pattern in ("topk", "window_topk") else None,
-                  sp.target_density if sp.pattern == "learned" else None, float(sp.temperature))
+                  sp.target_density if sp.pattern == "learned" else None, float(sp.temperature),
+                  float(sp.topk_fraction) if sp.pattern in ("topk", "window_topk") and sp.topk_fraction else None)
 
 
 @dataclass(frozen=True)
@@ -209,7 +232,7 @@ def regime_config(regime: Regime, name: str | None = None, sigma: tuple[float, f
     """The config form of a regime (optionally renamed or moved to another σ interval)."""
     quant = None if regime.quant is None else QuantConfig(regime.quant.group, list(regime.quant.factor))
     sparsity = SparsityConfig(regime.pattern, None if regime.window is None else list(regime.window), regime.topk,
-                              regime.target_density, regime.temperature)
+                              regime.topk_fraction, regime.target_density, regime.temperature)
     lo, hi = sigma if sigma is not None else (regime.lo, regime.hi)
     return RegimeConfig(name or regime.name, [lo, hi], quant, sparsity)
 

@@ -43,6 +43,9 @@ def test_coverage_errors(spans, message):
     (dict(pattern="window"), r"regimes\[0\]\.sparsity\.window is required"),
     (dict(pattern="window", window=[3, 0, 3]), r"regimes\[0\]\.sparsity\.window=\[3, 0, 3\]"),
     (dict(pattern="topk", topk=0), r"regimes\[0\]\.sparsity\.topk"),
+    (dict(pattern="topk"), r"regimes\[0\]\.sparsity: pattern 'topk' needs one of topk"),
+    (dict(pattern="topk", topk=4, topk_fraction=0.25), r"regimes\[0\]\.sparsity: .* got topk=4, topk_fraction=0.25"),
+    (dict(pattern="window_topk", window=[1, 1, 1], topk_fraction=1.5), r"regimes\[0\]\.sparsity\.topk_fraction"),
     (dict(pattern="learned", target_density=1.5), r"regimes\[0\]\.sparsity\.target_density"),
     (dict(pattern="learned", target_density=0.3, temperature=0), r"regimes\[0\]\.sparsity\.temperature"),
 ])
@@ -93,3 +96,28 @@ def test_schedule_file_round_trip(tmp_path):
     (tmp_path / "bad.yaml").write_text("regimes:\n  - name: x\n    sigma: [0, 1]\n    colour: red\n")
     with pytest.raises(Exception, match="colour"):
         load_schedule_file(tmp_path / "bad.yaml")
+
+
+def test_topk_fraction_keeps_one_share_at_every_resolution(tmp_path):
+    """A `topk_fraction` regime keeps round(f · tiles) key tiles per query tile whatever the grid (48 tiles on the
+    proving ground, 112 at 480p, 240 at 720p), and survives the YAML round trip that export and deploy make."""
+    from omegaconf import OmegaConf
+
+    from fpsa_train.fps.reference import select_tiles
+    from fpsa_train.models.token_order import TokenLayout
+
+    sched = Schedule.from_config(regimes([0.0, 1.0], pattern="topk", topk_fraction=0.25), TILE)
+    regime = sched.regimes[0]
+    assert [regime.topk_of(n) for n in (48, 112, 240, 2)] == [12, 28, 60, 1]
+    assert "top 25% of the tiles" in regime.describe()
+    path = tmp_path / "schedule.yaml"
+    OmegaConf.save(OmegaConf.create(sched.to_dict()), path)
+    assert Schedule.from_config(FPSConfig(schedule_file=str(path)), TILE) == sched
+    g = torch.Generator().manual_seed(0)
+    for grid in ((4, 8, 8), (4, 16, 16)):  # 2×2×2 = 8 and 2×4×4 = 32 tiles of 2×4×4 tokens
+        layout = TokenLayout(grid, "tile", (2, 4, 4))
+        n = len(layout.tile_sizes())
+        q, k = (torch.randn(1, 2, layout.seq_len, 16, generator=g) for _ in range(2))
+        mask = select_tiles(q, k, layout, Schedule.from_config(
+            regimes([0.0, 1.0], pattern="topk", topk_fraction=0.25), (2, 4, 4)).regimes[0]).mask.to_dense()
+        assert mask.shape[-1] == n and (mask.sum(-1) == round(0.25 * n)).all(), grid
