@@ -1,24 +1,34 @@
 """Calibrate a step-aware schedule: the most aggressive regime per noise level within an error budget.
 
 `python -m fpsa_train.calibrate [model=...] [weights=run/checkpoints/last.ckpt] [budget_db=25] [output=...]`
+`python -m fpsa_train.calibrate candidates=topk metric=output model.checkpoint=<QAT weights> \
+    reference_checkpoint=<dense weights> budget_db=...` (weights: e.g. a deploy's diffusion_pytorch_model.safetensors)
 
-1. Build the model (random, `model.checkpoint` Wan weights, or `weights=` a training checkpoint, EMA by default)
-   and take `samples` clips of the configured data.
+1. Build the model (random, `model.checkpoint` Wan weights, e.g. an exported deploy's safetensors, or `weights=` a
+   training checkpoint, EMA by default) and take `samples` clips of the configured data.
 2. For every σ on the grid: noise the clips to x_σ, run the model once with dense attention and capture each
    layer's self-attention q, k, v (the tokens already tile-major).
-3. For every candidate regime (each quantization granularity × each sparsity pattern): attention error per layer
-   as SQNR in dB against dense bf16 attention (SDPA on bf16 q, k, v), the worst layer counting.
+3. For every candidate regime (each quantization granularity × each sparsity pattern; `candidates=topk` for FP8
+   with top-k shares) its error in dB, by `metric`:
+   - `attention`: each layer's attention output as SQNR against dense bf16 attention (SDPA on bf16 q, k, v), the
+     worst layer counting. What the numerics cost one attention call; blind to what training taught the model.
+   - `output`: the model's prediction (velocity) with the candidate in every layer, as SQNR against the dense
+     prediction of `reference_checkpoint` (default: the same weights) for the same x_σ. After QAT this is the one
+     to use: a fine-tune does not make attention more exact, it makes the model tolerate the error, which only the
+     prediction shows; with the dense model as reference the budget also counts what the fine-tune moved.
 4. Per σ keep the cheapest candidate whose SQNR stays within the budget. Cost = realised density × (½ if FP8):
    FP8 tensor cores double the matmul rate and sparsity skips the dropped tile pairs; at equal cost the coarsest
    quantization wins. A σ where no candidate is within budget gets plain dense attention without quantization.
 5. Neighbouring σ with the same choice merge into one regime (boundaries half-way between grid points); the
-   schedule is validated and written as YAML with `regimes:`, which `fps.schedule_file=...` accepts.
+   schedule is validated and written as YAML with `regimes:`, which `fps.schedule_file=...` accepts; its header
+   gives the table and the schedule's mean density over Wan's 50 sampling steps (flow UniPC, shift 5).
 
 It also reports the SQNR of the regimes of the configured schedule (`fps`) at the σ they own.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -33,11 +43,12 @@ from omegaconf import MISSING, OmegaConf
 
 from fpsa_train.config import DataConfig, ModelConfig, resolve
 from fpsa_train.lit.datamodule import validation_batch
-from fpsa_train.flow import noisy_input
+from fpsa_train.flow import noisy_input, sampling_sigmas
 from fpsa_train.fps.fp8 import sqnr_db
 from fpsa_train.fps.reference import attention_tiles
 from fpsa_train.fps.schedule import (FPSConfig, QuantConfig, RegimeConfig, Schedule, SparsityConfig,
                                      regime_config, regime_from_config)
+from fpsa_train.fps.transform import FPSAttention
 from fpsa_train.models.attention import SDPAttention
 from fpsa_train.models.build import build_model
 
@@ -59,7 +70,15 @@ class CalibrateConfig:
     samples: int = 4
     """Clips per σ."""
     budget_db: float = 25.0
-    """Minimum attention SQNR (dB, worst layer) every σ must keep."""
+    """Minimum SQNR (dB; `metric` says of what) every σ must keep."""
+    max_density: Optional[float] = None
+    """Instead of `budget_db`: the highest budget whose schedule averages at most this density over Wan's 50
+    sampling steps (e.g. 0.3), i.e. the given speed at the best worst-σ quality the candidates allow."""
+    metric: str = "attention"
+    """`attention` (each layer's attention output, worst layer) or `output` (the model's prediction; see above)."""
+    reference_checkpoint: Optional[str] = None
+    """metric=output: the dense model whose prediction is the reference (Wan weights, e.g. the dense deploy's
+    safetensors); null = the calibrated weights themselves with dense attention."""
     quant: list[Optional[QuantConfig]] = field(default_factory=lambda: [
         None, QuantConfig("token"), QuantConfig("subtile", [2, 2, 2]), QuantConfig("tile"),
         QuantConfig("tiles", [2, 2, 2])])
@@ -142,7 +161,8 @@ def candidate_name(quant: QuantConfig | None, sp: SparsityConfig) -> str:
     q = "noquant" if quant is None else quant.group + ("".join(map(str, quant.factor))
                                                        if quant.group in ("tiles", "subtile") else "")
     parts = [f"w{''.join(map(str, sp.window))}"] if sp.window and sp.pattern != "dense" else []
-    parts += [f"top{sp.topk}"] if sp.pattern in ("topk", "window_topk") else []
+    if sp.pattern in ("topk", "window_topk"):
+        parts += [f"top{sp.topk}" if sp.topk is not None else f"top{100 * sp.topk_fraction:g}%"]
     parts += [f"learned{sp.target_density}"] if sp.pattern == "learned" else []
     return f"{q}-{'+'.join(parts) or 'dense'}"
 
@@ -157,8 +177,47 @@ def candidates(cfg: CalibrateConfig, tile_shape) -> list:
     return out
 
 
+class _OutputError:
+    """metric=output: the model's prediction with one regime in every layer vs the reference's dense prediction."""
+
+    def __init__(self, model, cfg: CalibrateConfig, schedule: Schedule):
+        self.model, self.reference = model, model
+        if cfg.reference_checkpoint:
+            self.reference = build_model(dataclasses.replace(cfg.model, checkpoint=cfg.reference_checkpoint)).eval()
+        self.dense_cores = [b.self_attn.core for b in model.blocks]
+        self.fps_cores = [FPSAttention(schedule, b.self_attn.num_heads, i)
+                          for i, b in enumerate(model.blocks)]  # each call forces one regime (below)
+        self.inputs = None
+
+    @torch.no_grad()
+    def prepare(self, batch: dict, sigma: float, seed: int) -> None:
+        x0 = batch["latents"]
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+        s = torch.full((x0.shape[0],), sigma)
+        x, _ = noisy_input(x0, noise, s)
+        self.inputs = (x, s * 1000, batch["context"], s)
+        self.target = self.reference(x, s * 1000, batch["context"]).float()
+
+    @torch.no_grad()
+    def __call__(self, regime) -> tuple[float, float]:
+        x, t, context, s = self.inputs
+        forced = Schedule((dataclasses.replace(regime, lo=0.0, hi=1.0),))
+        for block, core in zip(self.model.blocks, self.fps_cores):
+            core.schedule = forced
+            block.self_attn.core = core
+        try:
+            out = self.model(x, t, context, attn_kwargs={"sigma": s}).float()
+        finally:
+            for block, core in zip(self.model.blocks, self.dense_cores):
+                block.self_attn.core = core
+        densities = [d for c in self.fps_cores for d in c.last_density.values()]
+        return sqnr_db(self.target, out), sum(densities) / len(densities)
+
+
 def calibrate(cfg: CalibrateConfig) -> dict:
     torch.manual_seed(cfg.seed)
+    if cfg.metric not in ("attention", "output"):
+        raise ValueError(f"metric={cfg.metric!r}: expected attention or output")
     model = build_model(cfg.model).eval()
     if cfg.weights:
         log.info("weights: %s (%s)", cfg.weights, load_weights(model, cfg.weights, cfg.use_ema))
@@ -167,25 +226,73 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     if len({c.name for c in cands}) != len(cands):
         raise ValueError(f"calibration candidates repeat: {[c.name for c in cands]}")
     exact = regime_from_config(RegimeConfig("noquant-dense", [0.0, 1.0]), "fallback", tuple(cfg.model.tile_shape))
+    measured = cands if any(c.name == exact.name for c in cands) else [*cands, exact]  # the fallback is measured
     current = Schedule.from_config(cfg.fps, tuple(cfg.model.tile_shape))
+    output = _OutputError(model, cfg, current) if cfg.metric == "output" else None
 
-    table, chosen, current_report = {}, [], []
+    table, current_report = {}, []
     for i, sigma in enumerate(sorted(cfg.sigmas)):
-        layers = capture_qkv(model, batch, sigma, cfg.seed + i)
-        row = {c.name: regime_sqnr(layers, c) for c in cands}
-        table[sigma] = row
-        cost = {c.name: row[c.name][1] * (0.5 if c.quantized else 1.0) for c in cands}
-        ok = [c for c in cands if row[c.name][0] >= cfg.budget_db]
-        best = min(ok, key=lambda c: (cost[c.name], COARSENESS[c.quant.group if c.quant else None])) if ok \
-            else exact
-        chosen.append(best)
+        if output is not None:
+            output.prepare(batch, sigma, cfg.seed + i)
+            error = output
+        else:
+            layers = capture_qkv(model, batch, sigma, cfg.seed + i)
+            error = lambda regime: regime_sqnr(layers, regime)  # noqa: E731
+        table[sigma] = {c.name: error(c) for c in measured}
         mine = current.regime_for(sigma)
-        current_report.append((sigma, mine.name, *regime_sqnr(layers, mine)))
+        current_report.append((sigma, mine.name, *error(mine)))
+    budget = cfg.budget_db if cfg.max_density is None else budget_for_density(
+        table, cands, measured, cfg.max_density, tuple(cfg.model.tile_shape))
+    chosen = choose(table, cands, measured, budget)
+    for (sigma, row), best, mine in zip(table.items(), chosen, current_report):
         log.info("σ=%.2f  chose %-22s SQNR %.1f dB density %.2f | configured %s: %.1f dB density %.2f", sigma,
-                 best.name, *row[best.name], *current_report[-1][1:])
+                 best.name, *row[best.name], *mine[1:])
     schedule = merge(sorted(cfg.sigmas), chosen, tuple(cfg.model.tile_shape))
-    write_schedule(schedule, cfg, table, Path(cfg.output))
-    return {"schedule": schedule, "table": table, "configured": current_report}
+    density = sampling_density(schedule, table)
+    write_schedule(schedule, cfg, table, Path(cfg.output), density, budget)
+    return {"schedule": schedule, "table": table, "configured": current_report, "density_50_steps": density,
+            "budget_db": budget}
+
+
+def choose(table: dict, cands: list, measured: list, budget: float) -> list:
+    """Per σ of the table: the cheapest candidate within `budget` dB (ties: the coarsest quantization); where none
+    is, the measured regime with the highest SQNR (for metric=attention that is exact dense attention)."""
+    chosen = []
+    for row in table.values():
+        ok = [c for c in cands if row[c.name][0] >= budget]
+        if ok:
+            cost = {c.name: row[c.name][1] * (0.5 if c.quantized else 1.0) for c in ok}
+            chosen.append(min(ok, key=lambda c: (cost[c.name], COARSENESS[c.quant.group if c.quant else None])))
+        else:
+            chosen.append(max(measured, key=lambda c: row[c.name][0]))
+    return chosen
+
+
+def budget_for_density(table: dict, cands: list, measured: list, max_density: float, tile_shape) -> float:
+    """The highest budget (dB) whose chosen schedule averages at most `max_density` over Wan's 50 sampling steps:
+    the sparsity spent where it costs the least SQNR, the worst σ as good as the density allows."""
+    sigmas = sorted(table)
+
+    def density(budget: float) -> float:
+        return sampling_density(merge(sigmas, choose(table, cands, measured, budget), tile_shape), table)
+
+    fits = [b for b in sorted({v[0] for row in table.values() for v in row.values()}) if density(b) <= max_density]
+    if not fits:
+        raise ValueError(f"max_density={max_density}: no schedule of these candidates is that sparse (the "
+                         f"sparsest averages {density(-math.inf):.3f} over 50 sampling steps)")
+    return fits[-1]
+
+
+def sampling_density(schedule: Schedule, table: dict) -> float:
+    """Mean realised density over Wan's 50 sampling steps (shift 5): each step's regime at its density measured on
+    the σ grid points it owns."""
+    per_regime = {}
+    for regime in schedule.regimes:
+        name = regime.name.split("_", 1)[1]  # merge() names regimes r<j>_<candidate>
+        values = [row[name][1] for sigma, row in table.items() if schedule.regime_for(sigma).name == regime.name]
+        per_regime[regime.name] = sum(values) / len(values)
+    steps = [per_regime[schedule.regime_for(s).name] for s in sampling_sigmas()]
+    return sum(steps) / len(steps)
 
 
 def merge(sigmas: list[float], chosen: list, tile_shape) -> Schedule:
@@ -201,10 +308,15 @@ def merge(sigmas: list[float], chosen: list, tile_shape) -> Schedule:
     return Schedule.from_config(FPSConfig(regimes=regimes), tile_shape)
 
 
-def write_schedule(schedule: Schedule, cfg: CalibrateConfig, table: dict, path: Path) -> None:
+def write_schedule(schedule: Schedule, cfg: CalibrateConfig, table: dict, path: Path, density: float,
+                   budget: float) -> None:
     names = list(next(iter(table.values())))
-    lines = [f"# Calibrated by `python -m fpsa_train.calibrate`: model {cfg.model.name}, weights {cfg.weights}, "
-             f"budget {cfg.budget_db} dB (worst layer, vs dense bf16), {cfg.samples} clips per σ.",
+    what = ("attention, worst layer, vs dense bf16" if cfg.metric == "attention" else
+            f"the model's prediction vs the dense prediction of {cfg.reference_checkpoint or 'the same weights'}")
+    lines = [f"# Calibrated by `python -m fpsa_train.calibrate`: model {cfg.model.name}, weights "
+             f"{cfg.weights or cfg.model.checkpoint}, budget {budget:.1f} dB ({what}), {cfg.samples} clips per σ"
+             + (f", the highest budget averaging ≤ {cfg.max_density} density." if cfg.max_density else "."),
+             f"# Mean density over Wan's 50 sampling steps (flow UniPC, shift 5): {density:.3f}.",
              "# SQNR dB / density per σ and candidate:",
              "#   σ     " + " ".join(f"{n:>22}" for n in names)]
     for sigma, row in table.items():
@@ -213,7 +325,8 @@ def write_schedule(schedule: Schedule, cfg: CalibrateConfig, table: dict, path: 
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text("\n".join(lines) + "\n" + OmegaConf.to_yaml(OmegaConf.create(schedule.to_dict())))
     tmp.replace(path)
-    log.info("calibrated schedule → %s\n  %s", path, "\n  ".join(r.describe() for r in schedule.regimes))
+    log.info("calibrated schedule → %s (mean density over 50 sampling steps %.3f)\n  %s", path, density,
+             "\n  ".join(r.describe() for r in schedule.regimes))
 
 
 @hydra.main(config_path="../configs", config_name="calibrate", version_base="1.3")

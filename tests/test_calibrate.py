@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from fpsa_train.calibrate import calibrate
@@ -43,3 +45,70 @@ def test_output_is_a_schedule_file_the_training_config_accepts(tmp_path):
         regime = sched.regime_for(sigma)
         chosen = next(v for k, v in row.items() if regime.name.endswith(k))
         assert chosen[0] >= 30 or regime.name.endswith("noquant-dense")
+
+
+def test_output_metric_measures_the_prediction_against_the_dense_reference(tmp_path, trained_checkpoint):
+    """metric=output: the prediction with each candidate in every layer vs the dense prediction. The unquantized
+    dense candidate reproduces it (the reference in fp32); a reference model with other weights costs every
+    candidate what the weights moved; top-k shares keep their density; the header gives the 50-step density."""
+    from safetensors.torch import load_file, save_file
+
+    from fpsa_train.export import ExportConfig, export
+
+    deploy = export(ExportConfig(checkpoint=str(trained_checkpoint), out=str(tmp_path / "deploy")))["out"]
+    weights = f"{deploy}/diffusion_pytorch_model.safetensors"
+    moved = load_file(weights)
+    name = next(k for k in moved if k.startswith("head.head.weight"))
+    moved[name] = moved[name] + 0.3 * moved[name].std() * torch.randn_like(moved[name])
+    save_file(moved, tmp_path / "moved.safetensors")
+    common = ["metric=output", f"model.checkpoint={weights}", "candidates=topk",
+              "quant=[null,{group:tile}]", "sparsity=[{pattern:dense},{pattern:topk,topk_fraction:0.25}]"]
+
+    own = calibrate(calibrate_config(tmp_path, *common, "budget_db=-1000"))
+    for row in own["table"].values():
+        assert row["noquant-dense"][0] > 60  # the FPS reference without FP8 or sparsity is exact attention
+        assert row["tile-dense"][0] < row["noquant-dense"][0] and row["tile-top25%"][1] == 0.25
+    # at no budget the cheapest candidate everywhere: FP8 top-25% (cost 0.125), so 0.25 over all 50 steps
+    assert [r.name for r in own["schedule"].regimes] == ["r0_tile-top25%"]
+    assert own["density_50_steps"] == 0.25
+    assert "Mean density over Wan's 50 sampling steps (flow UniPC, shift 5): 0.250" in \
+        (tmp_path / "schedule.yaml").read_text()
+
+    other = calibrate(calibrate_config(tmp_path, *common, f"reference_checkpoint={tmp_path / 'moved.safetensors'}",
+                                       "budget_db=-1000"))
+    for sigma, row in other["table"].items():
+        assert row["noquant-dense"][0] < 40 < own["table"][sigma]["noquant-dense"][0]
+
+
+def test_unknown_metric_is_named(tmp_path):
+    with pytest.raises(ValueError, match="metric='psnr'"):
+        calibrate(calibrate_config(tmp_path, "metric=psnr"))
+
+
+def test_max_density_spends_the_sparsity_where_it_costs_least():
+    """max_density: the highest budget whose schedule averages at most that density over the 50 sampling steps.
+    A synthetic table where sparsity hurts most at low σ: the low-σ steps stay dense, the rest go sparse."""
+    from fpsa_train.calibrate import budget_for_density, choose, merge, sampling_density
+    from fpsa_train.fps.schedule import QuantConfig, RegimeConfig, SparsityConfig, regime_from_config
+
+    tile = (2, 4, 4)
+    cands = [regime_from_config(RegimeConfig(name, [0.0, 1.0], QuantConfig("tile"), SparsityConfig(**sp)), "c", tile)
+             for name, sp in (("tile-dense", {"pattern": "dense"}),
+                              ("tile-top50%", {"pattern": "topk", "topk_fraction": 0.5}),
+                              ("tile-top25%", {"pattern": "topk", "topk_fraction": 0.25}))]
+    table = {0.05: {"tile-dense": (30.0, 1.0), "tile-top50%": (20.0, 0.5), "tile-top25%": (10.0, 0.25)},
+             0.5: {"tile-dense": (30.0, 1.0), "tile-top50%": (28.0, 0.5), "tile-top25%": (25.0, 0.25)},
+             0.95: {"tile-dense": (30.0, 1.0), "tile-top50%": (27.0, 0.5), "tile-top25%": (24.0, 0.25)}}
+    sigmas = sorted(table)
+
+    def density(budget):
+        return sampling_density(merge(sigmas, choose(table, cands, cands, budget), tile), table)
+
+    budget = budget_for_density(table, cands, cands, 0.3, tile)
+    assert density(budget) <= 0.3 < density(budget + 1e-6)
+    # the few low-σ steps (σ < 0.275: 3 of 50) can afford dense; 24 dB is then the worst σ's, and asking more would
+    # put the high-σ steps at 50%
+    assert [c.name for c in choose(table, cands, cands, budget)] == ["tile-dense", "tile-top25%", "tile-top25%"]
+    assert budget == 24.0 and density(budget) == pytest.approx((3 * 1.0 + 47 * 0.25) / 50)
+    with pytest.raises(ValueError, match="max_density=0.1: no schedule of these candidates is that sparse"):
+        budget_for_density(table, cands, cands, 0.1, tile)
