@@ -1,16 +1,18 @@
 """Benchmark the FP8 tile-sparse attention forward against PyTorch SDPA (FLASH, cuDNN) at Wan2.1 shapes, on one GPU.
 
     python scripts/bench_attention.py [--shapes 480p,720p] [--configs 128x128w4s2,...] [--out DIR]
+                                      [--schedules configs/fps/default.yaml,configs/fps/sparse.yaml]
 
 Per shape (wan1.3B-480p: B=1, H=12, grid 21×30×52 = 32,760 tokens; wan14B-720p: B=1, H=40, grid 21×45×80 = 75,600;
 D = 128, tiles 6×8×8), median times from `triton.testing.do_bench`, random normal bf16 inputs:
 - SDPA FLASH_ATTENTION and CUDNN_ATTENTION in bf16 (the baselines, timed in the same run);
 - our kernel, dense with per-tile scales, for each block config (the best is used for the rest);
-- each regime of the default schedule (configs/fps/default.yaml): the forward kernel alone, and the whole call
-  (pre-pass + mask selection + plan for dynamic masks + forward), each with its best block config;
+- each regime of each schedule in --schedules (default: configs/fps/default.yaml): the forward kernel alone, and
+  the whole call (pre-pass + mask selection + plan for dynamic masks + forward), each with its best block config;
 - the pre-pass alone (Q, K, V quantization);
 - sparse efficiency: top-k masks at tile-pair density d ∈ {0.5, 0.25, 0.1}: time / (d · dense time);
-- the schedule averaged over Wan's 50-step sampling (UniPC, shift 5): mean whole-call time over the steps' regimes.
+- each schedule averaged over Wan's 50-step sampling (UniPC, shift 5): mean whole-call time over the steps'
+  regimes, and its mean density.
 TFLOP/s: actual = 4·D·(kept query-key pairs)/time; dense-equivalent = 4·B·H·L²·D/time. Writes a markdown table
 (bench_attention.md), the raw numbers (bench_attention.json) and a plot (bench_attention.png) to --out.
 """
@@ -33,6 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from fpsa_kernels import quantize_qkv
 from fpsa_kernels.attention import LOG2E, attention_forward, fps_attention, plan_for
 from fpsa_kernels.plan import sparse_plan
+from fpsa_train.flow import sampling_sigmas
 from fpsa_train.fps.fp8 import QuantGranularity
 from fpsa_train.fps.masks import token_ranges, topk_mask
 from fpsa_train.fps.reference import select_tiles
@@ -59,18 +62,17 @@ def parse_config(text: str) -> dict:
             "qk_imprecise_acc": int(acc) if acc else None}
 
 
-def default_schedule() -> Schedule:
-    cfg = OmegaConf.merge(OmegaConf.structured(FPSConfig), OmegaConf.load(REPO / "configs/fps/default.yaml"))
+def load_schedule(path: str | Path = REPO / "configs/fps/default.yaml") -> Schedule:
+    cfg = OmegaConf.merge(OmegaConf.structured(FPSConfig), OmegaConf.load(path))
     return Schedule.from_config(OmegaConf.to_object(cfg), TILE)
 
 
-def sampling_sigmas(steps: int = 50, shift: float = 5.0) -> list[float]:
-    """Wan's flow-matching sampler: σ from 1 towards 0 in `steps` equal steps of t, shifted σ' = sσ/(1+(s−1)σ)."""
-    ts = [1.0 - i / steps for i in range(steps)]
-    return [shift * t / (1 + (shift - 1) * t) for t in ts]
+def default_schedule() -> Schedule:
+    return load_schedule()
 
 
-def run_shape(key: str, configs: list[dict], log) -> dict:
+def run_shape(key: str, configs: list[dict], log, schedules: dict[str, Schedule] | None = None) -> dict:
+    schedules = schedules or {"default": default_schedule()}
     name, heads, grid = SHAPES[key]
     layout = TokenLayout(grid, "tile", TILE)
     seq, d, batch = layout.seq_len, 128, 1
@@ -113,7 +115,7 @@ def run_shape(key: str, configs: list[dict], log) -> dict:
     log(f"{name} pre-pass (tile scales): {res['prepass']:.3f} ms = {100 * res['prepass'] / dense_ms:.1f}% of dense")
 
     res["regimes"] = {}
-    for regime in default_schedule().regimes:
+    for label, regime in ((f"{sname}:{r.name}", r) for sname, sched in schedules.items() for r in sched.regimes):
         mask = None if regime.pattern == "dense" else select_tiles(q, k, layout, regime).mask
         best = None
         for cfg in configs:
@@ -133,8 +135,8 @@ def run_shape(key: str, configs: list[dict], log) -> dict:
                  "density": density, "waste": plan.waste, "actual_tflops": density * dense_flops / ms / 1e9,
                  "dense_equiv_tflops": dense_flops / ms / 1e9, "speedup_cudnn": cudnn / ms,
                  "speedup_flash": res["sdpa_flash"] / ms, "call_speedup_cudnn": cudnn / call}
-        res["regimes"][regime.name] = entry
-        log(f"{name} {regime.describe()}: kernel {ms:.2f} ms ({cfg['name']}), whole call {call:.2f} ms, "
+        res["regimes"][label] = entry
+        log(f"{name} {label} {regime.describe()}: kernel {ms:.2f} ms ({cfg['name']}), whole call {call:.2f} ms, "
             f"density {density:.3f}, waste {plan.waste:.3f}, {entry['speedup_cudnn']:.2f}× cuDNN "
             f"(whole call {entry['call_speedup_cudnn']:.2f}×)")
 
@@ -164,14 +166,19 @@ def run_shape(key: str, configs: list[dict], log) -> dict:
             f"({best_dense}, waste {same[2].waste:.3f}); best {best[1]} {best[0]:.2f} ms = "
             f"{best[0] / (density * dense_ms):.2f}·d·dense")
 
-    schedule = default_schedule()
-    steps = [schedule.regime_for(s).name for s in sampling_sigmas()]
-    res["schedule_steps"] = {r: steps.count(r) for r in res["regimes"]}
-    avg_call = sum(res["regimes"][r]["call_ms"] for r in steps) / len(steps)
-    avg_kernel = sum(res["regimes"][r]["kernel_ms"] for r in steps) / len(steps)
-    res["schedule_avg_call_ms"], res["schedule_avg_kernel_ms"] = avg_call, avg_kernel
-    log(f"{name} 50-step schedule {res['schedule_steps']}: mean whole call {avg_call:.2f} ms = "
-        f"{cudnn / avg_call:.2f}× cuDNN (kernel only {cudnn / avg_kernel:.2f}×)")
+    res["schedules"] = {}
+    for sname, schedule in schedules.items():
+        steps = [f"{sname}:{schedule.regime_for(s).name}" for s in sampling_sigmas()]
+        entry = {"steps": {r.split(":", 1)[1]: steps.count(r) for r in dict.fromkeys(steps)},
+                 "avg_call_ms": sum(res["regimes"][r]["call_ms"] for r in steps) / len(steps),
+                 "avg_kernel_ms": sum(res["regimes"][r]["kernel_ms"] for r in steps) / len(steps),
+                 "avg_density": sum(res["regimes"][r]["density"] for r in steps) / len(steps)}
+        entry["call_speedup_cudnn"] = cudnn / entry["avg_call_ms"]
+        entry["kernel_speedup_cudnn"] = cudnn / entry["avg_kernel_ms"]
+        res["schedules"][sname] = entry
+        log(f"{name} 50-step schedule {sname} {entry['steps']}: mean density {entry['avg_density']:.3f}, mean whole "
+            f"call {entry['avg_call_ms']:.2f} ms = {entry['call_speedup_cudnn']:.2f}× cuDNN (kernel only "
+            f"{entry['kernel_speedup_cudnn']:.2f}×)")
     return res
 
 
@@ -194,9 +201,10 @@ def table(results: list[dict]) -> str:
             row(f"ours `{name}` whole call (pre-pass, mask, plan, kernel)", e["config"], e["call_ms"], e["density"])
         lines.append(f"| {r['name']} | pre-pass alone (tile scales) | | {r['prepass']:.3f} | | | | "
                      f"{100 * r['prepass'] / r['dense'][r['best_dense_config']]:.1f}% of dense |")
-        lines.append(f"| {r['name']} | 50-step schedule mean {r['schedule_steps']} | | {r['schedule_avg_call_ms']:.2f} "
-                     f"| | {f / r['schedule_avg_call_ms'] / 1e9:.0f} | {flash / r['schedule_avg_call_ms']:.2f}× | "
-                     f"{cudnn / r['schedule_avg_call_ms']:.2f}× |")
+        for sname, e in r["schedules"].items():
+            ms = e["avg_call_ms"]
+            lines.append(f"| {r['name']} | 50-step mean of `{sname}` {e['steps']}, density {e['avg_density']:.3f} "
+                         f"| | {ms:.2f} | | {f / ms / 1e9:.0f} | {flash / ms:.2f}× | {cudnn / ms:.2f}× |")
     lines += ["", "| shape | top-k density d | ms (dense config) | time / (d · dense) | padding waste | best config: "
               "time / (d · dense) |", "|---|---|---|---|---|---|"]
     for r in results:
@@ -215,9 +223,10 @@ def plot(results: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
     for ax, r in zip(axes[0], results):
-        labels = ["FLASH bf16", "cuDNN bf16", "ours dense"] + [f"ours {n}" for n in r["regimes"]] + ["ours 50-step"]
+        labels = (["FLASH bf16", "cuDNN bf16", "ours dense"] + [f"ours {n}" for n in r["regimes"]]
+                  + [f"ours {n} 50-step" for n in r["schedules"]])
         ms = [r["sdpa_flash"], r["sdpa_cudnn"], r["dense"][r["best_dense_config"]]]
-        ms += [e["call_ms"] for e in r["regimes"].values()] + [r["schedule_avg_call_ms"]]
+        ms += [e["call_ms"] for e in r["regimes"].values()] + [e["avg_call_ms"] for e in r["schedules"].values()]
         speed = [r["sdpa_cudnn"] / t for t in ms]
         ax.bar(range(len(ms)), speed, color=["grey", "grey"] + ["tab:blue"] * (len(ms) - 2))
         ax.set_xticks(range(len(ms)), labels, rotation=30, ha="right")
@@ -234,7 +243,10 @@ def main() -> None:
     parser.add_argument("--shapes", default="480p,720p")
     parser.add_argument("--configs", default="64x128w4s2,64x128w4s3,128x128w4s2,128x128w8s3,64x64w4s3,64x128w4s2a32")
     parser.add_argument("--out", default=".")
+    parser.add_argument("--schedules", default="configs/fps/default.yaml",
+                        help="comma-separated schedule files (fps.schedule_file form); each is named by its stem")
     args = parser.parse_args()
+    schedules = {Path(f).stem: load_schedule(REPO / f) for f in args.schedules.split(",") if f}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     configs = [parse_config(c) for c in args.configs.split(",")]
@@ -243,7 +255,7 @@ def main() -> None:
     def log(msg: str) -> None:
         print(msg, flush=True)
 
-    results = [run_shape(s, configs, log) for s in args.shapes.split(",")]
+    results = [run_shape(s, configs, log, schedules) for s in args.shapes.split(",")]
     header = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
               f"CUDA {torch.version.cuda}, Python {platform.python_version()}, {started}")
     text = f"{header}\n\n{table(results)}\n"

@@ -1,8 +1,8 @@
 """Export a Wan-size DiT, load it with the deploy runtime, and time one denoising step against dense bf16, one run.
 
 1. A training checkpoint as fpsa writes it (state dict + run config; random weights, bf16) for `+experiment=<model>`
-   with the default schedule, then `fpsa_train.export` → deploy folder (bf16 safetensors, manifest with sha256).
-   Export time and size are reported.
+   with the default schedule, then `fpsa_train.export` → deploy folder (bf16 safetensors, manifest with sha256),
+   once per schedule in `--schedules` (export's `schedule_file`). Export time and size are reported.
 2. `load_deploy(device=cuda)`: hash verification + build + load, timed; FPS attention with the exported schedule
    (the Hopper FP8 kernel on H100/H200). The baseline is the same exported weights in a plain WanModel (dense SDPA:
    PyTorch picks cuDNN/Flash), under the same bf16 autocast.
@@ -12,7 +12,8 @@
    regime's output from dense is printed as a sanity check (the head is re-initialised N(0, 0.02); the published
    init zeroes it, which would make every output 0).
 
-  python scripts/bench_deploy.py --model wan1_3b --latent 21 60 104 --out docs/bench_deploy_h100.json
+  python scripts/bench_deploy.py --model wan1_3b --latent 21 60 104 --out docs/bench_deploy_h100.json \
+      [--schedules configs/fps/default.yaml,configs/fps/sparse.yaml]
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--work", default="/tmp/bench_deploy")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--schedules", default="configs/fps/default.yaml",
+                   help="comma-separated schedule files, each exported and timed (named by its stem)")
     args = p.parse_args()
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
@@ -88,54 +91,63 @@ def main() -> None:
     t0 = time.perf_counter()
     training_checkpoint(args.model, tuple(args.latent), work / "last.ckpt")
     t_ckpt = time.perf_counter() - t0
-    report = export(ExportConfig(checkpoint=str(work / "last.ckpt"), out=str(work / "deploy")))
-    t0 = time.perf_counter()
-    deployed = load_deploy(report["out"], device="cuda")
-    t_load = time.perf_counter() - t0
-    with torch.device("meta"):
-        dense = WanModel(deployed.model.cfg)
-    load_wan_weights(dense, report["out"], dtype=torch.bfloat16)
-    dense = dense.cuda().eval()
+    results, dense, x = {"schedules": {}}, None, None
+    sigmas = flow_unipc(50, 5.0, 1000, torch.device("cpu")).sigmas[:-1]
+    for path in (f for f in args.schedules.split(",") if f):
+        name = Path(path).stem
+        report = export(ExportConfig(checkpoint=str(work / "last.ckpt"), out=str(work / f"deploy_{name}"),
+                                     schedule_file=str(REPO / path)))
+        t0 = time.perf_counter()
+        deployed = load_deploy(report["out"], device="cuda")
+        t_load = time.perf_counter() - t0
+        if dense is None:  # the baseline, once: the same weights in a plain WanModel
+            with torch.device("meta"):
+                dense = WanModel(deployed.model.cfg)
+            load_wan_weights(dense, report["out"], dtype=torch.bfloat16)
+            dense = dense.cuda().eval()
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(2, deployed.model.cfg.in_dim, *args.latent, generator=g).cuda()  # (2, C, T, H, W)
+            text = torch.randn(2, 512, deployed.model.cfg.text_dim, generator=g).cuda()
+            t = torch.full((2,), 500.0, device="cuda")
 
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, deployed.model.cfg.in_dim, *args.latent, generator=g).cuda()  # (2, C, T, H, W)
-    text = torch.randn(2, 512, deployed.model.cfg.text_dim, generator=g).cuda()
-    t = torch.full((2,), 500.0, device="cuda")
+            def dense_step():
+                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                    return dense(x, t, text).float()
 
-    def dense_step():
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            return dense(x, t, text).float()
-
-    ref = dense_step()
-    results = {"dense_ms": median_ms(dense_step, args.reps)}
-    scheduler = flow_unipc(50, 5.0, 1000, torch.device("cpu"))
-    steps = Counter(deployed.schedule.regime_for(float(s)).name for s in scheduler.sigmas[:-1])
-    regimes = {}
-    for regime in deployed.schedule.regimes:
-        sigma = (regime.lo + regime.hi) / 2
-        out = deployed.denoise(x, sigma, text, timestep=t)
-        ms = median_ms(lambda: deployed.denoise(x, sigma, text, timestep=t), args.reps)
-        regimes[regime.name] = {"sigma": sigma, "ms": ms, "speedup_vs_dense": results["dense_ms"] / ms,
-                                "rel_diff_vs_dense": ((out - ref).norm() / ref.norm()).item(),
-                                "sampling_steps_of_50": steps[regime.name]}
-    mean_ms = sum(r["ms"] * r["sampling_steps_of_50"] for r in regimes.values()) / 50
+            ref = dense_step()
+            results["dense_ms"] = median_ms(dense_step, args.reps)
+        steps = Counter(deployed.schedule.regime_for(float(s)).name for s in sigmas)
+        regimes = {}
+        for regime in deployed.schedule.regimes:
+            sigma = (regime.lo + regime.hi) / 2
+            out = deployed.denoise(x, sigma, text, timestep=t)
+            ms = median_ms(lambda: deployed.denoise(x, sigma, text, timestep=t), args.reps)
+            regimes[regime.name] = {"sigma": sigma, "ms": ms, "speedup_vs_dense": results["dense_ms"] / ms,
+                                    "rel_diff_vs_dense": ((out - ref).norm() / ref.norm()).item(),
+                                    "sampling_steps_of_50": steps[regime.name]}
+        mean_ms = sum(r["ms"] * r["sampling_steps_of_50"] for r in regimes.values()) / 50
+        results["schedules"][name] = {
+            "file": path, "backend": deployed.backend, "regimes": regimes, "schedule_mean_ms": mean_ms,
+            "schedule_mean_speedup_vs_dense": results["dense_ms"] / mean_ms,
+            "export": {"seconds": report["seconds"], "bytes": report["bytes"], "files": report["files"]},
+            "load_deploy_seconds": round(t_load, 2)}
+        deployed = None  # freed before the next schedule's copy is loaded
+        torch.cuda.empty_cache()
     results.update({
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": args.model,
         "latent": list(args.latent), "tokens": args.latent[0] * args.latent[1] * args.latent[2] // 4,
-        "backend": deployed.backend, "regimes": regimes, "schedule_mean_ms": mean_ms,
-        "schedule_mean_speedup_vs_dense": results["dense_ms"] / mean_ms,
-        "export": {"seconds": report["seconds"], "bytes": report["bytes"], "files": report["files"],
-                   "checkpoint_write_seconds": round(t_ckpt, 2)},
-        "load_deploy_seconds": round(t_load, 2), "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "checkpoint_write_seconds": round(t_ckpt, 2), "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
         "date": time.strftime("%Y-%m-%d"),
     })
     print(json.dumps(results, indent=1))
-    print("\n| step (CFG batch 2) | ms | vs dense |\n|---|---|---|")
-    print(f"| dense bf16 | {results['dense_ms']:.1f} | 1.00× |")
-    for name, r in regimes.items():
-        print(f"| {name} (σ={r['sigma']:.2f}, {r['sampling_steps_of_50']}/50 steps) | {r['ms']:.1f} | "
-              f"{r['speedup_vs_dense']:.2f}× |")
-    print(f"| schedule mean (50 steps, shift 5) | {mean_ms:.1f} | {results['schedule_mean_speedup_vs_dense']:.2f}× |")
+    print("\n| schedule | step (CFG batch 2) | ms | vs dense |\n|---|---|---|---|")
+    print(f"| — | dense bf16 | {results['dense_ms']:.1f} | 1.00× |")
+    for name, sched in results["schedules"].items():
+        for regime, r in sched["regimes"].items():
+            print(f"| {name} | {regime} (σ={r['sigma']:.2f}, {r['sampling_steps_of_50']}/50 steps) | {r['ms']:.1f} | "
+                  f"{r['speedup_vs_dense']:.2f}× |")
+        print(f"| {name} | mean over 50 steps (shift 5) | {sched['schedule_mean_ms']:.1f} | "
+              f"{sched['schedule_mean_speedup_vs_dense']:.2f}× |")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
 

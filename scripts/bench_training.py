@@ -31,12 +31,12 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_attention import SHAPES, TILE, default_schedule, sampling_sigmas  # noqa: E402
+from bench_attention import SHAPES, TILE, default_schedule  # noqa: E402
 from bench_train_step import step_bench  # noqa: E402
 
 from fpsa_kernels import fps_attention  # noqa: E402
 from fpsa_train.config import ObjectiveConfig  # noqa: E402
-from fpsa_train.flow import sample_sigma  # noqa: E402
+from fpsa_train.flow import sample_sigma, sampling_sigmas  # noqa: E402
 from fpsa_train.fps.fp8 import QuantGranularity  # noqa: E402
 from fpsa_train.fps.reference import select_tiles  # noqa: E402
 from fpsa_train.fps.schedule import Regime  # noqa: E402
