@@ -10,7 +10,8 @@ top-k vs the learned selector at equal density, a step-aware schedule at the cos
 - **PTQ**: the dense weights exported with the variant's schedule (no training);
 - **QAT**: the dense weights fine-tuned `--qat-steps` steps with the variant's numerics in the loop (the same steps,
   objective and data for every variant), then exported with it; plus **dense_ft**, the same fine-tune with dense
-  attention (the control: what more training alone does), and the `--curve` variant after fewer steps.
+  attention (the control: what more training alone does), and the `--curve` variant's run after fewer steps (its
+  own step checkpoints, exported as they are: the same run, not shorter runs).
 Every deploy is evaluated with `python -m fpsa_train.evaluate` on the synthetic world's held-out prompts and seeds
 against the base's dense videos; `<out>/thesis.md` and `thesis.json` gather the rows (fidelity, prompt following,
 realised density) and the recovery of PTQ's loss by QAT. Reruns resume: finished trainings, exports and videos are
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -54,6 +56,7 @@ VARIANTS: dict[str, list[dict]] = {
     "fp8_k12": _one(Q_TILE, _topk(12)),
     "fp8_k6": _one(Q_TILE, _topk(6)),
     "default": "configs/fps/default.yaml",
+    "sparse": "configs/fps/sparse.yaml",  # the shipped sparse schedule (calibrated after QAT: docs/results.md)
     "fp8_window333": _one(Q_TILE, {"pattern": "window", "window": [3, 3, 3]}),
     "fp8_k15": _one(Q_TILE, _topk(15)),
     "fp8_learned30": _one(Q_TILE, {"pattern": "learned", "window": [3, 3, 3], "target_density": 0.3}),
@@ -126,7 +129,8 @@ def main() -> None:
                         help="the variants also fine-tuned (default: all of --variants)")
     parser.add_argument("--qat-steps", type=int, default=200)
     parser.add_argument("--curve", default="fp8_k12:50,100",
-                        help="VARIANT:N1,N2: that variant's QAT after fewer steps")
+                        help="VARIANT:N1,N2: that variant's QAT run also evaluated at these steps (its checkpoints); "
+                             "'-' for none")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--teacher", default="dense", help="objective.teacher of every fine-tune (dense or none)")
     parser.add_argument("--distill-weight", type=float, default=1.0,
@@ -146,6 +150,8 @@ def main() -> None:
     parser.add_argument("--eval-override", action="append", default=[], metavar="KEY=VALUE",
                         help="extra evaluate option, repeatable (e.g. components=..., height=32)")
     parser.add_argument("--no-qat", action="store_true")
+    parser.add_argument("--data-only", action="store_true",
+                        help="only build the experiment's data cache (before running several --out side by side)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every fine-tune")
     args = parser.parse_intermixed_args()
 
@@ -159,7 +165,7 @@ def main() -> None:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"--variants: unknown {unknown}; known: {list(VARIANTS)}")
-    curve_name, curve_steps = args.curve.split(":") if args.curve else ("", "")
+    curve_name, curve_steps = args.curve.split(":", 1) if ":" in args.curve else ("", "")  # "" or "-": none
     curve = [int(s) for s in curve_steps.split(",") if s] if curve_name in names else []
     py, log = sys.executable, out / "thesis.log"
     deadline = None if args.deadline is None else STARTED + args.deadline
@@ -172,6 +178,8 @@ def main() -> None:
     t = time.perf_counter()
     prepare_data(args.experiment, common[1:])
     report.setdefault("seconds", {})["data"] = round(time.perf_counter() - t, 1)
+    if args.data_only:
+        return
 
     # PTQ: the dense weights under each schedule (exported from a checkpoint of the weights as they are)
     start = start_checkpoint(py, common, out / "start", log)
@@ -183,11 +191,10 @@ def main() -> None:
     # QAT: every variant (and the dense control) fine-tuned the same way, `parallel` at a time
     if not args.no_qat:
         qat = names if args.qat_variants is None else [n for n in args.qat_variants.split(",") if n in names]
-        runs = ([(n, args.qat_steps) for n in qat if n not in NO_QAT] + [(CONTROL, args.qat_steps)]
-                + [(curve_name, s) for s in curve])
+        runs = [(n, args.qat_steps) for n in qat if n not in NO_QAT] + [(CONTROL, args.qat_steps)]
         jobs = []
         for n, steps in runs:
-            key = f"qat_{n}" if steps == args.qat_steps else f"qat_{n}_{steps}"
+            key = f"qat_{n}"
             folder = out / "runs" / key
             settings = {"teacher": args.teacher, "distill_weight": args.distill_weight, "lr": args.lr,
                         "steps": steps, "train_backend": args.train_backend, "overrides": args.overrides,
@@ -202,11 +209,16 @@ def main() -> None:
                 continue
             fps = (["fps=dense"] if n == CONTROL else
                    ["fps=default", f"fps.schedule_file={schedules[n]}", f"fps.backend={args.train_backend}"])
+            every, keep = min(steps, 25), 2
+            if n == curve_name and curve:  # its run keeps a checkpoint at each curve step (~80 MB each here)
+                every = math.gcd(steps, *curve)
+                keep = steps // every + 1
             jobs.append((key, [py, "-m", "fpsa_train", *common, f"hydra.run.dir={folder}", *fps,
                                f"objective.teacher={args.teacher}", f"objective.distill_weight={args.distill_weight}",
                                f"optim.lr={args.lr}", "optim.warmup_steps=20", f"trainer.max_steps={steps}",
                                "trainer.val_every_n_steps=1000000", "data.num_workers=1",
-                               f"trainer.checkpoint_every_n_steps={min(steps, 25)}"], out / "runs" / f"{key}.log"))
+                               f"trainer.checkpoint_every_n_steps={every}", f"trainer.keep_checkpoints={keep}"],
+                         out / "runs" / f"{key}.log"))
         (out / "runs").mkdir(parents=True, exist_ok=True)
         until = None if deadline is None else deadline - args.reserve
         t = time.perf_counter()
@@ -215,11 +227,12 @@ def main() -> None:
         report["failed"] = {k: c for k, c in status.items() if c and c not in (PREEMPTED, -15)}
         if report["failed"]:
             print(f"fine-tunes failed (left out; logs in {out / 'runs'}): {report['failed']}")
+        from fpsa_train.lit.checkpointing import step_name
         from fpsa_train.lit.resume import checkpoint_step
 
         trained, report["qat_steps_done"] = {}, {}
         for n, steps in runs:
-            key = f"qat_{n}" if steps == args.qat_steps else f"qat_{n}_{steps}"
+            key = f"qat_{n}"
             ckpt = out / "runs" / key / "checkpoints" / "last.ckpt"
             if key in report["failed"] or not ckpt.exists():
                 continue
@@ -227,6 +240,10 @@ def main() -> None:
             if not (out / "runs" / key / "summary.json").exists():
                 print(f"{key}: stopped at step {report['qat_steps_done'][key]} (rerun to continue); evaluated as is")
             trained[key] = (ckpt, [])
+            for s in (curve if n == curve_name else []):
+                if (out / "runs" / key / "checkpoints" / step_name(s)).exists():
+                    trained[f"{key}_{s}"] = (out / "runs" / key / "checkpoints" / step_name(s), [])
+                    report["qat_steps_done"][f"{key}_{s}"] = s
         candidates.update(exports(py, trained, out, args.parallel))
 
     # evaluation: groups of candidates at once, each against the base's dense videos

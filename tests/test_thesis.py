@@ -79,7 +79,8 @@ def test_recovery_is_the_fraction_of_the_ptq_loss_that_qat_wins_back():
 
 
 def test_the_experiment_end_to_end_on_the_tiny_model(trained_checkpoint, tiny_components, tmp_path):
-    """PTQ and QAT of one variant plus the dense control, evaluated against the dense base: every row there.
+    """PTQ and QAT of one variant plus the dense control, and the QAT run's step-1 checkpoint (the N-step curve),
+    evaluated against the dense base: every row there.
     ~75 s on 2 cores (a dozen subprocesses), above the `slow` marker's 30 s, kept in `make test` on purpose: it is
     the only CPU run of the code path the GPU experiment depends on."""
     base = export(ExportConfig(checkpoint=str(trained_checkpoint), out=str(tmp_path / "base")))["out"]
@@ -88,7 +89,7 @@ def test_the_experiment_end_to_end_on_the_tiny_model(trained_checkpoint, tiny_co
             "data.latent_frames=3", "data.latent_height=8", "data.latent_width=16",
             "logger.wandb=false", "logger.tensorboard=false"]
     cmd = [sys.executable, "scripts/thesis.py", "--base", base, "--experiment", "tiny", "--out", str(out),
-           "--variants", "fp8", "--qat-steps", "2", "--curve", "", "--parallel", "2", "--eval-steps", "2",
+           "--variants", "fp8", "--qat-steps", "2", "--curve", "fp8:1", "--parallel", "2", "--eval-steps", "2",
            "--eval-prompts", "2", "--eval-batch", "2", "--train-backend", "reference",
            "--eval-override", f"components={tiny_components}", "--eval-override", "height=32",
            "--eval-override", "width=128", "--eval-override", "frames=5", *data]
@@ -96,8 +97,8 @@ def test_the_experiment_end_to_end_on_the_tiny_model(trained_checkpoint, tiny_co
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     keys = [r["key"] for r in report["rows"]]
-    assert keys == ["dense", "ptq_fp8", "qat_dense_ft", "qat_fp8"]
-    assert report["qat_steps_done"] == {"qat_fp8": 2, "qat_dense_ft": 2} and not report["failed"]
+    assert keys == ["dense", "ptq_fp8", "qat_dense_ft", "qat_fp8", "qat_fp8_1"]
+    assert report["qat_steps_done"] == {"qat_fp8": 2, "qat_fp8_1": 1, "qat_dense_ft": 2} and not report["failed"]
     rows = {r["key"]: r for r in report["rows"]}
     assert rows["dense"]["psnr"] is None and rows["ptq_fp8"]["psnr"] > 0 and rows["qat_fp8"]["density_mean"] == 1.0
     assert "fp8" in report["recovery"] and "| qat_fp8 | 2 |" in (out / "thesis.md").read_text()
