@@ -150,6 +150,7 @@ def main() -> None:
     parser.add_argument("--eval-override", action="append", default=[], metavar="KEY=VALUE",
                         help="extra evaluate option, repeatable (e.g. components=..., height=32)")
     parser.add_argument("--no-qat", action="store_true")
+    parser.add_argument("--no-ptq", action="store_true", help="skip the training-free exports (measured elsewhere)")
     parser.add_argument("--data-only", action="store_true",
                         help="only build the experiment's data cache (before running several --out side by side)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every fine-tune")
@@ -182,11 +183,13 @@ def main() -> None:
         return
 
     # PTQ: the dense weights under each schedule (exported from a checkpoint of the weights as they are)
-    start = start_checkpoint(py, common, out / "start", log)
-    ptq = {f"ptq_{n}": [f"schedule_file={schedules[n]}"] for n in names if n not in NO_PTQ}
-    candidates = exports(py, {k: (start, extra) for k, extra in ptq.items()}, out, args.parallel)
-    for key, deploy in candidates.items():
-        same_weights(deploy / "diffusion_pytorch_model.safetensors", weights, key)
+    candidates = {}
+    if not args.no_ptq:
+        start = start_checkpoint(py, common, out / "start", log)
+        ptq = {f"ptq_{n}": [f"schedule_file={schedules[n]}"] for n in names if n not in NO_PTQ}
+        candidates = exports(py, {k: (start, extra) for k, extra in ptq.items()}, out, args.parallel)
+        for key, deploy in candidates.items():
+            same_weights(deploy / "diffusion_pytorch_model.safetensors", weights, key)
 
     # QAT: every variant (and the dense control) fine-tuned the same way, `parallel` at a time
     if not args.no_qat:

@@ -14,6 +14,7 @@ import torch
 
 from fpsa_train.config import FPSConfig
 from fpsa_train.export import ExportConfig, export
+from fpsa_train.flow import sampling_sigmas
 from fpsa_train.fps.masks import window_mask
 from fpsa_train.fps.schedule import Schedule
 from fpsa_train.sample import flow_unipc
@@ -102,3 +103,24 @@ def test_the_experiment_end_to_end_on_the_tiny_model(trained_checkpoint, tiny_co
     rows = {r["key"]: r for r in report["rows"]}
     assert rows["dense"]["psnr"] is None and rows["ptq_fp8"]["psnr"] > 0 and rows["qat_fp8"]["density_mean"] == 1.0
     assert "fp8" in report["recovery"] and "| qat_fp8 | 2 |" in (out / "thesis.md").read_text()
+
+
+def test_report_names_rows_and_reads_speed_off_the_measured_density_curve(tmp_path):
+    """scripts/thesis_report.py: row keys → (method, variant, curve step), and a schedule's expected speedup is
+    cuDNN's time over the mean of its steps' whole-call times, interpolated on the uniform top-k curve."""
+    spec = importlib.util.spec_from_file_location("thesis_report", REPO / "scripts" / "thesis_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    assert report.variant_of("qat_fp8_k12_100") == ("qat", "fp8_k12", 100)
+    assert report.variant_of("qat_dense_ft") == ("qat", "dense_ft", None)
+    assert report.variant_of("ptq_default_early") == ("ptq", "default_early", None)
+    bench = {"results": [{"name": "wan14B-720p", "sdpa_cudnn": 100.0, "dense": {"c": 90.0}, "best_dense_config": "c",
+                          "schedules": {"uniform_0.5": {"avg_density": 0.5, "avg_call_ms": 50.0},
+                                        "uniform_0.25": {"avg_density": 0.25, "avg_call_ms": 30.0}}}]}
+    k12 = report.schedule_of("fp8_k12", tmp_path)  # not in the folder: the variant's own spec
+    per_step = [report.regime_density(k12.regime_for(s), 0.0) for s in sampling_sigmas()]
+    assert per_step == [0.25] * 50
+    assert report.speedup_720p(k12, per_step, bench, "fp8_k12") == pytest.approx(100 / 30)
+    assert report.speedup_720p(k12, [0.375] * 50, bench, "fp8_k12") == pytest.approx(100 / 40)  # half-way
+    assert report.speedup_720p(k12, [1.0] * 50, bench, "fp8_k12") == pytest.approx(100 / 90)  # the dense FP8 call
+    assert report.speedup_720p(None, [1.0] * 50, bench, "dense_ft") == 1.0  # bf16 SDPA: the baseline itself

@@ -25,7 +25,7 @@ from fpsa_train.models.token_order import TokenLayout
 
 BF16_ULP = 2.0 ** -7
 """Relative size of one bf16 step: the most the output cast can change a value (truncation included)."""
-KINDS = ("normal", "peaked", "outliers", "zero_tiles", "near_max", "large")
+KINDS = ("normal", "peaked", "outliers", "zero_tiles", "near_max", "large", "rising")
 
 
 def make_inputs(kind: str, batch: int, heads: int, layout: TokenLayout, head_dim: int, seed: int = 0,
@@ -60,6 +60,13 @@ def make_inputs(kind: str, batch: int, heads: int, layout: TokenLayout, head_dim
         q, k, v = (x.sign() * (400.0 + 48.0 * torch.rand(*shape, generator=g)) for x in (q, k, v))
     elif kind == "large":
         q, k, v = q * 1e4, k * 1e4, v * 1e4
+    elif kind == "rising":  # scores grow with the key's position: every key chunk raises the running row max, so a
+        # P computed against a stale max (FA4's FP8 port, flash-attention#2694) would exceed 448 and clip
+        u = randn(head_dim)
+        u = u / u.norm()
+        ramp = torch.linspace(0.0, 1.0, layout.seq_len)[:, None]  # key position, in tile-major order
+        q = 0.3 * q + 4.0 * u
+        k = 0.3 * k + 12.0 * ramp * u
     elif kind != "normal":
         raise ValueError(f"unknown input kind {kind!r}; expected one of {KINDS}")
     return tuple(x.to(device=device, dtype=dtype) for x in (q, k, v))
