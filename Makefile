@@ -17,7 +17,7 @@ lock:
 
 DEMO ?= outputs/demo
 DEMO_PROMPT ?= a red circle moving left quickly on a dark blue background
-# The evaluation's seeds (FPS against dense, same initial noise); the sample uses seed 0.
+# The evaluation's seeds (FPS against dense, same initial noise, 25 sampling steps); the sample uses seed 0 and 50.
 DEMO_SEEDS ?= [0,1,2,3]
 # Overrides appended to the demo's training and sampling commands (empty: the full demo). `make docs-check` passes
 # tiny ones, e.g. DEMO_TRAIN_ARGS="trainer.max_steps=2" DEMO_SAMPLE_ARGS="steps=2" DEMO_EVAL_ARGS="steps=2".
@@ -35,7 +35,7 @@ demo: $(STAMP)
 		hydra.run.dir=$(DEMO)/sample $(DEMO_SAMPLE_ARGS)
 	printf '%s\n' "$(DEMO_PROMPT)" > $(DEMO)/prompt.txt
 	$(PY) -m fpsa_train.evaluate "candidates=[$(DEMO)/deploy]" reference=dense prompts=$(DEMO)/prompt.txt \
-		"seeds=$(DEMO_SEEDS)" out=$(DEMO)/eval hydra.run.dir=$(DEMO)/eval $(DEMO_EVAL_ARGS)
+		"seeds=$(DEMO_SEEDS)" steps=25 out=$(DEMO)/eval hydra.run.dir=$(DEMO)/eval $(DEMO_EVAL_ARGS)
 
 ## The CPU test suite (what CI runs). Slow, DeepSpeed and GPU tests are excluded; `make test-all` adds the slow
 ## and DeepSpeed ones (ZeRO-3 on two CPU ranks: ~5 min).
