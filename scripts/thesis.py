@@ -224,6 +224,10 @@ def main() -> None:
                          out / "runs" / f"{key}.log"))
         (out / "runs").mkdir(parents=True, exist_ok=True)
         until = None if deadline is None else deadline - args.reserve
+        if jobs and until is not None and until - time.perf_counter() < 90:
+            print(f"warning: {max(0.0, until - time.perf_counter()):.0f} s left for the fine-tunes before the "
+                  "evaluation's reserve (the first steps alone compile the kernels for ~20 s): they will stop early; "
+                  "raise --deadline, lower --reserve, or rerun to continue them", flush=True)
         t = time.perf_counter()
         status = run_all(jobs, args.parallel, until)
         report["seconds"]["qat"] = round(report["seconds"].get("qat", 0) + time.perf_counter() - t, 1)
