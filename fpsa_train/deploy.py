@@ -315,7 +315,7 @@ def load_deploy(folder: str | Path, device: str | torch.device = "cpu", backend:
     load_wan_weights(model, folder, key_format=manifest["key_format"], dtype=dtype)
     model = model.to(device).eval()
     if schedule is not None:
-        apply_fps_attention(model, schedule, backend=backend).to(device)  # learned selectors are made on the CPU
+        apply_fps_attention(model, schedule, backend=backend)
         _load_selectors(model, folder, device)
     described = describe_backend(schedule, device, backend, cfg.head_dim) if fps else \
         "dense SDPA (fps=False: the exported schedule is not applied)"

@@ -166,7 +166,9 @@ def apply_fps_attention(model: nn.Module, schedule: Schedule, materialize: bool 
         if regime.quant is not None:
             regime.quant.group_shape(tuple(cfg.tile_shape))  # raises naming the axis if it does not fit the tile
     for i, block in enumerate(model.blocks):
-        block.self_attn.core = FPSAttention(schedule, cfg.num_heads, i, materialize, backend)
+        core = FPSAttention(schedule, cfg.num_heads, i, materialize, backend)
+        device = next(block.parameters()).device  # learned selectors live where their block does
+        block.self_attn.core = core if device.type == "meta" else core.to(device)
     log.info("FPS attention (backend %s%s) in %d blocks:\n  %s", backend, ", materialised" if materialize else "",
              len(model.blocks), "\n  ".join(r.describe() for r in schedule.regimes))
     return model
