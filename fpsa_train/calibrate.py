@@ -31,6 +31,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from bisect import bisect_right
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -125,22 +127,34 @@ class _Capture(SDPAttention):
         return super().forward(q, k, v, layout)
 
 
-@torch.no_grad()
-def capture_qkv(model, batch: dict, sigma: float, seed: int) -> list[tuple]:
-    """Each layer's (q, k, v, layout) for the batch noised to σ (dense attention everywhere)."""
-    cores = [_Capture() for _ in model.blocks]
+@contextmanager
+def _cores(model, cores: list):
+    """Within the block, each block's self-attention core is `cores[i]`; the model's own are back on exit."""
     saved = [b.self_attn.core for b in model.blocks]
     for block, core in zip(model.blocks, cores):
         block.self_attn.core = core
     try:
-        x0 = batch["latents"]
-        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-        s = torch.full((x0.shape[0],), sigma)
-        x, _ = noisy_input(x0, noise, s)
-        model(x, s * 1000, batch["context"])
+        yield
     finally:
         for block, core in zip(model.blocks, saved):
             block.self_attn.core = core
+
+
+def _noised(batch: dict, sigma: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_σ, timestep, σ per clip) for the batch's clips noised to σ with the seed's noise."""
+    x0 = batch["latents"]
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    s = torch.full((x0.shape[0],), sigma)
+    return noisy_input(x0, noise, s)[0], s * 1000, s
+
+
+@torch.no_grad()
+def capture_qkv(model, batch: dict, sigma: float, seed: int) -> list[tuple]:
+    """Each layer's (q, k, v, layout) for the batch noised to σ (dense attention everywhere)."""
+    cores = [_Capture() for _ in model.blocks]
+    x, t, _ = _noised(batch, sigma, seed)
+    with _cores(model, cores):
+        model(x, t, batch["context"])
     return [c.qkv for c in cores]
 
 
@@ -184,32 +198,23 @@ class _OutputError:
         self.model, self.reference = model, model
         if cfg.reference_checkpoint:
             self.reference = build_model(dataclasses.replace(cfg.model, checkpoint=cfg.reference_checkpoint)).eval()
-        self.dense_cores = [b.self_attn.core for b in model.blocks]
         self.fps_cores = [FPSAttention(schedule, b.self_attn.num_heads, i)
                           for i, b in enumerate(model.blocks)]  # each call forces one regime (below)
-        self.inputs = None
 
     @torch.no_grad()
     def prepare(self, batch: dict, sigma: float, seed: int) -> None:
-        x0 = batch["latents"]
-        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-        s = torch.full((x0.shape[0],), sigma)
-        x, _ = noisy_input(x0, noise, s)
-        self.inputs = (x, s * 1000, batch["context"], s)
-        self.target = self.reference(x, s * 1000, batch["context"]).float()
+        x, t, s = _noised(batch, sigma, seed)
+        self.inputs = (x, t, batch["context"], s)
+        self.target = self.reference(x, t, batch["context"]).float()
 
     @torch.no_grad()
     def __call__(self, regime) -> tuple[float, float]:
         x, t, context, s = self.inputs
         forced = Schedule((dataclasses.replace(regime, lo=0.0, hi=1.0),))
-        for block, core in zip(self.model.blocks, self.fps_cores):
+        for core in self.fps_cores:
             core.schedule = forced
-            block.self_attn.core = core
-        try:
+        with _cores(self.model, self.fps_cores):
             out = self.model(x, t, context, attn_kwargs={"sigma": s}).float()
-        finally:
-            for block, core in zip(self.model.blocks, self.dense_cores):
-                block.self_attn.core = core
         densities = [d for c in self.fps_cores for d in c.last_density.values()]
         return sqnr_db(self.target, out), sum(densities) / len(densities)
 
@@ -241,14 +246,14 @@ def calibrate(cfg: CalibrateConfig) -> dict:
         table[sigma] = {c.name: error(c) for c in measured}
         mine = current.regime_for(sigma)
         current_report.append((sigma, mine.name, *error(mine)))
-    budget = cfg.budget_db if cfg.max_density is None else budget_for_density(
-        table, cands, measured, cfg.max_density, tuple(cfg.model.tile_shape))
+    budget = cfg.budget_db if cfg.max_density is None else budget_for_density(table, cands, measured,
+                                                                               cfg.max_density)
     chosen = choose(table, cands, measured, budget)
     for (sigma, row), best, mine in zip(table.items(), chosen, current_report):
         log.info("σ=%.2f  chose %-22s SQNR %.1f dB density %.2f | configured %s: %.1f dB density %.2f", sigma,
                  best.name, *row[best.name], *mine[1:])
     schedule = merge(sorted(cfg.sigmas), chosen, tuple(cfg.model.tile_shape))
-    density = sampling_density(schedule, table)
+    density = sampling_density(table, chosen)
     write_schedule(schedule, cfg, table, Path(cfg.output), density, budget)
     return {"schedule": schedule, "table": table, "configured": current_report, "density_50_steps": density,
             "budget_db": budget}
@@ -268,13 +273,11 @@ def choose(table: dict, cands: list, measured: list, budget: float) -> list:
     return chosen
 
 
-def budget_for_density(table: dict, cands: list, measured: list, max_density: float, tile_shape) -> float:
+def budget_for_density(table: dict, cands: list, measured: list, max_density: float) -> float:
     """The highest budget (dB) whose chosen schedule averages at most `max_density` over Wan's 50 sampling steps:
     the sparsity spent where it costs the least SQNR, the worst σ as good as the density allows."""
-    sigmas = sorted(table)
-
     def density(budget: float) -> float:
-        return sampling_density(merge(sigmas, choose(table, cands, measured, budget), tile_shape), table)
+        return sampling_density(table, choose(table, cands, measured, budget))
 
     fits = [b for b in sorted({v[0] for row in table.values() for v in row.values()}) if density(b) <= max_density]
     if not fits:
@@ -283,16 +286,13 @@ def budget_for_density(table: dict, cands: list, measured: list, max_density: fl
     return fits[-1]
 
 
-def sampling_density(schedule: Schedule, table: dict) -> float:
-    """Mean realised density over Wan's 50 sampling steps (shift 5): each step's regime at its density measured on
-    the σ grid points it owns."""
-    per_regime = {}
-    for regime in schedule.regimes:
-        name = regime.name.split("_", 1)[1]  # merge() names regimes r<j>_<candidate>
-        values = [row[name][1] for sigma, row in table.items() if schedule.regime_for(sigma).name == regime.name]
-        per_regime[regime.name] = sum(values) / len(values)
-    steps = [per_regime[schedule.regime_for(s).name] for s in sampling_sigmas()]
-    return sum(steps) / len(steps)
+def sampling_density(table: dict, chosen: list) -> float:
+    """Mean realised density over Wan's 50 sampling steps (shift 5) of the per-σ choices: each step takes the
+    density measured at the grid σ whose interval (as merge() draws them) holds it."""
+    sigmas = sorted(table)
+    inner = [(a + b) / 2 for a, b in zip(sigmas, sigmas[1:])]  # merge()'s boundaries
+    per_step = [table[sigmas[i]][chosen[i].name][1] for i in (bisect_right(inner, s) for s in sampling_sigmas())]
+    return sum(per_step) / len(per_step)
 
 
 def merge(sigmas: list[float], chosen: list, tile_shape) -> Schedule:

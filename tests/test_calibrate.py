@@ -88,7 +88,7 @@ def test_unknown_metric_is_named(tmp_path):
 def test_max_density_spends_the_sparsity_where_it_costs_least():
     """max_density: the highest budget whose schedule averages at most that density over the 50 sampling steps.
     A synthetic table where sparsity hurts most at low σ: the low-σ steps stay dense, the rest go sparse."""
-    from fpsa_train.calibrate import budget_for_density, choose, merge, sampling_density
+    from fpsa_train.calibrate import budget_for_density, choose, sampling_density
     from fpsa_train.fps.schedule import QuantConfig, RegimeConfig, SparsityConfig, regime_from_config
 
     tile = (2, 4, 4)
@@ -99,16 +99,15 @@ def test_max_density_spends_the_sparsity_where_it_costs_least():
     table = {0.05: {"tile-dense": (30.0, 1.0), "tile-top50%": (20.0, 0.5), "tile-top25%": (10.0, 0.25)},
              0.5: {"tile-dense": (30.0, 1.0), "tile-top50%": (28.0, 0.5), "tile-top25%": (25.0, 0.25)},
              0.95: {"tile-dense": (30.0, 1.0), "tile-top50%": (27.0, 0.5), "tile-top25%": (24.0, 0.25)}}
-    sigmas = sorted(table)
 
     def density(budget):
-        return sampling_density(merge(sigmas, choose(table, cands, cands, budget), tile), table)
+        return sampling_density(table, choose(table, cands, cands, budget))
 
-    budget = budget_for_density(table, cands, cands, 0.3, tile)
+    budget = budget_for_density(table, cands, cands, 0.3)
     assert density(budget) <= 0.3 < density(budget + 1e-6)
     # the few low-σ steps (σ < 0.275: 3 of 50) can afford dense; 24 dB is then the worst σ's, and asking more would
     # put the high-σ steps at 50%
     assert [c.name for c in choose(table, cands, cands, budget)] == ["tile-dense", "tile-top25%", "tile-top25%"]
     assert budget == 24.0 and density(budget) == pytest.approx((3 * 1.0 + 47 * 0.25) / 50)
     with pytest.raises(ValueError, match="max_density=0.1: no schedule of these candidates is that sparse"):
-        budget_for_density(table, cands, cands, 0.1, tile)
+        budget_for_density(table, cands, cands, 0.1)
