@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
-from omegaconf import OmegaConf
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fpsa_kernels import quantize_qkv
@@ -63,8 +62,7 @@ def parse_config(text: str) -> dict:
 
 
 def load_schedule(path: str | Path = REPO / "configs/fps/default.yaml") -> Schedule:
-    cfg = OmegaConf.merge(OmegaConf.structured(FPSConfig), OmegaConf.load(path))
-    return Schedule.from_config(OmegaConf.to_object(cfg), TILE)
+    return Schedule.from_config(FPSConfig(schedule_file=str(path)), TILE)
 
 
 def default_schedule() -> Schedule:
