@@ -183,19 +183,28 @@ _STATIC_PLANS: dict[tuple, Plan] = {}
 
 
 def plan_for(mask, layout, regime, block_m: int, block_n: int, device, transpose: bool = False) -> Plan:
-    """The work plan of `mask`; with mask None, the regime's static plan (dense or window), cached per layout.
+    """The work plan of `mask` (fps/masks.TileMask, or the KeepMask of `select_keep`); with mask None, the regime's
+    static plan (dense or window), cached per layout.
+
+    Nothing here reads the mask on the host (kernels/plan.py `tile_plan`): the plan's arrays are sized by the mask's
+    `max_kept`, a bound known without looking (a TileMask's width, a selection's k plus its window), so on a GPU
+    building a plan only queues work. A row that keeps no key tile fails a device-side check.
 
     `transpose`: the plan of the transposed mask (items over key tiles, chunks over the query tiles attending them),
-    for the backward's dK/dV kernel; a key tile that no query attends gets an item with no chunks."""
-    from fpsa_kernels.plan import dense_plan, sparse_plan
-    from fpsa_train.fps.masks import token_ranges, window_mask
+    for the backward's dK/dV kernel; a key tile that no query attends gets an item with no chunks. Any number of
+    query tiles may pick the same key tile, so its rows are bounded by the number of tiles only."""
+    from fpsa_kernels.plan import dense_plan, tile_plan, tile_spans
+    from fpsa_train.fps.masks import token_ranges, window_keep
 
-    def tile_plan(keep):
-        keep = keep.transpose(-1, -2) if transpose else keep
-        return sparse_plan(keep, token_ranges(layout), block_m, block_n, allow_empty=transpose)
+    def plan_of(mask):
+        spans = tile_spans(tuple(token_ranges(layout).tolist()), block_m, block_n, str(device))
+        keep = mask.to_dense().to(device)
+        if transpose:
+            return tile_plan(keep.transpose(-1, -2), spans, spans.num_tiles, allow_empty=True)
+        return tile_plan(keep, spans, mask.max_kept)
 
     if mask is not None:
-        return tile_plan(mask.to_dense())
+        return plan_of(mask)
     if regime.pattern not in ("dense", "window"):
         raise ValueError(f"regime {regime.name!r} ({regime.pattern}) selects its tiles from q and k: pass its mask")
     key = (tuple(layout.grid), tuple(layout.tile_shape), regime.pattern, regime.window, block_m, block_n, str(device),
@@ -204,7 +213,7 @@ def plan_for(mask, layout, regime, block_m: int, block_n: int, device, transpose
         if regime.pattern == "dense":
             _STATIC_PLANS[key] = dense_plan(layout.seq_len, block_m, block_n, device)
         else:
-            _STATIC_PLANS[key] = tile_plan(window_mask(layout.tile_grid, regime.window, device=device).to_dense())
+            _STATIC_PLANS[key] = plan_of(window_keep(layout.tile_grid, regime.window, device))
     return _STATIC_PLANS[key]
 
 
@@ -216,10 +225,11 @@ def fps_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, reg
 
     q, k, v: (B, H, L, D) bf16 (or fp16/fp32), tokens in tile-major order of `layout` (models/token_order.py), any
     strides with a contiguous last dimension; D 64 or 128; any L. `regime` (fps/schedule.py) must quantize; its
-    Q/K scale groups, window and top-k are applied as fps/reference.py defines them. `mask` (fps/masks.TileMask) is
-    the tile mask to use; None takes the regime's own (dense and window plans are built once per layout and cached;
-    top-k masks are selected from q, k as the reference does; a `learned` regime needs its mask given, and its
-    selector's `gate` (B, H, N, N), forward value 1, to receive the gate's gradient).
+    Q/K scale groups, window and top-k are applied as fps/reference.py defines them. `mask` (fps/masks.TileMask or
+    KeepMask) is the tile mask to use; None takes the regime's own (dense and window plans are built once per layout
+    and cached; top-k masks are selected from q, k by `masks.select_keep`, as the reference's `select_tiles` does,
+    and planned with no host read, so the call does not wait for the GPU; a `learned` regime needs its mask given,
+    and its selector's `gate` (B, H, N, N), forward value 1, to receive the gate's gradient).
 
     Returns (out bf16 (B, H, L, D) contiguous, lse fp32 (B, H, L): the natural log-sum-exp of each row's scaled
     scores over its kept keys). Numerics: Q, K → e4m3 with scale amax/448 per group, V → e4m3 per channel
@@ -231,7 +241,7 @@ def fps_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, reg
     """
     from fpsa_kernels.quant import quantize_qkv
     from fpsa_kernels.training import BWD_BLOCKS, FPSAttentionFunction
-    from fpsa_train.fps.reference import select_tiles
+    from fpsa_train.fps.masks import select_keep
 
     reason = unsupported_reason(q)
     if reason:
@@ -244,7 +254,7 @@ def fps_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, reg
     if layout.order != "tile":
         raise ValueError("the kernel needs tokens in tile-major order: set model.token_order=tile")
     if mask is None and regime.pattern in ("topk", "window_topk"):  # dense and window plans are static, cached
-        mask = select_tiles(q, k, layout, regime).mask
+        mask = select_keep(q, k, layout, regime.topk_of(len(layout.tile_sizes())), regime.window)
     if mask is None and regime.pattern == "learned":
         raise ValueError(f"regime {regime.name!r} is `learned`: pass the selector's mask")
     if gate is not None:

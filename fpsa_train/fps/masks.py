@@ -14,6 +14,11 @@ Patterns.
 - `topk_mask`: dynamic, content dependent: keep the k key tiles with the highest pooled scores
   (`pooled_tile_scores`: mean-pooled q·k per tile pair), the query's own tile always among them.
 - `union_mask`: window ∪ top-k keeps the local neighbourhood plus a few far, content-relevant tiles.
+- `select_keep`: the same top-k (∪ window) selection for a kernel, as a `KeepMask`: the dense bool matrix with a
+  bound on any row's kept tiles that is known before selecting (k, plus the window's volume). It is built on the
+  GPU without reading anything back to the host, which `TileMask.from_dense` must do to size its indices, and the
+  kernel's planner (kernels/plan.py) sizes its arrays from that bound, so selection and planning never stall the
+  host. `topk_mask`, `window_mask` and `select_tiles` go through the same functions, so the two forms agree.
 - `LearnedSelector`: a trainable threshold per head on standardised pooled scores. The selection is hard in the
   forward pass; a straight-through gate (value exactly 1, gradient of a sigmoid) lets the loss reach the scores
   and the threshold, and a regulariser holds the soft density near the target.
@@ -21,6 +26,7 @@ Patterns.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
@@ -78,6 +84,11 @@ class TileMask:
         """fp32 (B, H): mean over query tiles of counts / Nk."""
         return (self.counts.float() / self.num_kv_tiles).mean(-1)
 
+    @property
+    def max_kept(self) -> int:
+        """A bound on any row's count, from the shape alone (Kmax): what a planner sizes its arrays by."""
+        return self.indices.shape[-1]
+
     def expand(self, batch: int, heads: int) -> TileMask:
         """Broadcast B and H dims of 1 to (batch, heads) (views: call .contiguous() before a kernel needs it)."""
         b, h, nq = self.counts.shape
@@ -88,6 +99,32 @@ class TileMask:
 
     def to(self, device: torch.device | str) -> TileMask:
         return TileMask(self.counts.to(device), self.indices.to(device), self.num_kv_tiles)
+
+
+@dataclass(frozen=True, eq=False)
+class KeepMask:
+    """A tile mask as its dense bool matrix plus a bound on any row's kept tiles that holds by construction: the
+    form a selection on the GPU can produce without reading the mask back (see the module docstring)."""
+
+    keep: Tensor
+    """bool (B|1, H|1, Nq, Nk): kept (query tile, key tile) pairs."""
+    max_kept: int
+    """No row keeps more key tiles than this (not necessarily the largest count)."""
+
+    @property
+    def num_kv_tiles(self) -> int:
+        return self.keep.shape[-1]
+
+    def to_dense(self) -> Tensor:
+        return self.keep
+
+    def density(self) -> Tensor:
+        """fp32 (B|1, H|1): mean over query tiles of the kept fraction, as TileMask.density."""
+        return self.keep.float().mean((-1, -2))
+
+    def union(self, other: KeepMask) -> KeepMask:
+        """Per (batch, head, query tile) union of the key sets; B and H dims of 1 broadcast."""
+        return KeepMask(self.keep | other.keep, min(self.num_kv_tiles, self.max_kept + other.max_kept))
 
 
 def dense_mask(num_tiles: int, *, device: torch.device | str = "cpu") -> TileMask:
@@ -113,15 +150,29 @@ def window_mask(tile_grid: tuple[int, int, int], window: tuple[int, int, int], *
     (centred; an even extent puts its extra tile on the later side), clipped at the grid edges (edge tiles keep
     fewer tiles). An extent larger than the grid on an axis (w > grid) keeps that whole axis.
     """
+    return TileMask.from_dense(window_keep(tile_grid, window, device).keep)
+
+
+def window_keep(tile_grid: tuple[int, int, int], window: tuple[int, int, int],
+                device: torch.device | str = "cpu") -> KeepMask:
+    """`window_mask` as a KeepMask (1, 1, N, N), cached per (grid, window, device): it is static, and building it
+    on a GPU per call would copy from the host (a synchronisation). An interior tile keeps the most tiles, the
+    window's volume clipped to the grid: the product over axes of min(w, grid)."""
     if len(window) != 3 or any(int(w) < 1 for w in window):
         raise ValueError(f"window_mask: window must be three tile extents >= 1, got window={tuple(window)}")
-    coords = tile_coords(tile_grid, device)  # (N, 3)
-    offsets = coords[None, :, :] - coords[:, None, :]  # (Nq, Nk, 3): key minus query
-    lo = torch.tensor([-((int(w) - 1) // 2) for w in window], device=device)
-    hi = torch.tensor([int(w) // 2 for w in window], device=device)
-    whole = torch.tensor([int(w) > int(g) for w, g in zip(window, tile_grid)], device=device)
-    keep = (((offsets >= lo) & (offsets <= hi)) | whole).all(-1)  # (Nq, Nk)
-    return TileMask.from_dense(keep[None, None])
+    return _window_keep(tuple(int(g) for g in tile_grid), tuple(int(w) for w in window), torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _window_keep(tile_grid: tuple[int, int, int], window: tuple[int, int, int], device: torch.device) -> KeepMask:
+    with torch.inference_mode(False):  # cached: must stay usable outside inference mode when first built inside it
+        coords = tile_coords(tile_grid, device)  # (N, 3)
+        offsets = coords[None, :, :] - coords[:, None, :]  # (Nq, Nk, 3): key minus query
+        lo = torch.tensor([-((w - 1) // 2) for w in window], device=device)
+        hi = torch.tensor([w // 2 for w in window], device=device)
+        whole = torch.tensor([w > g for w, g in zip(window, tile_grid)], device=device)
+        keep = (((offsets >= lo) & (offsets <= hi)) | whole).all(-1)  # (Nq, Nk)
+    return KeepMask(keep[None, None], math.prod(min(w, g) for w, g in zip(window, tile_grid)))
 
 
 def token_ranges(layout: TokenLayout) -> Tensor:
@@ -131,30 +182,48 @@ def token_ranges(layout: TokenLayout) -> Tensor:
 
 
 def token_tiles(layout: TokenLayout, device: torch.device | str = "cpu") -> Tensor:
-    """int64 (L,): the tile of every token, in tile-major order."""
-    sizes = layout.tile_sizes()
-    return torch.repeat_interleave(torch.arange(sizes.numel()), sizes).to(device)
+    """int64 (L,): the tile of every token, in tile-major order. Cached per (layout, device), like every static
+    index here: a host-to-device copy per call would synchronise with the GPU."""
+    return _token_tiles(layout, torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _token_tiles(layout: TokenLayout, device: torch.device) -> Tensor:
+    with torch.inference_mode(False):
+        sizes = layout.tile_sizes()
+        return torch.repeat_interleave(torch.arange(sizes.numel()), sizes).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _pooling_index(layout: TokenLayout, device: torch.device) -> tuple[int, Tensor, Tensor]:
+    """(g, the tile of each run of g tokens int64 (L/g,), tokens per tile fp32 (N,)) on `device`, cached: g is the
+    largest count of tokens that divides every tile's size, so runs of g consecutive tokens never straddle tiles."""
+    with torch.inference_mode(False):
+        sizes = layout.tile_sizes()
+        g = math.gcd(*sizes.tolist())
+        return g, token_tiles(layout, device)[::g].contiguous(), sizes.to(device, torch.float32)
 
 
 def pooled_tile_scores(q: Tensor, k: Tensor, layout: TokenLayout) -> Tensor:
     """Mean-pool q and k per tile, then scores = pooled_q @ pooled_kᵀ / sqrt(D): fp32 (B, H, N, N).
 
     q, k: (B, H, L, D) in tile-major order. Partial edge tiles are averaged over their actual tokens.
-    Differentiable in q and k.
+    Differentiable in q and k. Sums are in fp32, first over runs of g tokens that divide every tile (g = 24 at
+    Wan's 480p and 720p grids with 6×8×8 tiles), then per tile: on a GPU the first reads q and k once in their own
+    dtype (no fp32 copy of them is written), and the per-tile scatter has g times fewer rows to add.
     """
     if layout.order != "tile":
         raise ValueError(f"pooled_tile_scores: needs tokens in tile-major order, got layout.order={layout.order!r}")
     if q.dim() != 4 or k.shape != q.shape or q.shape[2] != layout.seq_len:
         raise ValueError(f"pooled_tile_scores: q, k must both be (B, H, L={layout.seq_len}, D), "
                          f"got {tuple(q.shape)} and {tuple(k.shape)}")
-    sizes = layout.tile_sizes().to(q.device)  # (N,)
+    g, tile_of_run, sizes = _pooling_index(layout, q.device)  # (L/g,), (N,)
     n, d = sizes.numel(), q.shape[-1]
-    tile_of_token = token_tiles(layout, q.device)  # (L,)
 
     def pool(x: Tensor) -> Tensor:
-        x = x.float()
-        summed = x.new_zeros(x.shape[0], x.shape[1], n, d).index_add(2, tile_of_token, x)  # (B, H, N, D)
-        return summed / sizes[:, None].to(x.dtype)
+        runs = x.unflatten(2, (-1, g)).sum(3, dtype=torch.float32)  # (B, H, L/g, D)
+        summed = runs.new_zeros(x.shape[0], x.shape[1], n, d).index_add(2, tile_of_run, runs)  # (B, H, N, D)
+        return summed / sizes[:, None]
 
     return pool(q) @ pool(k).transpose(-1, -2) / math.sqrt(d)  # (B, H, N, N)
 
@@ -164,10 +233,15 @@ def topk_mask(scores: Tensor, k: int) -> TileMask:
 
     scores: (B, H, N, N). Ties go to the lower key index; NaN scores rank last.
     """
+    return TileMask.from_dense(topk_keep(scores, k).keep)
+
+
+def topk_keep(scores: Tensor, k: int) -> KeepMask:
+    """`topk_mask` as a KeepMask (B, H, N, N) with max_kept = min(k, N), built with no host read."""
     if k < 1:
-        raise ValueError(f"topk_mask: k must be >= 1, got k={k}")
+        raise ValueError(f"top-k selection: k must be >= 1, got k={k}")
     if scores.dim() != 4 or scores.shape[-1] != scores.shape[-2]:
-        raise ValueError(f"topk_mask: scores must be (B, H, N, N), got {tuple(scores.shape)}")
+        raise ValueError(f"top-k selection: scores must be (B, H, N, N), got {tuple(scores.shape)}")
     n = scores.shape[-1]
     with torch.no_grad():
         s = scores.float().nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
@@ -176,7 +250,18 @@ def topk_mask(scores: Tensor, k: int) -> TileMask:
         key = torch.where(own, math.inf, torch.where(s == math.inf, torch.finfo(s.dtype).max, s))
         top = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., : min(k, n)]  # (B, H, N, k)
         dense = torch.zeros(s.shape, dtype=torch.bool, device=s.device).scatter_(-1, top, True)
-    return TileMask.from_dense(dense)
+    return KeepMask(dense, min(k, n))
+
+
+def select_keep(q: Tensor, k: Tensor, layout: TokenLayout, topk: int,
+                window: tuple[int, int, int] | None = None) -> KeepMask:
+    """The top-k patterns' selection as a KeepMask (B, H, N, N): the `topk` key tiles with the best pooled scores
+    (own tile forced in), united with the static `window` for window ∪ top-k. A hard selection (no gradient); no
+    host read anywhere, so on a GPU it only queues work. `select_tiles` makes its TileMask from this, so the
+    kernel and the reference select the same tiles."""
+    with torch.no_grad():
+        chosen = topk_keep(pooled_tile_scores(q, k, layout), topk)
+    return chosen if window is None else chosen.union(window_keep(layout.tile_grid, window, q.device))
 
 
 def union_mask(a: TileMask, b: TileMask) -> TileMask:

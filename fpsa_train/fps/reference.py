@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from fpsa_train.fps.fp8 import check_finite, quantize_p, quantize_qk, quantize_v
-from fpsa_train.fps.masks import (LearnedSelector, TileMask, dense_mask, pooled_tile_scores, token_ranges,
-                                  token_tiles, topk_mask, union_mask, window_mask)
+from fpsa_train.fps.masks import (LearnedSelector, TileMask, dense_mask, pooled_tile_scores, select_keep,
+                                  token_ranges, token_tiles, window_mask)
 from fpsa_train.fps.schedule import Regime
 from fpsa_train.models.token_order import TokenLayout
 
@@ -46,15 +46,14 @@ def select_tiles(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, regime: 
 
     `heads`: which of the selector's heads q and k hold (a slice; None = all), under sequence parallelism."""
     n, dev = len(layout.tile_sizes()), q.device
+    if regime.pattern in ("topk", "window_topk"):  # the kernel's own selection (masks.select_keep), as a TileMask
+        keep = select_keep(q, k, layout, regime.topk_of(n), regime.window).keep
+        return RegimeMask(TileMask.from_dense(keep), None, None)
     static = window_mask(layout.tile_grid, regime.window, device=dev) if regime.window is not None else None
     if regime.pattern == "dense":
         return RegimeMask(dense_mask(n, device=dev), None, None)
     if regime.pattern == "window":
         return RegimeMask(static, None, None)
-    if regime.pattern in ("topk", "window_topk"):
-        with torch.no_grad():  # a hard, non-trainable selection
-            dynamic = topk_mask(pooled_tile_scores(q, k, layout), regime.topk_of(n))
-        return RegimeMask(dynamic if static is None else union_mask(static, dynamic), None, None)
     if selector is None:
         raise ValueError(f"regime {regime.name!r} is `learned` but no LearnedSelector was given")
     mask, gate, reg = selector(pooled_tile_scores(q, k, layout), static, heads)
