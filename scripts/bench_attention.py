@@ -61,6 +61,11 @@ def parse_config(text: str) -> dict:
             "qk_imprecise_acc": int(acc) if acc else None}
 
 
+def forward_opts(cfg: dict) -> dict:
+    """attention_forward's keyword arguments for a parsed config."""
+    return {key: cfg[key] for key in ("num_warps", "num_stages", "qk_imprecise_acc")}
+
+
 def load_schedule(path: str | Path = REPO / "configs/fps/default.yaml") -> Schedule:
     return Schedule.from_config(FPSConfig(schedule_file=str(path)), TILE)
 
@@ -69,7 +74,8 @@ def default_schedule() -> Schedule:
     return load_schedule()
 
 
-def run_shape(key: str, configs: list[dict], log, schedules: dict[str, Schedule] | None = None) -> dict:
+def run_shape(key: str, configs: list[dict], log, schedules: dict[str, Schedule] | None = None,
+              dense_only: bool = False) -> dict:
     schedules = schedules or {"default": default_schedule()}
     name, heads, grid = SHAPES[key]
     layout = TokenLayout(grid, "tile", TILE)
@@ -89,8 +95,7 @@ def run_shape(key: str, configs: list[dict], log, schedules: dict[str, Schedule]
         plan = plan_for(mask, layout, regime, cfg["block_m"], cfg["block_n"], q.device)
         qkv = qkv or quantize_qkv(q, k, v, layout, regime.quant, q_mult=LOG2E / math.sqrt(d))
         out = torch.empty_like(q)
-        ms = bench(lambda: attention_forward(qkv, plan, out, num_warps=cfg["num_warps"],
-                                             num_stages=cfg["num_stages"], qk_imprecise_acc=cfg["qk_imprecise_acc"]))
+        ms = bench(lambda: attention_forward(qkv, plan, out, **forward_opts(cfg)))
         return ms, plan
 
     dense = Regime("dense", 0.0, 1.0, QuantGranularity("tile"), "dense", None, None, None, 1.0)
@@ -107,6 +112,8 @@ def run_shape(key: str, configs: list[dict], log, schedules: dict[str, Schedule]
     best_dense = min(res["dense"], key=res["dense"].get)
     dense_ms = res["dense"][best_dense]
     res["best_dense_config"] = best_dense
+    if dense_only:
+        return res
 
     qkv_tile = quantize_qkv(q, k, v, layout, QuantGranularity("tile"), q_mult=LOG2E / math.sqrt(d))
     res["prepass"] = bench(lambda: quantize_qkv(q, k, v, layout, QuantGranularity("tile"), q_mult=1.0))
@@ -147,9 +154,7 @@ def run_shape(key: str, configs: list[dict], log, schedules: dict[str, Schedule]
         for cfg in configs:  # the same block config as dense, and the best one for this density
             plan = sparse_plan(mask.to_dense(), token_ranges(layout), cfg["block_m"], cfg["block_n"])
             try:
-                ms = bench(lambda: attention_forward(qkv_tile, plan, num_warps=cfg["num_warps"],
-                                                     num_stages=cfg["num_stages"],
-                                                     qk_imprecise_acc=cfg["qk_imprecise_acc"]))
+                ms = bench(lambda: attention_forward(qkv_tile, plan, **forward_opts(cfg)))
             except Exception:  # noqa: BLE001
                 continue
             rows.append((ms, cfg["name"], plan))
@@ -243,6 +248,8 @@ def main() -> None:
     parser.add_argument("--out", default=".")
     parser.add_argument("--schedules", default="configs/fps/default.yaml",
                         help="comma-separated schedule files (fps.schedule_file form); each is named by its stem")
+    parser.add_argument("--dense-only", action="store_true",
+                        help="only the baselines and the dense kernel per config (a quick config sweep)")
     args = parser.parse_args()
     schedules = {Path(f).stem: load_schedule(REPO / f) for f in args.schedules.split(",") if f}
     out = Path(args.out)
@@ -253,7 +260,10 @@ def main() -> None:
     def log(msg: str) -> None:
         print(msg, flush=True)
 
-    results = [run_shape(s, configs, log, schedules) for s in args.shapes.split(",")]
+    results = [run_shape(s, configs, log, schedules, args.dense_only) for s in args.shapes.split(",")]
+    if args.dense_only:
+        (out / "bench_attention_dense.json").write_text(json.dumps(results, indent=1))
+        return
     header = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
               f"CUDA {torch.version.cuda}, Python {platform.python_version()}, {started}")
     text = f"{header}\n\n{table(results)}\n"
