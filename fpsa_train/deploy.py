@@ -39,7 +39,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -216,6 +216,8 @@ class Deployed:
     device: torch.device
     backend: str
     """Which attention implementation runs, in words (also logged at load; within `only_regime`, for that regime)."""
+    compiled: bool = False
+    """Whether the DiT runs under torch.compile (`compile`)."""
 
     @property
     def num_train_timesteps(self) -> int:
@@ -226,13 +228,21 @@ class Deployed:
                 timestep: torch.Tensor | float | None = None) -> torch.Tensor:
         """The velocity (fp32) for latents x (B, C, F, H, W) at noise level σ (scalar or (B,)); the regime of each
         sample is the one that owns its σ. The model's timestep is `timestep` when given (a sampler's, which may be
-        rounded to an integer as Wan's are), else num_train_timesteps·σ. bf16 autocast on CUDA, fp32 on CPU."""
+        rounded to an integer as Wan's are), else num_train_timesteps·σ. bf16 autocast on CUDA, fp32 on CPU.
+        The regime is chosen here, once per call, from σ on the host (a float costs no device read), and handed to
+        every layer by name, so no layer reads σ: no sync per layer, no graph break per layer when compiled."""
+        from fpsa_train.fps.transform import batch_regime
+
+        regime = None if self.schedule is None else batch_regime(self.schedule, sigma)  # None: mixed, or dense SDPA
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
         sigma = sigma.repeat(x.shape[0]) if sigma.numel() == 1 else sigma  # (B,)
         t = sigma * self.num_train_timesteps if timestep is None else \
             torch.as_tensor(timestep, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
-        kwargs = {"sigma": sigma} if self.schedule is not None else {}
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        kwargs = {"sigma": sigma, "regime": regime} if self.schedule is not None else {}
+        stance = nullcontext()
+        if self.compiled and self.schedule is not None and regime is None:
+            stance = torch.compiler.set_stance("force_eager")  # mixed regimes: split by σ in every block, eagerly
+        with stance, torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
             return self.model(x, t, context, attn_kwargs=kwargs).float()
 
     def realised_density(self) -> float:
@@ -270,6 +280,31 @@ class Deployed:
                 core.schedule = exported
             self.schedule, self.backend = exported, described
 
+    def compile(self, backend="inductor", mode: str | None = None) -> Deployed:
+        """torch.compile every DiT block, in place (the model stays the same object, its state dict keys too);
+        returns self. A block's linears, norms, RoPE, modulation, cross-attention and elementwise work compile around
+        the FPS attention op (fps/op.py); the patch embedding, time embedding and head (a few ops per step) stay
+        eager. Per block, not the whole forward: the blocks share their code, so one compiled graph serves all of
+        them and compile time does not grow with depth (40 blocks at 14B), and the model's per-grid cache of RoPE
+        and permutations stays outside the compiled region, where Dynamo cannot write it. Each regime and latent
+        size compiles on its first step; shapes are static (`dynamic=False`: a video's steps share one). Dynamo
+        keeps `torch._dynamo.config.recompile_limit` (8) graphs per block; past them it warns and runs eagerly.
+        `fullgraph` when every regime's block is one graph; otherwise (`transform.graph_breaks`: learned regimes, or
+        regimes the PyTorch reference runs) those steps break the graph in every block, which is logged.
+        `backend` and `mode` are torch.compile's (mode "reduce-overhead": CUDA graphs are split around the op)."""
+        from fpsa_train.fps.transform import fps_cores, graph_breaks
+
+        cores = fps_cores(self.model)
+        breaks = {} if self.schedule is None else graph_breaks(
+            self.schedule, self.device, self.model.cfg.head_dim, cores[0].backend, cores[0].materialize)
+        if breaks:
+            log.warning("torch.compile of %s: these regimes break the graph in every block: %s", self.folder,
+                        "; ".join(f"{name}: {why}" for name, why in breaks.items()))
+        for block in self.model.blocks:
+            block.compile(backend=backend, mode=mode, fullgraph=not breaks, dynamic=False)
+        self.compiled = True
+        return self
+
 
 def describe_backend(schedule: Schedule | None, device: torch.device, backend: str, head_dim: int) -> str:
     """Which implementation FPS attention uses on `device`, per regime, in words: the decision FPSAttention makes
@@ -291,13 +326,18 @@ def describe_backend(schedule: Schedule | None, device: torch.device, backend: s
 
 
 def load_deploy(folder: str | Path, device: str | torch.device = "cpu", backend: str = "auto",
-                dtype: torch.dtype | None = None, verify: bool = True, fps: bool = True) -> Deployed:
+                dtype: torch.dtype | None = None, verify: bool = True, fps: bool = True,
+                fp8_linears: bool = False, compile: bool = False) -> Deployed:
     """Load a deploy folder: verify it, build the DiT from its manifest, load the weights, apply FPS attention.
 
     `dtype` of the parameters: default fp32 on CPU (exactly the exported values, computed in fp32) and bf16 on CUDA
     (the stored dtype; `Deployed.denoise` runs under bf16 autocast there). `verify=False` skips the files' hashes
     (the manifest's own hash is still checked); only for folders checked moments ago. `fps=False` leaves the
-    schedule unapplied: dense SDPA with the same weights (evaluation's dense reference).
+    schedule unapplied: dense SDPA with the same weights (evaluation's dense reference). `fp8_linears=True` runs the
+    blocks' large Linears in FP8 (torchao, per-row scales; fpsa_train/fp8_linears.py): off by default until its
+    quality is shown; needs torchao and a CUDA GPU of compute capability >= 8.9, checked before the weights are read.
+    `compile=True` compiles the DiT with torch.compile (`Deployed.compile`): opt-in, its first step per regime
+    compiles.
     """
     from fpsa_train.fps.transform import apply_fps_attention
     from fpsa_train.models.checkpoint import load_wan_weights
@@ -305,6 +345,10 @@ def load_deploy(folder: str | Path, device: str | torch.device = "cpu", backend:
     folder, device = Path(folder), torch.device(device)
     if backend not in BACKENDS:
         raise DeployError(f"backend={backend!r}: expected one of {BACKENDS}")
+    if fp8_linears:
+        from fpsa_train.fp8_linears import check_fp8_available
+
+        check_fp8_available(device)
     manifest = verify_deploy(folder) if verify else read_manifest(folder)
     cfg = model_config(manifest)
     schedule = load_schedule(folder, cfg) if fps else None
@@ -317,10 +361,15 @@ def load_deploy(folder: str | Path, device: str | torch.device = "cpu", backend:
     if schedule is not None:
         apply_fps_attention(model, schedule, backend=backend)
         _load_selectors(model, folder, device)
+    if fp8_linears:
+        from fpsa_train.fp8_linears import apply_fp8_linears
+
+        apply_fp8_linears(model)
     described = describe_backend(schedule, device, backend, cfg.head_dim) if fps else \
         "dense SDPA (fps=False: the exported schedule is not applied)"
     log.info("deploy %s: %s weights (%s), attention: %s", folder, manifest["key_format"], dtype, described)
-    return Deployed(model, schedule, manifest, folder, device, described)
+    deployed = Deployed(model, schedule, manifest, folder, device, described)
+    return deployed.compile() if compile else deployed
 
 
 def _load_selectors(model: WanModel, folder: Path, device: torch.device) -> None:

@@ -86,6 +86,11 @@ class SampleConfig:
     """auto (CUDA when present), cpu or cuda."""
     backend: str = "auto"
     """FPS attention: auto (kernel on H100/H200, reference elsewhere), reference, kernel."""
+    fp8_linears: bool = False
+    """The blocks' large Linears in FP8 (torchao, per-row scales; fpsa_train/fp8_linears.py). Off by default until its
+    quality is shown; needs torchao (`pip install 'fpsa[fp8]'`) and a CUDA GPU of compute capability >= 8.9."""
+    compile: bool = False
+    """torch.compile the DiT (`Deployed.compile`): the first step of each regime compiles, later steps run faster."""
     sheet_frames: int = 8
     """Frames on the PNG contact sheet (evenly spaced)."""
 
@@ -310,7 +315,8 @@ def sample(cfg: SampleConfig) -> dict:
 
     started = time.perf_counter()
     device = resolve_device(cfg.device)
-    deployed = load_deploy(cfg.deploy, device=device, backend=cfg.backend)
+    deployed = load_deploy(cfg.deploy, device=device, backend=cfg.backend, fp8_linears=cfg.fp8_linears,
+                           compile=cfg.compile)
     manifest = deployed.manifest
     height, width, frames = video_size(cfg, manifest)
     components = components_folder(cfg.components, manifest)
@@ -341,6 +347,7 @@ def sample(cfg: SampleConfig) -> dict:
     report = {"mp4": str(mp4), "png": str(png), "size": [height, width, frames], "steps": cfg.steps,
               "negative_prompt": negative,
               "prompt_check": check, "steps_per_regime": regimes, "backend": deployed.backend,
+              "fp8_linears": cfg.fp8_linears, "compile": cfg.compile,
               "seconds_denoising": round(loop_seconds, 3), "seconds_per_step": round(loop_seconds / cfg.steps, 4),
               "seconds": round(time.perf_counter() - started, 3)}
     log.info("sample written: %s", report)

@@ -14,6 +14,9 @@
 
   python scripts/bench_deploy.py --model wan1_3b --latent 21 60 104 --out docs/bench_deploy_h100.json \
       [--schedules configs/fps/default.yaml,configs/fps/sparse.yaml]
+
+`--fp8-linears`: the deploy runtime's large Linears in FP8 (fpsa_train/fp8_linears.py, torchao); the dense model is
+then timed a second time with them too (`dense_fp8_linears_ms`: the linears' gain alone, same run).
 """
 
 from __future__ import annotations
@@ -83,6 +86,11 @@ def main() -> None:
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--schedules", default="configs/fps/default.yaml",
                    help="comma-separated schedule files, each exported and timed (named by its stem)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the deploy runtime's DiT (Deployed.compile; the warmup step compiles)")
+    p.add_argument("--fp8-linears", action="store_true",
+                   help="the deploy runtime's large Linears in FP8 (load_deploy(fp8_linears=True): torchao, per-row "
+                        "scales); the dense baseline is also timed with them (dense_fp8_linears_ms)")
     args = p.parse_args()
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
@@ -98,7 +106,7 @@ def main() -> None:
         report = export(ExportConfig(checkpoint=str(work / "last.ckpt"), out=str(work / f"deploy_{name}"),
                                      schedule_file=str(REPO / path)))
         t0 = time.perf_counter()
-        deployed = load_deploy(report["out"], device="cuda")
+        deployed = load_deploy(report["out"], device="cuda", compile=args.compile, fp8_linears=args.fp8_linears)
         t_load = time.perf_counter() - t0
         if dense is None:  # the baseline, once: the same weights in a plain WanModel
             with torch.device("meta"):
@@ -116,6 +124,12 @@ def main() -> None:
 
             ref = dense_step()
             results["dense_ms"] = median_ms(dense_step, args.reps)
+            if args.fp8_linears:  # the same dense model with FP8 linears: what the linears alone gain
+                from fpsa_train.fp8_linears import apply_fp8_linears
+
+                apply_fp8_linears(dense)
+                results["dense_fp8_linears_ms"] = median_ms(dense_step, args.reps)
+                results["dense_fp8_linears_rel_diff"] = ((dense_step() - ref).norm() / ref.norm()).item()
         steps = Counter(deployed.schedule.regime_for(float(s)).name for s in sigmas)
         regimes = {}
         for regime in deployed.schedule.regimes:
@@ -137,11 +151,14 @@ def main() -> None:
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": args.model,
         "latent": list(args.latent), "tokens": args.latent[0] * args.latent[1] * args.latent[2] // 4,
         "checkpoint_write_seconds": round(t_ckpt, 2), "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "date": time.strftime("%Y-%m-%d"),
+        "date": time.strftime("%Y-%m-%d"), "compile": args.compile, "fp8_linears": args.fp8_linears,
     })
     print(json.dumps(results, indent=1))
     print("\n| schedule | step (CFG batch 2) | ms | vs dense |\n|---|---|---|---|")
     print(f"| — | dense bf16 | {results['dense_ms']:.1f} | 1.00× |")
+    if args.fp8_linears:
+        print(f"| — | dense, FP8 linears | {results['dense_fp8_linears_ms']:.1f} | "
+              f"{results['dense_ms'] / results['dense_fp8_linears_ms']:.2f}× |")
     for name, sched in results["schedules"].items():
         for regime, r in sched["regimes"].items():
             print(f"| {name} | {regime} (σ={r['sigma']:.2f}, {r['sampling_steps_of_50']}/50 steps) | {r['ms']:.1f} | "

@@ -58,6 +58,11 @@ class EvaluateConfig:
     per_regime: bool = False
     """Also sample each candidate with every regime of its schedule forced on every step (one row per regime), so
     each regime's damage is seen alone; the exported schedule is always evaluated."""
+    fp8_linears: bool = False
+    """Also sample each candidate with the blocks' large Linears in FP8 (torchao, per-row scales;
+    fpsa_train/fp8_linears.py), with its exported schedule: one more row per candidate, `<candidate>.fp8`, against
+    the same reference (whose Linears stay bf16). `reference=<that candidate's folder>` leaves FP8 linears the only
+    difference (same weights and attention). Needs torchao and a CUDA GPU of compute capability >= 8.9."""
     device: str = "auto"
     """auto (CUDA when present), cpu or cuda[:N]."""
     backend: str = "auto"

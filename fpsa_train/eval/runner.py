@@ -2,7 +2,8 @@
 
 A *variant* is one model run one way: the reference; each candidate with its exported schedule; and with
 `per_regime=true` each candidate with one regime of its schedule forced on every step (`Deployed.only_regime`),
-so the damage each regime does is seen alone, not averaged into the schedule's. Every variant samples every
+so the damage each regime does is seen alone, not averaged into the schedule's; with `fp8_linears=true` each
+candidate with its schedule and FP8 linears (`<candidate>.fp8`). Every variant samples every
 (prompt, seed) through `sample.generate`, the code path of `python -m fpsa_train.sample`, from
 `sample.initial_noise(seed)`: noise drawn on the CPU from the seed alone, so a candidate and its reference start
 from bit-identical latents and differ only by their weights and attention (each video's record carries the
@@ -58,6 +59,8 @@ class Variant:
     manifest: dict
     regimes: list = field(default_factory=list)
     """The exported schedule's regimes (fps.schedule.Regime), for the report."""
+    fp8_linears: bool = False
+    """The blocks' large Linears in FP8 (`load_deploy(fp8_linears=True)`); part of the inputs when on."""
 
     @property
     def only(self) -> str | None:
@@ -65,6 +68,8 @@ class Variant:
 
     @property
     def label(self) -> str:
+        if self.fp8_linears:
+            return dataclasses.replace(self, fp8_linears=False).label + " + FP8 linears"
         if self.attention == DENSE:
             return "dense SDPA"
         if self.only:
@@ -113,6 +118,13 @@ def build_variants(cfg: EvaluateConfig) -> list[Variant]:
         if cfg.per_regime:
             variants += [Variant(f"{name}@{r.name}", name, f"regime:{r.name}", folder, manifest, regimes)
                          for r in regimes]
+        if cfg.fp8_linears:
+            variants.append(Variant(f"{name}.fp8", name, "schedule" if regimes else DENSE, folder, manifest, regimes,
+                                    fp8_linears=True))
+    keys = [v.key for v in variants]
+    if len(set(keys)) != len(keys):  # e.g. candidates `x` and `x.fp8` with fp8_linears=true
+        raise ConfigError(f"two results would share a name: {sorted(k for k in keys if keys.count(k) > 1)}; rename "
+                          "a candidate's folder")
     in_dims = {v.key: model_config(v.manifest).in_dim for v in variants}
     if len(set(in_dims.values())) > 1:
         raise ConfigError(f"the models' latent channels differ ({in_dims}): their videos cannot start from the same "
@@ -132,6 +144,10 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
     out = Path(cfg.out)
     device = resolve_device(cfg.device)
+    if cfg.fp8_linears:  # before any video is sampled: a host without torchao or FP8 GEMMs is told at once
+        from fpsa_train.fp8_linears import check_fp8_available
+
+        check_fp8_available(device)
     variants = build_variants(cfg)
     prompts, seeds = load_prompts(cfg), load_seeds(cfg)
     size = video_size(cfg, variants[1].manifest)
@@ -159,7 +175,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         variants[0].model, "reference_attention": variants[0].label, "prompts": cfg.prompts, "num_prompts":
         len(prompts), "seeds": seeds, "steps": cfg.steps, "guidance": cfg.guidance, "shift": cfg.shift,
         "size": {"height": size[0], "width": size[1], "frames": size[2]}, "components": components,
-        "device": str(device), "backend": cfg.backend, "per_regime": cfg.per_regime,
+        "device": str(device), "backend": cfg.backend, "per_regime": cfg.per_regime, "fp8_linears": cfg.fp8_linears,
         "negative_prompt": cfg.negative_prompt if cfg.guidance > 1 else None}
     results["prompts"] = [{"id": prompt_id(p), "index": i, "prompt": p} for i, p in enumerate(prompts)]
     results["schedules"] = {v.key: [r.describe() for r in v.regimes] for v in variants if v.attention == "schedule"}
@@ -175,7 +191,8 @@ def _inputs(cfg: EvaluateConfig, variant: Variant, prompt: str, seed: int, size,
             "negative_prompt": cfg.negative_prompt if cfg.guidance > 1 else None, "seed": seed, "steps": cfg.steps,
             "guidance": cfg.guidance, "shift": cfg.shift, "size": list(size),
             "components": str(Path(components).resolve()), "device": device.type, "backend": cfg.backend,
-            **({"batch": _batch_of(cfg.batch, prompts, prompt, seed)} if cfg.batch > 1 else {})}
+            **({"batch": _batch_of(cfg.batch, prompts, prompt, seed)} if cfg.batch > 1 else {}),
+            **({"fp8_linears": True} if variant.fp8_linears else {})}
 
 
 def _batch_of(batch: int, prompts: list[str], prompt: str, seed: int) -> list[str]:
@@ -218,11 +235,12 @@ def _sample_missing(cfg: EvaluateConfig, jobs: list[Job], device: torch.device, 
     for variant in dict.fromkeys(j.variant.key for j in pending):
         todo = [j for j in pending if j.variant.key == variant]
         v = todo[0].variant
-        if loaded_key != (v.folder, v.attention != DENSE):  # one load per folder for its schedule and regimes
+        if loaded_key != (v.folder, v.attention != DENSE, v.fp8_linears):  # one load per folder for its regimes
             deployed = None
             _free(device)
-            deployed = load_deploy(v.folder, device=device, backend=cfg.backend, fps=v.attention != DENSE)
-            loaded_key = (v.folder, v.attention != DENSE)
+            deployed = load_deploy(v.folder, device=device, backend=cfg.backend, fps=v.attention != DENSE,
+                                   fp8_linears=v.fp8_linears)
+            loaded_key = (v.folder, v.attention != DENSE, v.fp8_linears)
         shape = latent_shape(deployed.model.cfg.in_dim, enc.vae, *size)
         with deployed.only_regime(v.only) if v.only else nullcontext(), \
                 tqdm(total=len(todo), desc=f"sampling {v.key}", unit="video") as bar:
@@ -319,6 +337,7 @@ def _summarise(v: Variant, videos: list[dict], names: tuple[str, ...], scored: b
     lpips = [f["lpips"] for f in fid if f["lpips"] is not None]
     steps = np.array([[t["density"] for t in e["trace"]] for e in videos])  # (videos, steps)
     return {"key": v.key, "model": v.model, "regime": v.label, "attention_kind": v.attention,
+            "fp8_linears": v.fp8_linears,
             "deploy": str(v.folder), "reference": v.key == REFERENCE,
             "psnr": float(np.mean([f["psnr"] for f in fid])) if fid else None,
             "ssim": float(np.mean([f["ssim"] for f in fid])) if fid else None,

@@ -8,6 +8,14 @@ A batch whose samples fall into different regimes is split by regime and reassem
 is computed exactly as it would be alone. Cross-attention stays dense, as in the paper. The model file never
 imports this module.
 
+Under torch.compile (the deploy runtime's opt-in `compile`), two things keep Dynamo's graph whole through every
+layer. The regime is chosen once per step by the caller, from σ on the host (`batch_regime`), and passed by name as
+`attn_kwargs["regime"]`: choosing it here from the σ tensor would read σ on the host in every layer (a graph break
+each, and a sync each in eager runs too). And the kernel's inference forward is the custom op `fpsa::attention`
+(fps/op.py), one opaque node with a fake implementation, instead of the host-side planning of a direct call. What
+remains outside a whole graph: training (the kernel's autograd.Function), the PyTorch reference (host reads in its
+tile loop), learned regimes (their selector's mask is read on the host to size it), and batches that mix regimes.
+
 Each core keeps what training logs and optimises: the realised density per regime from its last forward, the
 learned selectors' density regulariser (`aux_loss`), and with `collect_stats` on, the FP8 range statistics of its
 Q, K and V (`last_fp8_stats`, fps/fp8.py `e4m3_range_stats`). Selectors are per layer (one module per core), with
@@ -42,6 +50,13 @@ def _announce(message: str) -> None:
         log.info(message)
 
 
+def batch_regime(schedule: Schedule, sigma: torch.Tensor | float) -> str | None:
+    """The name of the regime that owns every σ of the batch (None when they fall into different regimes): what a
+    caller that knows σ on the host passes as `attn_kwargs["regime"]`. A σ on the GPU is read once, here."""
+    which = schedule.regime_index(torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).cpu()).unique()
+    return schedule.regimes[int(which[0])].name if which.numel() == 1 else None
+
+
 def kernel_unavailable(q: torch.Tensor) -> str | None:
     """Why the FP8 kernel cannot run on q's device (None when it can)."""
     try:
@@ -51,13 +66,14 @@ def kernel_unavailable(q: torch.Tensor) -> str | None:
     return unsupported_reason(q)
 
 
-def kernel_fits(head_dim: int, regime) -> bool:
-    """Whether the kernel implements this regime at this head dim (FP8 regimes only; its head dims)."""
+def kernel_fits(head_dim: int, quantized: bool) -> bool:
+    """Whether the kernel implements a regime (`quantized`: its Regime.quantized) at this head dim (FP8 regimes
+    only; its head dims)."""
     try:
         from fpsa_kernels.attention import HEAD_DIMS
     except ImportError:
         return False
-    return regime.quantized and head_dim in HEAD_DIMS
+    return quantized and head_dim in HEAD_DIMS
 
 
 def reference_reason(device: torch.device, head_dim: int, regime, backend: str = "auto",
@@ -66,9 +82,15 @@ def reference_reason(device: torch.device, head_dim: int, regime, backend: str =
 
     The one decision behind both FPSAttention's choice per call and what the deploy runtime reports. Raises
     ScheduleError for backend=kernel on a device where the kernel cannot run."""
+    return _reference_reason(device, head_dim, regime.quantized, backend, materialize)
+
+
+def _reference_reason(device: torch.device, head_dim: int, quantized: bool, backend: str,
+                      materialize: bool) -> str | None:
+    """`reference_reason` on what it reads of the regime (whether it is quantized)."""
     if backend == "reference" or materialize:
         return f"fps.backend={backend}" if backend == "reference" else "materialize=true"
-    if not kernel_fits(head_dim, regime):
+    if not kernel_fits(head_dim, quantized):
         return f"the kernel needs FP8 quantization and its head dims; head_dim is {head_dim}"
     reason = kernel_unavailable(torch.empty(0, device=device))
     if backend == "auto" and (reason is not None or device.type != "cuda"):
@@ -76,6 +98,41 @@ def reference_reason(device: torch.device, head_dim: int, regime, backend: str =
     if reason is not None:
         raise ScheduleError(f"fps.backend=kernel but {reason}; use fps.backend=auto to fall back to the reference")
     return None
+
+
+@torch.compiler.assume_constant_result
+def use_kernel(device: torch.device, head_dim: int, name: str, quantized: bool, backend: str,
+               materialize: bool) -> bool:
+    """Whether FPSAttention runs the regime `name` (`quantized`: its Regime.quantized) in the kernel
+    (`reference_reason`), announcing a fallback once. A constant under Dynamo (decided, and announced, while
+    tracing): its host checks are no part of a compiled graph. It takes primitives, not the Regime: torch 2.11's
+    Dynamo turns each argument of an `assume_constant_result` function into a Python constant, which it cannot do
+    for a frozen dataclass ("currently can't reconstruct arbitrary frozen dataclass instances"; 2.13 can)."""
+    reason = _reference_reason(device, head_dim, quantized, backend, materialize)
+    if reason is not None and backend != "reference" and not materialize:
+        _announce(f"FPS attention: reference for regime {name!r} ({reason})")
+    return reason is None
+
+
+@torch.compiler.assume_constant_result
+def _announce_kernel(device: torch.device, training: bool) -> None:
+    """Announce the kernel once per device and mode (while tracing, under Dynamo: logging is no part of a graph)."""
+    _announce(f"FPS attention: Hopper FP8 Triton kernel (fpsa_kernels) on {device}, "
+              f"{'forward and backward (training)' if training else 'forward'}")
+
+
+def graph_breaks(schedule: Schedule, device: torch.device, head_dim: int, backend: str = "auto",
+                 materialize: bool = False) -> dict[str, str]:
+    """{regime: why} for the regimes whose steps break a compiled DiT's graph in every layer; {} when each step is
+    one graph (every regime in the kernel's inference op, none learned). See the module docstring."""
+    breaks = {}
+    for r in schedule.regimes:
+        reason = reference_reason(device, head_dim, r, backend, materialize)
+        if reason is not None:
+            breaks[r.name] = f"the PyTorch reference runs it ({reason})"
+        elif r.pattern == "learned":
+            breaks[r.name] = "its learned selector's mask is sized on the host"
+    return breaks
 
 
 class FPSAttention(nn.Module):
@@ -86,7 +143,7 @@ class FPSAttention(nn.Module):
         super().__init__()
         if backend not in BACKENDS:
             raise ScheduleError(f"fps.backend={backend!r}: expected one of {BACKENDS}")
-        self.schedule = schedule
+        self.schedule = schedule  # also sets _specs
         self.layer = layer
         self.materialize = materialize
         self.backend = backend
@@ -94,65 +151,104 @@ class FPSAttention(nn.Module):
         self.selectors = nn.ModuleDict({
             r.name: LearnedSelector(num_heads, r.target_density, r.temperature)
             for r in schedule.regimes if r.pattern == "learned"})
-        self.last_density: dict[str, float] = {}
+        self._last_density: dict[str, torch.Tensor] = {}  # fp32 () per regime, read on the host only when asked
         self.aux_loss: torch.Tensor | None = None
         self.collect_stats = False  # record last_fp8_stats on every forward (costs a pass over Q, K, V)
         self.last_fp8_stats: dict[str, float] = {}  # {"saturated", "underflow"} rates; {} when nothing quantized
 
+    @property
+    def schedule(self) -> Schedule:
+        return self._schedule
+
+    @schedule.setter
+    def schedule(self, schedule: Schedule) -> None:
+        """Set (or swap, as the deploy runtime's `only_regime` does) the schedule, with each regime's op form.
+
+        `_specs` {name: `regime_spec(regime)`}: what the inference op takes, computed here, outside any compiled
+        region, so a compiled forward reads a string from a dict instead of passing the Regime (a frozen
+        dataclass) to `regime_spec`, which torch 2.11's Dynamo cannot do (see `use_kernel`)."""
+        from fpsa_train.fps.op import regime_spec
+
+        self._schedule = schedule
+        self._specs = {r.name: regime_spec(r) for r in schedule.regimes}
+
+    @property
+    def last_density(self) -> dict[str, float]:
+        """{regime: fraction of tile pairs computed} of the last forward, mean over its samples and heads."""
+        return {name: float(d) for name, d in self._last_density.items()}
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
-                sigma: torch.Tensor | float | None = None, heads: slice | None = None,
+                sigma: torch.Tensor | float | None = None, heads: slice | None = None, regime: str | None = None,
                 **attn_kwargs) -> torch.Tensor:
+        """q, k, v (B, H, L, D) → out (B, H, L, D) in v's dtype. Each sample runs in the regime that owns its σ;
+        `regime` (a name of the schedule) runs the whole batch in that regime instead, for a caller that chose it
+        from σ on the host (`batch_regime`; the deploy runtime does, once per step), so nothing here reads σ."""
         # q, k, v: (B, H, L, D), tokens in tile-major order; H = all heads, or the range `heads` of them
-        if sigma is None:
-            raise ValueError("FPS attention picks its regime from the noise level: call the model with "
-                             "attn_kwargs={'sigma': σ} (a float or one value per sample)")
-        b = q.shape[0]
-        sigma = torch.as_tensor(sigma, device=q.device).reshape(-1)
-        if sigma.numel() == 1:
-            sigma = sigma.expand(b)
-        elif sigma.numel() != b:
-            raise ValueError(f"sigma has {sigma.numel()} values for a batch of {b}")
-        which = self.schedule.regime_index(sigma)  # (B,)
+        if regime is not None:
+            groups = [(self._regime_named(regime), None)]  # (regime, the samples in it): all of them
+        else:
+            if sigma is None:
+                raise ValueError("FPS attention picks its regime from the noise level: call the model with "
+                                 "attn_kwargs={'sigma': σ} (a float or one value per sample)")
+            b = q.shape[0]
+            sigma = torch.as_tensor(sigma, device=q.device).reshape(-1)
+            if sigma.numel() == 1:
+                sigma = sigma.expand(b)
+            elif sigma.numel() != b:
+                raise ValueError(f"sigma has {sigma.numel()} values for a batch of {b}")
+            which = self.schedule.regime_index(sigma)  # (B,)
+            groups = [(self.schedule.regimes[r], (which == r).nonzero().flatten())  # the samples in regime r
+                      for r in torch.unique(which).tolist()]
         outputs, order, aux, stats = [], [], [], []
-        self.last_density = {}
-        for r in torch.unique(which).tolist():
-            regime = self.schedule.regimes[r]
-            idx = (which == r).nonzero().flatten()  # the samples in this regime
-            selector = self.selectors[regime.name] if regime.name in self.selectors else None
-            out, sel = self._attend(q[idx], k[idx], v[idx], layout, regime, selector, heads)
+        self._last_density = {}
+        for chosen, idx in groups:
+            qr, kr, vr = (q, k, v) if idx is None else (q[idx], k[idx], v[idx])
+            selector = self.selectors[chosen.name] if chosen.name in self.selectors else None
+            out, density, reg_loss = self._attend(qr, kr, vr, layout, chosen, selector, heads)
             outputs.append(out)
             order.append(idx)
-            self.last_density[regime.name] = float(sel.mask.density().mean())
-            if sel.reg_loss is not None:
-                aux.append(sel.reg_loss)
-            if self.collect_stats and regime.quantized:
-                stats.append(qkv_range_stats(q[idx], k[idx], v[idx], layout, regime.quant))
+            self._last_density[chosen.name] = density
+            if reg_loss is not None:
+                aux.append(reg_loss)
+            if self.collect_stats and chosen.quantized:
+                stats.append(qkv_range_stats(qr, kr, vr, layout, chosen.quant))
         self.aux_loss = torch.stack(aux).sum() if aux else None
         self.last_fp8_stats = sum(stats, RangeStats(0, 0, 0, 0)).rates() if stats else {}
         out = torch.cat(outputs) if len(outputs) == 1 else torch.cat(outputs)[torch.argsort(torch.cat(order))]
         return out.to(v.dtype)  # (B, H, L, D)
 
-    def _use_kernel(self, q: torch.Tensor, regime) -> bool:
-        reason = reference_reason(q.device, q.shape[-1], regime, self.backend, self.materialize)
-        if reason is not None and self.backend != "reference" and not self.materialize:
-            _announce(f"FPS attention: reference for regime {regime.name!r} ({reason})")
-        return reason is None
+    def _regime_named(self, name: str):
+        for regime in self.schedule.regimes:
+            if regime.name == name:
+                return regime
+        raise ScheduleError(f"attn_kwargs regime={name!r} is not in the schedule: its regimes are "
+                            f"{[r.name for r in self.schedule.regimes]}")
 
     def _attend(self, q, k, v, layout: TokenLayout, regime, selector, heads: slice | None):
-        if not self._use_kernel(q, regime):
+        """One regime's samples: (out (B, H, L, D), density fp32 (), the selector's regulariser or None)."""
+        if not use_kernel(q.device, q.shape[-1], regime.name, regime.quantized, self.backend, self.materialize):
             self.last_backend = "reference"
             attend = attention_materialized if self.materialize else attention_tiles
-            return attend(q, k, v, layout, regime, selector, heads=heads)
+            out, sel = attend(q, k, v, layout, regime, selector, heads=heads)
+            return out, sel.mask.density().mean(), sel.reg_loss
         self.last_backend = "kernel"
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        sel = None
+        if grad or regime.pattern == "learned":  # the selector's mask (and gate), or the training path's mask
+            sel = select_tiles(q, k, layout, regime, selector, heads)
+            grad = grad or (torch.is_grad_enabled() and sel.gate is not None and sel.gate.requires_grad)
+        _announce_kernel(q.device, grad)
+        if not grad:  # inference: the custom op (fps/op.py), which selects top-k masks itself
+            from fpsa_train.fps.op import fps_attention_op
+
+            out, _, density = fps_attention_op(q, k, v, layout, self._specs[regime.name],
+                                               None if sel is None else sel.mask.to_dense())
+            return out, density, None if sel is None else sel.reg_loss
         from fpsa_kernels import fps_attention
 
-        training = torch.is_grad_enabled() and q.requires_grad
-        _announce(f"FPS attention: Hopper FP8 Triton kernel (fpsa_kernels) on {q.device}, "
-                  f"{'forward and backward (training)' if training else 'forward'}")
-        sel = select_tiles(q, k, layout, regime, selector, heads)  # also for density logging
         static = regime.pattern in ("dense", "window")  # the kernel reuses its cached plan for these
         out, _ = fps_attention(q, k, v, layout, regime, None if static else sel.mask, sel.gate)
-        return out, sel
+        return out, sel.mask.density().mean(), sel.reg_loss
 
 
 def apply_fps_attention(model: nn.Module, schedule: Schedule, materialize: bool = False,
