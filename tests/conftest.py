@@ -50,6 +50,45 @@ def trained_checkpoint(tmp_path_factory) -> Path:
     return run / "checkpoints" / "last.ckpt"
 
 
+KERNEL_SIZED = ["+experiment=tiny", "data=synthetic", "model.dim=256", "model.num_heads=2", "model.ffn_dim=512",
+                "data.latent_frames=4", "data.latent_height=16", "data.latent_width=32"]
+"""A tiny DiT the Hopper kernel runs: head_dim 128, tile 2×4×4 on a 4×8×16 token grid (2×2×4 tiles, so the default
+schedule's windows drop tiles)."""
+
+
+@pytest.fixture(scope="session")
+def kernel_sized_deploy(tmp_path_factory) -> str:
+    """A deploy folder of a random KERNEL_SIZED DiT with the default schedule, for the GPU tests (skipped without
+    CUDA: the tests that use it run the kernel)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from fpsa_train.config import resolve
+    from fpsa_train.export import ExportConfig, export
+    from fpsa_train.fps.schedule import Schedule
+    from fpsa_train.lit.module import RUN_CONFIG_KEY
+    from fpsa_train.models.build import architecture_of
+    from fpsa_train.models.wan import WanModel
+    from fpsa_train.train import run_config
+
+    tmp = tmp_path_factory.mktemp("kernel_sized")
+    conf = resolve(compose_train(KERNEL_SIZED, tmp))
+    schedule = Schedule.from_config(conf.fps, tuple(conf.model.tile_shape))
+    torch.manual_seed(0)
+    model = WanModel(architecture_of(conf.model))
+    torch.nn.init.normal_(model.head.head.weight, std=0.02)  # the published init zeroes it: outputs would be 0
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                RUN_CONFIG_KEY: run_config(conf, schedule), "global_step": 0}, tmp / "last.ckpt")
+    return export(ExportConfig(checkpoint=str(tmp / "last.ckpt"), out=str(tmp / "deploy")))["out"]
+
+
+def kernel_sized_steps(deployed):
+    """(latents, text, σ per regime) for one CFG-batch step of the KERNEL_SIZED model in each of its regimes."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 16, 4, 16, 32, generator=g).cuda()
+    text = torch.randn(2, 512, 64, generator=g).cuda()
+    return x, text, [(regime, (regime.lo + regime.hi) / 2) for regime in deployed.schedule.regimes]
+
+
 @pytest.fixture(scope="session")
 def tiny_components(tmp_path_factory) -> Path:
     """Untrained tiny Wan-layout VAE, UMT5 and tokenizer (fast to build; decodes to noise-like video)."""

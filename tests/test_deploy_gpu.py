@@ -15,39 +15,17 @@ from fpsa_train.lit.module import RUN_CONFIG_KEY
 from fpsa_train.models.build import architecture_of
 from fpsa_train.models.wan import WanModel
 from fpsa_train.train import run_config
-from tests.conftest import compose_train
+from tests.conftest import KERNEL_SIZED, compose_train, kernel_sized_steps
 
 pytestmark = pytest.mark.gpu
 
-# head_dim 128 (the kernel's), tile 2×4×4 on a 4×8×16 token grid: 2×2×4 tiles, so the windows drop tiles
-KERNEL_SIZED = ["+experiment=tiny", "data=synthetic", "model.dim=256", "model.num_heads=2", "model.ffn_dim=512",
-                "data.latent_frames=4", "data.latent_height=16", "data.latent_width=32"]
 
-
-@pytest.fixture(scope="module")
-def deploy_folder(tmp_path_factory):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    tmp = tmp_path_factory.mktemp("deploy_gpu")
-    conf = resolve(compose_train(KERNEL_SIZED, tmp))
-    schedule = Schedule.from_config(conf.fps, tuple(conf.model.tile_shape))
-    torch.manual_seed(0)
-    model = WanModel(architecture_of(conf.model))
-    torch.nn.init.normal_(model.head.head.weight, std=0.02)  # the published init zeroes it: outputs would be 0
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                RUN_CONFIG_KEY: run_config(conf, schedule), "global_step": 0}, tmp / "last.ckpt")
-    return export(ExportConfig(checkpoint=str(tmp / "last.ckpt"), out=str(tmp / "deploy")))["out"]
-
-
-def test_deploy_runtime_uses_the_kernel_on_hopper(deploy_folder):
-    kernel = load_deploy(deploy_folder, device="cuda")
-    reference = load_deploy(deploy_folder, device="cuda", backend="reference")
+def test_deploy_runtime_uses_the_kernel_on_hopper(kernel_sized_deploy):
+    kernel = load_deploy(kernel_sized_deploy, device="cuda")
+    reference = load_deploy(kernel_sized_deploy, device="cuda", backend="reference")
     assert "Hopper FP8" in kernel.backend and "reference" in reference.backend
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 16, 4, 16, 32, generator=g).cuda()
-    text = torch.randn(2, 512, 64, generator=g).cuda()
-    for regime in kernel.schedule.regimes:
-        sigma = (regime.lo + regime.hi) / 2
+    x, text, steps = kernel_sized_steps(kernel)
+    for regime, sigma in steps:
         got, ref = kernel.denoise(x, sigma, text), reference.denoise(x, sigma, text)
         assert {c.last_backend for c in fps_cores(kernel.model)} == {"kernel"}, regime.name
         assert {c.last_backend for c in fps_cores(reference.model)} == {"reference"}, regime.name

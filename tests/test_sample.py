@@ -131,3 +131,28 @@ def test_negative_prompt_is_the_components_own_and_a_foreign_one_is_flagged(depl
     report = sample(SampleConfig(deploy=deploy, prompt=PROMPT, components=str(tiny_components), steps=1,
                                  height=32, width=32, frames=1, out=str(tmp_path / "s")))
     assert report["negative_prompt"] == ""
+
+
+@pytest.mark.parametrize("flag", ["compile", "fp8_linears"])
+def test_the_samplers_runtime_flags_default_off_and_reach_load_deploy(flag, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    from fpsa_train.config import resolve
+    from tests.conftest import CONFIGS
+
+    with initialize_config_dir(config_dir=str(CONFIGS / "tools"), version_base="1.3"):
+        assert getattr(resolve(compose(config_name="sample", overrides=["deploy=d", "prompt=p"])), flag) is False
+        cfg = resolve(compose(config_name="sample", overrides=["deploy=d", "prompt=p", f"{flag}=true"]))
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_load(folder, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr("fpsa_train.deploy.load_deploy", fake_load)
+    with pytest.raises(Stop):
+        sample(cfg)
+    assert seen[flag] is True

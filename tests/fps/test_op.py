@@ -289,28 +289,3 @@ def test_deployed_compile_matches_eager_at_every_step(kernel_deploy, caplog):
         load_deploy(kernel_deploy, backend="reference").compile(backend="aot_eager")
     assert "break the graph in every block" in caplog.text and "PyTorch reference" in caplog.text
     torch._dynamo.reset()
-
-
-def test_the_sampler_compile_flag_composes_and_reaches_load_deploy(monkeypatch):
-    from hydra import compose, initialize_config_dir
-
-    from fpsa_train.config import resolve
-    from fpsa_train.sample import sample
-    from tests.conftest import CONFIGS
-
-    with initialize_config_dir(config_dir=str(CONFIGS / "tools"), version_base="1.3"):
-        assert resolve(compose(config_name="sample", overrides=["deploy=d", "prompt=p"])).compile is False
-        cfg = resolve(compose(config_name="sample", overrides=["deploy=d", "prompt=p", "compile=true"]))
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def fake_load(folder, **kwargs):
-        seen.update(kwargs)
-        raise Stop
-
-    monkeypatch.setattr("fpsa_train.deploy.load_deploy", fake_load)
-    with pytest.raises(Stop):
-        sample(cfg)
-    assert seen["compile"] is True
