@@ -16,7 +16,10 @@
       [--schedules configs/fps/default.yaml,configs/fps/sparse.yaml]
 
 `--fp8-linears`: the deploy runtime's large Linears in FP8 (fpsa_train/fp8_linears.py, torchao); the dense model is
-then timed a second time with them too (`dense_fp8_linears_ms`: the linears' gain alone, same run).
+then timed a second time with them too (`dense_fp8_linears_ms`: the linears' gain alone, same run). `--compile`:
+the deploy runtime under torch.compile (`Deployed.compile`; the baseline stays eager). `--sample-steps 50`: also
+the whole sampling loop of one video (both guidance branches per step; no text encoding or VAE decoding) per
+schedule and with dense SDPA on the same weights, in wall seconds.
 """
 
 from __future__ import annotations
@@ -71,6 +74,21 @@ def median_ms(fn, reps: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def sample_seconds(deployed, x: torch.Tensor, text: torch.Tensor, steps: int) -> float:
+    """Wall seconds of `steps` sampling steps of one video (x[:1]; text[0] as the prompt, text[1] as the negative),
+    after a 2-step warm-up (kernel autotuning and, compiled, the regimes' first graphs outside the timing)."""
+    from fpsa_train.sample import denoise_loop
+
+    texts = [text[0], text[1]]
+    with torch.no_grad():
+        denoise_loop(deployed, x[:1], texts, 2, 5.0, 5.0, leave=False)
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        denoise_loop(deployed, x[:1], texts, steps, 5.0, 5.0, leave=False)
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
 def main() -> None:
     from fpsa_train.deploy import load_deploy
     from fpsa_train.export import ExportConfig, export
@@ -91,6 +109,10 @@ def main() -> None:
     p.add_argument("--fp8-linears", action="store_true",
                    help="the deploy runtime's large Linears in FP8 (load_deploy(fp8_linears=True): torchao, per-row "
                         "scales); the dense baseline is also timed with them (dense_fp8_linears_ms)")
+    p.add_argument("--sample-steps", type=int, default=0,
+                   help="also time a whole sample of this many steps (flow UniPC, shift 5, guidance 5, one video: "
+                        "both guidance branches per step, the sampler's loop without text encoding and decoding) "
+                        "with each schedule and with dense SDPA on the same weights (load_deploy(fps=False))")
     args = p.parse_args()
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
@@ -140,11 +162,19 @@ def main() -> None:
                                     "rel_diff_vs_dense": ((out - ref).norm() / ref.norm()).item(),
                                     "sampling_steps_of_50": steps[regime.name]}
         mean_ms = sum(r["ms"] * r["sampling_steps_of_50"] for r in regimes.values()) / 50
+        if args.sample_steps and "dense_sample_seconds" not in results:
+            plain = load_deploy(report["out"], device="cuda", fps=False)  # bf16 linears, dense SDPA
+            results["dense_sample_seconds"] = sample_seconds(plain, x, text, args.sample_steps)
+            plain = None
         results["schedules"][name] = {
             "file": path, "backend": deployed.backend, "regimes": regimes, "schedule_mean_ms": mean_ms,
             "schedule_mean_speedup_vs_dense": results["dense_ms"] / mean_ms,
             "export": {"seconds": report["seconds"], "bytes": report["bytes"], "files": report["files"]},
             "load_deploy_seconds": round(t_load, 2)}
+        if args.sample_steps:
+            seconds = sample_seconds(deployed, x, text, args.sample_steps)
+            results["schedules"][name].update(sample_seconds=seconds,
+                                              sample_speedup_vs_dense=results["dense_sample_seconds"] / seconds)
         deployed = None  # freed before the next schedule's copy is loaded
         torch.cuda.empty_cache()
     results.update({
@@ -152,6 +182,7 @@ def main() -> None:
         "latent": list(args.latent), "tokens": args.latent[0] * args.latent[1] * args.latent[2] // 4,
         "checkpoint_write_seconds": round(t_ckpt, 2), "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
         "date": time.strftime("%Y-%m-%d"), "compile": args.compile, "fp8_linears": args.fp8_linears,
+        "sample_steps": args.sample_steps,
     })
     print(json.dumps(results, indent=1))
     print("\n| schedule | step (CFG batch 2) | ms | vs dense |\n|---|---|---|---|")
@@ -165,6 +196,10 @@ def main() -> None:
                   f"{r['speedup_vs_dense']:.2f}× |")
         print(f"| {name} | mean over 50 steps (shift 5) | {sched['schedule_mean_ms']:.1f} | "
               f"{sched['schedule_mean_speedup_vs_dense']:.2f}× |")
+        if args.sample_steps:
+            print(f"| {name} | whole {args.sample_steps}-step sample (dense SDPA: "
+                  f"{results['dense_sample_seconds']:.1f} s) | {1000 * sched['sample_seconds']:.0f} | "
+                  f"{sched['sample_speedup_vs_dense']:.2f}× |")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
 
