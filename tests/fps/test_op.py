@@ -289,3 +289,22 @@ def test_deployed_compile_matches_eager_at_every_step(kernel_deploy, caplog):
         load_deploy(kernel_deploy, backend="reference").compile(backend="aot_eager")
     assert "break the graph in every block" in caplog.text and "PyTorch reference" in caplog.text
     torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_inductor_compiles_the_runtime_around_the_op_on_cpu(kernel_deploy):
+    """Inductor (not only aot_eager) lowers the compiled blocks around the op: its fake impl's strides and dtypes
+    must hold for Inductor's buffers. On CPU under the interpreter, in fp32, the compiled velocity equals eager's to
+    fp32 reassociation (> 60 dB); tests/test_compile_gpu.py does the same with bf16 on the GPU."""
+    from fpsa_train.deploy import load_deploy
+    from fpsa_train.fps.fp8 import sqnr_db
+
+    torch._dynamo.reset()
+    eager = load_deploy(kernel_deploy, backend="kernel")
+    compiled = load_deploy(kernel_deploy, backend="kernel").compile(backend="inductor")
+    g = torch.Generator().manual_seed(1)
+    x, text = torch.randn(2, 16, 3, 8, 16, generator=g), torch.randn(2, 5, 64, generator=g)
+    for sigma in (0.95, 0.6, 0.2):  # early, middle, late
+        db = sqnr_db(eager.denoise(x, sigma, text, timestep=500), compiled.denoise(x, sigma, text, timestep=500))
+        assert db > 60, f"σ {sigma}: {db:.1f} dB"
+    torch._dynamo.reset()
