@@ -7,17 +7,15 @@ import pytest
 
 from fpsa_train.eval.config import EvaluateConfig
 from fpsa_train.eval.runner import evaluate
-from tests.test_deploy_gpu import deploy_folder  # noqa: F401  (a kernel-sized export: head_dim 128, 2×2×4 tiles)
 
 pytestmark = pytest.mark.gpu
 
 
-def test_evaluate_runs_the_kernel_against_a_dense_bf16_reference(
-        deploy_folder, tiny_components, tmp_path):  # noqa: F811 (pytest passes the imported fixture)
+def test_evaluate_runs_the_kernel_against_a_dense_bf16_reference(kernel_sized_deploy, tiny_components, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle moving left quickly on a dark blue background\n"
                        "a green square moving up slowly on a black background\n")
-    cfg = EvaluateConfig(candidates=[deploy_folder], prompts=str(prompts), seeds=[0, 1], steps=4,
+    cfg = EvaluateConfig(candidates=[kernel_sized_deploy], prompts=str(prompts), seeds=[0, 1], steps=4,
                          components=str(tiny_components), out=str(tmp_path / "eval"), device="cuda", per_regime=True)
     results = evaluate(cfg)
     by_key = {v["key"]: v for v in results["variants"]}
