@@ -19,7 +19,8 @@
 then timed a second time with them too (`dense_fp8_linears_ms`: the linears' gain alone, same run). `--compile`:
 the deploy runtime under torch.compile (`Deployed.compile`; the baseline stays eager). `--sample-steps 50`: also
 the whole sampling loop of one video (both guidance branches per step; no text encoding or VAE decoding) per
-schedule and with dense SDPA on the same weights, in wall seconds.
+schedule and with dense SDPA on the same weights, in wall seconds. `--breakdown`: one profiled step of dense and
+of each regime, GPU time per component (self-attention, cross-attention, linears, other).
 """
 
 from __future__ import annotations
@@ -74,6 +75,40 @@ def median_ms(fn, reps: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+COMPONENTS = ("self-attention", "cross-attention", "linears", "other")
+
+
+def step_breakdown(fn, cuda: bool) -> dict[str, float]:
+    """Milliseconds of one call of `fn` per component, from the profiler: GPU kernel time on CUDA (CPU op time on
+    CPU). Self-attention is the FPS op (`fpsa::attention`, inclusive: pre-pass, selection, plan, kernel) or SDPA
+    with as many keys as queries; cross-attention is SDPA over the text's keys; linears are `aten::linear`
+    (inclusive: GEMMs and, with FP8 linears, whatever of torchao's quantization runs under it); other is the rest of
+    the step's time (norms, modulation, RoPE, elementwise work, FP8 quantization outside `aten::linear`)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch.no_grad(), profile(activities=activities, record_shapes=True) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    inclusive, own = ("device_time_total", "self_device_time_total") if cuda else \
+        ("cpu_time_total", "self_cpu_time_total")
+    parts = dict.fromkeys(COMPONENTS, 0.0)
+    events = prof.key_averages(group_by_input_shape=True)
+    for e in events:
+        ms = getattr(e, inclusive) / 1e3
+        if e.key == "fpsa::attention":
+            parts["self-attention"] += ms
+        elif e.key == "aten::scaled_dot_product_attention":
+            q, k = e.input_shapes[0], e.input_shapes[1]
+            parts["self-attention" if q[-2] == k[-2] else "cross-attention"] += ms
+        elif e.key == "aten::linear":
+            parts["linears"] += ms
+    total = sum(getattr(e, own) for e in events) / 1e3
+    parts["other"] = max(total - sum(parts.values()), 0.0)
+    return {**parts, "total": total}
+
+
 def sample_seconds(deployed, x: torch.Tensor, text: torch.Tensor, steps: int) -> float:
     """Wall seconds of `steps` sampling steps of one video (x[:1]; text[0] as the prompt, text[1] as the negative),
     after a 2-step warm-up (kernel autotuning and, compiled, the regimes' first graphs outside the timing)."""
@@ -109,6 +144,9 @@ def main() -> None:
     p.add_argument("--fp8-linears", action="store_true",
                    help="the deploy runtime's large Linears in FP8 (load_deploy(fp8_linears=True): torchao, per-row "
                         "scales); the dense baseline is also timed with them (dense_fp8_linears_ms)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also profile one step of dense and of each regime: GPU time per component (self-attention, "
+                        "cross-attention, linears, other; step_breakdown)")
     p.add_argument("--sample-steps", type=int, default=0,
                    help="also time a whole sample of this many steps (flow UniPC, shift 5, guidance 5, one video: "
                         "both guidance branches per step, the sampler's loop without text encoding and decoding) "
@@ -146,6 +184,8 @@ def main() -> None:
 
             ref = dense_step()
             results["dense_ms"] = median_ms(dense_step, args.reps)
+            if args.breakdown:
+                results["dense_breakdown_ms"] = step_breakdown(dense_step, cuda=True)
             if args.fp8_linears:  # the same dense model with FP8 linears: what the linears alone gain
                 from fpsa_train.fp8_linears import apply_fp8_linears
 
@@ -161,6 +201,9 @@ def main() -> None:
             regimes[regime.name] = {"sigma": sigma, "ms": ms, "speedup_vs_dense": results["dense_ms"] / ms,
                                     "rel_diff_vs_dense": ((out - ref).norm() / ref.norm()).item(),
                                     "sampling_steps_of_50": steps[regime.name]}
+            if args.breakdown:
+                regimes[regime.name]["breakdown_ms"] = step_breakdown(
+                    lambda: deployed.denoise(x, sigma, text, timestep=t), cuda=True)
         mean_ms = sum(r["ms"] * r["sampling_steps_of_50"] for r in regimes.values()) / 50
         if args.sample_steps and "dense_sample_seconds" not in results:
             plain = load_deploy(report["out"], device="cuda", fps=False)  # bf16 linears, dense SDPA
@@ -182,7 +225,7 @@ def main() -> None:
         "latent": list(args.latent), "tokens": args.latent[0] * args.latent[1] * args.latent[2] // 4,
         "checkpoint_write_seconds": round(t_ckpt, 2), "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
         "date": time.strftime("%Y-%m-%d"), "compile": args.compile, "fp8_linears": args.fp8_linears,
-        "sample_steps": args.sample_steps,
+        "sample_steps": args.sample_steps, "breakdown": args.breakdown,
     })
     print(json.dumps(results, indent=1))
     print("\n| schedule | step (CFG batch 2) | ms | vs dense |\n|---|---|---|---|")
@@ -200,6 +243,13 @@ def main() -> None:
             print(f"| {name} | whole {args.sample_steps}-step sample (dense SDPA: "
                   f"{results['dense_sample_seconds']:.1f} s) | {1000 * sched['sample_seconds']:.0f} | "
                   f"{sched['sample_speedup_vs_dense']:.2f}× |")
+    if args.breakdown:
+        print(f"\n| step | {' | '.join(COMPONENTS)} | profiled total (ms) |\n|---{'|---' * (len(COMPONENTS) + 1)}|")
+        rows = [("dense bf16", results["dense_breakdown_ms"])] + [
+            (f"{name} {regime}", r["breakdown_ms"]) for name, sched in results["schedules"].items()
+            for regime, r in sched["regimes"].items()]
+        for label, parts in rows:
+            print(f"| {label} | {' | '.join(f'{parts[c]:.1f}' for c in COMPONENTS)} | {parts['total']:.1f} |")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
 
