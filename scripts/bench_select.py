@@ -13,7 +13,8 @@ on the `peaked` test inputs (video-like, so top-k picks are spread as on real ac
 - `kernel`: the forward kernel alone on a ready plan and quantized inputs; `prepass`: the quantization alone;
   `call`: the whole `fps_attention` call (pre-pass, selection, plan, kernel) and `call / kernel`, the target ratio.
 Times are medians of `triton.testing.do_bench` (host stalls included: a synchronising step leaves the GPU idle).
-Prints a markdown table and writes it (`.md`) and the raw numbers (`--out`, JSON).
+Prints a markdown table and writes it (`.md`), the raw numbers (`--out`, JSON) and a plot (`.png`) of each call's
+parts over its kernel; `--plot-from <json>` redraws the plot of an earlier run.
 """
 
 from __future__ import annotations
@@ -129,13 +130,53 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """Per shape, each regime's whole call as stacked GPU parts (kernel, pre-pass, selection + plan, the rest), with
+    the 1.1 × kernel target marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(row["shape"] for row in rows))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        mine = [row for row in rows if row["shape"] == shape]
+        labels = [f"{row['schedule']}\n{row['regime']}" for row in mine]
+        kernel = [1.0 for _ in mine]
+        prepass = [row["prepass"] / row["kernel"] for row in mine]
+        select = [row.get("free_gpu", 0.0) / row["kernel"] for row in mine]
+        rest = [max(row["call_over_kernel"] - 1 - p - q, 0.0) for row, p, q in zip(mine, prepass, select)]
+        bottom = [0.0] * len(mine)
+        for part, label in ((kernel, "kernel"), (prepass, "pre-pass"), (select, "selection + plan (GPU)"),
+                            (rest, "rest of the call")):
+            ax.bar(range(len(mine)), part, bottom=bottom, label=label)
+            bottom = [b + x for b, x in zip(bottom, part)]
+        ax.axhline(1.1, color="black", linestyle="--", linewidth=1, label="target: 1.1 × kernel")
+        for i, row in enumerate(mine):
+            ax.text(i, row["call_over_kernel"], f"{row['call_over_kernel']:.2f}×", ha="center", va="bottom",
+                    fontsize=8)
+        ax.set_xticks(range(len(mine)), labels, fontsize=8)
+        ax.set_ylim(0.9, max(1.5, max(bottom) + 0.1))
+        ax.set_ylabel("whole call / kernel")
+        ax.set_title(f"{mine[0]['model']}: the whole attention call over its kernel")
+    axes[0][0].legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="480p,720p")
     parser.add_argument("--schedules", default="configs/fps/default.yaml,configs/fps/sparse.yaml",
                         help="comma-separated schedule files (fps.schedule_file form); each is named by its stem")
-    parser.add_argument("--out", default="bench_select.json", help="the JSON file to write (the table beside it)")
+    parser.add_argument("--out", default="bench_select.json",
+                        help="the JSON file to write (the table and the plot beside it)")
+    parser.add_argument("--plot-from", help="only redraw the plot (beside this file) from a JSON this script wrote")
     args = parser.parse_args()
+    if args.plot_from:
+        plot(json.loads(Path(args.plot_from).read_text())["rows"], Path(args.plot_from).with_suffix(".png"))
+        return
     schedules = {Path(f).stem: load_schedule(REPO / f) for f in args.schedules.split(",") if f}
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     rows = [row for shape in args.shapes.split(",") for row in run_shape(shape, schedules, print)]
@@ -147,6 +188,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"header": header, "rows": rows}, indent=1))
     out.with_suffix(".md").write_text(text)
+    plot(rows, out.with_suffix(".png"))
     print(text)
 
 
