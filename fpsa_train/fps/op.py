@@ -23,7 +23,8 @@ are static, so their density is computed once per layout and regime and cached.
 
 Eager calls are the direct call. The implementation is `fps_attention(q, k, v, layout, regime, mask)` with no mask
 for dense and window (the kernel's cached plans), the top-k selection that fps_attention itself makes without one
-(`masks.select_keep`, no host read; made here to keep its density), and the given mask for learned regimes. So the
+(`masks.select_keep`, no host read; made here to keep its density), and for learned regimes the given mask as a
+KeepMask with the selector's bound (its TileMask was read on the host once already; it is not rebuilt here). So the
 op's output is bit for bit the direct call's (tests/fps/test_op.py).
 
 Scope: inference. No autograd formula is registered (calling it on inputs that require grad raises); training keeps
@@ -41,7 +42,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor
 
-from fpsa_train.fps.masks import TileMask, select_keep
+from fpsa_train.fps.masks import KeepMask, select_keep
 from fpsa_train.fps.reference import select_tiles
 from fpsa_train.fps.schedule import Regime, regime_config, regime_from_config, regimes_from_data
 from fpsa_train.models.token_order import TokenLayout
@@ -88,13 +89,14 @@ def _static_density(q: Tensor, k: Tensor, layout: TokenLayout, regime: Regime, s
 # (torch.compile mode="reduce-overhead") must be split around the op, which Inductor's graph partition does.
 @torch.library.custom_op("fpsa::attention", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def attention(q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], grid: list[int], tile_shape: list[int],
-              regime: str) -> tuple[Tensor, Tensor, Tensor]:
+              regime: str, max_kept: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """FPS attention forward (fpsa_kernels.fps_attention) for one regime: (out bf16 (B, H, L, D) contiguous,
     lse fp32 (B, H, L), density fp32 ()).
 
     q, k, v: (B, H, L, D), tokens in tile-major order of the layout (grid, tile_shape); regime: `regime_spec(r)`;
     keep: bool (B|1, H|1, N, N) kept tile pairs for a learned regime (its selector's mask), else None (the regime
-    selects its own)."""
+    selects its own); max_kept: no row of keep keeps more key tiles than this (the selector's TileMask knows it:
+    its width), which sizes the plan without reading keep on the host; 0 takes N, always true but a larger plan."""
     from fpsa_kernels import fps_attention
 
     layout = TokenLayout(tuple(grid), "tile", tuple(tile_shape))
@@ -106,7 +108,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], grid: lis
         out, lse = fps_attention(q, k, v, layout, reg)
         return out, lse, _static_density(q, k, layout, reg, regime)
     if keep is not None:
-        mask = TileMask.from_dense(keep)
+        mask = KeepMask(keep, max_kept or keep.shape[-1])
     else:  # the selection fps_attention makes when given no mask (no host read), kept for its density
         mask = select_keep(q, k, layout, reg.topk_of(len(layout.tile_sizes())), reg.window)
     out, lse = fps_attention(q, k, v, layout, reg, mask)
@@ -114,7 +116,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], grid: lis
 
 
 @attention.register_fake
-def _(q, k, v, keep, grid, tile_shape, regime):
+def _(q, k, v, keep, grid, tile_shape, regime, max_kept=0):
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"fpsa::attention: q, k, v must be (B, H, L, D) of one shape; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -125,7 +127,7 @@ def _(q, k, v, keep, grid, tile_shape, regime):
 
 
 def fps_attention_op(q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, regime: Regime | str,
-                     keep: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                     keep: Tensor | None = None, max_kept: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """`fpsa::attention` on the objects FPSAttention holds: (out, lse, density), see `attention`.
 
     `regime`: a Regime, or its `regime_spec`. Under torch.compile pass the spec (FPSAttention does): a Regime
@@ -133,4 +135,4 @@ def fps_attention_op(q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, regim
     if layout.order != "tile":
         raise ValueError("the kernel needs tokens in tile-major order: set model.token_order=tile")
     spec = regime if isinstance(regime, str) else regime_spec(regime)
-    return torch.ops.fpsa.attention(q, k, v, keep, list(layout.grid), list(layout.tile_shape), spec)
+    return torch.ops.fpsa.attention(q, k, v, keep, list(layout.grid), list(layout.tile_shape), spec, max_kept)

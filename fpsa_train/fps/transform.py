@@ -242,7 +242,7 @@ class FPSAttention(nn.Module):
             from fpsa_train.fps.op import fps_attention_op
 
             out, _, density = fps_attention_op(q, k, v, layout, self._specs[regime.name],
-                                               None if sel is None else sel.mask.to_dense())
+                                               *(() if sel is None else (sel.mask.to_dense(), sel.mask.max_kept)))
             return out, density, None if sel is None else sel.reg_loss
         from fpsa_kernels import fps_attention
 
