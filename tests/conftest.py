@@ -56,29 +56,40 @@ KERNEL_SIZED = ["+experiment=tiny", "data=synthetic", "model.dim=256", "model.nu
 schedule's windows drop tiles)."""
 
 
+def export_random(tmp: Path, overrides: list[str], schedule=None, with_fps: bool = False,
+                  name: str = "deploy") -> str:
+    """A deploy folder of a randomly initialised DiT for `overrides`: a training checkpoint as fpsa writes it, then
+    exported. The head is N(0, 0.02) (the published init zeroes it: every output would be 0). `schedule`: the run's
+    (default: the config's); `with_fps`: FPS attention applied before saving, so learned selectors are in the state
+    dict."""
+    from fpsa_train.config import resolve
+    from fpsa_train.export import ExportConfig, export
+    from fpsa_train.fps.schedule import Schedule
+    from fpsa_train.fps.transform import apply_fps_attention
+    from fpsa_train.lit.module import RUN_CONFIG_KEY
+    from fpsa_train.models.build import architecture_of
+    from fpsa_train.models.wan import WanModel
+    from fpsa_train.train import run_config
+
+    conf = resolve(compose_train(overrides, tmp))
+    schedule = schedule or Schedule.from_config(conf.fps, tuple(conf.model.tile_shape))
+    torch.manual_seed(0)
+    model = WanModel(architecture_of(conf.model))
+    if with_fps:
+        apply_fps_attention(model, schedule)
+    torch.nn.init.normal_(model.head.head.weight, std=0.02)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                RUN_CONFIG_KEY: run_config(conf, schedule), "global_step": 0}, tmp / "last.ckpt")
+    return export(ExportConfig(checkpoint=str(tmp / "last.ckpt"), out=str(tmp / name)))["out"]
+
+
 @pytest.fixture(scope="session")
 def kernel_sized_deploy(tmp_path_factory) -> str:
     """A deploy folder of a random KERNEL_SIZED DiT with the default schedule, for the GPU tests (skipped without
     CUDA: the tests that use it run the kernel)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from fpsa_train.config import resolve
-    from fpsa_train.export import ExportConfig, export
-    from fpsa_train.fps.schedule import Schedule
-    from fpsa_train.lit.module import RUN_CONFIG_KEY
-    from fpsa_train.models.build import architecture_of
-    from fpsa_train.models.wan import WanModel
-    from fpsa_train.train import run_config
-
-    tmp = tmp_path_factory.mktemp("kernel_sized")
-    conf = resolve(compose_train(KERNEL_SIZED, tmp))
-    schedule = Schedule.from_config(conf.fps, tuple(conf.model.tile_shape))
-    torch.manual_seed(0)
-    model = WanModel(architecture_of(conf.model))
-    torch.nn.init.normal_(model.head.head.weight, std=0.02)  # the published init zeroes it: outputs would be 0
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                RUN_CONFIG_KEY: run_config(conf, schedule), "global_step": 0}, tmp / "last.ckpt")
-    return export(ExportConfig(checkpoint=str(tmp / "last.ckpt"), out=str(tmp / "deploy")))["out"]
+    return export_random(tmp_path_factory.mktemp("kernel_sized"), KERNEL_SIZED)
 
 
 def kernel_sized_steps(deployed):

@@ -5,17 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fpsa_train.config import resolve
 from fpsa_train.deploy import load_deploy
-from fpsa_train.export import ExportConfig, export
 from fpsa_train.fps.fp8 import sqnr_db
-from fpsa_train.fps.schedule import Schedule
 from fpsa_train.fps.transform import fps_cores
-from fpsa_train.lit.module import RUN_CONFIG_KEY
-from fpsa_train.models.build import architecture_of
-from fpsa_train.models.wan import WanModel
-from fpsa_train.train import run_config
-from tests.conftest import KERNEL_SIZED, compose_train, kernel_sized_steps
+from tests.conftest import KERNEL_SIZED, export_random, kernel_sized_steps
 
 pytestmark = pytest.mark.gpu
 
@@ -41,16 +34,7 @@ def test_learned_selectors_load_onto_the_gpu(tmp_path):
     the model moved, so sampling failed with a device mismatch), and every regime runs in the kernel."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from fpsa_train.fps.transform import apply_fps_attention
-
-    conf = resolve(compose_train([*KERNEL_SIZED, "fps=learned"], tmp_path))
-    schedule = Schedule.from_config(conf.fps, tuple(conf.model.tile_shape))
-    torch.manual_seed(0)
-    model = apply_fps_attention(WanModel(architecture_of(conf.model)), schedule)
-    torch.nn.init.normal_(model.head.head.weight, std=0.02)
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                RUN_CONFIG_KEY: run_config(conf, schedule), "global_step": 0}, tmp_path / "last.ckpt")
-    folder = export(ExportConfig(checkpoint=str(tmp_path / "last.ckpt"), out=str(tmp_path / "deploy")))["out"]
+    folder = export_random(tmp_path, [*KERNEL_SIZED, "fps=learned"], with_fps=True)
     deployed = load_deploy(folder, device="cuda")
     selectors = [p for c in fps_cores(deployed.model) for p in c.selectors.parameters()]
     assert selectors and {p.device.type for p in selectors} == {"cuda"}

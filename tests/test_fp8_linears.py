@@ -23,12 +23,11 @@ from torch import nn
 
 from fpsa_train.config import ConfigError, resolve
 from fpsa_train.deploy import load_deploy
-from fpsa_train.export import ExportConfig, export
 from fpsa_train.fp8_linears import FP8LinearsUnavailable, apply_fp8_linears, fp8_linear_names, linear_flops
 from fpsa_train.fps.fp8 import sqnr_db
 from fpsa_train.models.config import WAN_1_3B, WAN_14B, WanConfig
 from fpsa_train.models.wan import WanModel
-from tests.conftest import CONFIGS, compose_train
+from tests.conftest import CONFIGS, KERNEL_SIZED, export_random
 
 SQNR_FLOOR_DB = 25.0  # derived in the module docstring
 TINY = dict(dim=128, ffn_dim=256, num_heads=4, num_layers=2, text_dim=64, freq_dim=32, token_order="tile",
@@ -58,26 +57,9 @@ def _is_fp8(linear: nn.Linear) -> bool:
     return type(linear.weight.data) is not torch.Tensor
 
 
-def _export_random(tmp, overrides: list[str], device: str = "cpu") -> str:
-    """A deploy folder of a randomly initialised DiT for `overrides` (a training checkpoint as fpsa writes it)."""
-    from fpsa_train.fps.schedule import Schedule
-    from fpsa_train.lit.module import RUN_CONFIG_KEY
-    from fpsa_train.models.build import architecture_of
-    from fpsa_train.train import run_config
-
-    conf = resolve(compose_train(overrides, tmp))
-    schedule = Schedule.from_config(conf.fps, tuple(conf.model.tile_shape))
-    torch.manual_seed(0)
-    model = WanModel(architecture_of(conf.model))
-    nn.init.normal_(model.head.head.weight, std=0.02)
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                RUN_CONFIG_KEY: run_config(conf, schedule), "global_step": 0}, tmp / "last.ckpt")
-    return export(ExportConfig(checkpoint=str(tmp / "last.ckpt"), out=str(tmp / "tiny")))["out"]
-
-
 @pytest.fixture(scope="module")
 def tiny_deploy(tmp_path_factory) -> str:
-    return _export_random(tmp_path_factory.mktemp("fp8"), ["+experiment=tiny", "data=synthetic"])
+    return export_random(tmp_path_factory.mktemp("fp8"), ["+experiment=tiny", "data=synthetic"], name="tiny")
 
 
 @pytest.fixture
@@ -273,9 +255,8 @@ def test_fp8_linears_on_the_gpu_stay_within_the_floor_and_run_scaled_mm(tmp_path
         pytest.skip("needs a CUDA GPU of compute capability >= 8.9")
     pytest.importorskip("torchao")
     from fpsa_train.fps.transform import fps_cores
-    from tests.test_deploy_gpu import KERNEL_SIZED
 
-    folder = _export_random(tmp_path, KERNEL_SIZED)
+    folder = export_random(tmp_path, KERNEL_SIZED, name="tiny")
     calls = []
     real = torch._scaled_mm
     monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(1) or real(*a, **k))

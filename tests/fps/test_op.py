@@ -245,22 +245,11 @@ def test_graph_breaks_name_the_regimes_that_cannot_be_one_graph(caplog):
 @pytest.fixture(scope="module")
 def kernel_deploy(tmp_path_factory) -> str:
     """A deploy folder of a kernel-sized tiny DiT (head_dim 64) with the schedule above (random weights)."""
-    from fpsa_train.config import resolve
-    from fpsa_train.export import ExportConfig, export
-    from fpsa_train.lit.module import RUN_CONFIG_KEY
-    from fpsa_train.models.build import architecture_of
-    from fpsa_train.train import run_config
-    from tests.conftest import compose_train
+    from tests.conftest import export_random
 
-    tmp = tmp_path_factory.mktemp("deploy_compile")
-    conf = resolve(compose_train(["+experiment=tiny", "data=synthetic", "model.num_heads=2",
-                                  "data.latent_frames=3", "data.latent_height=8", "data.latent_width=16"], tmp))
-    torch.manual_seed(0)
-    model = WanModel(architecture_of(conf.model))
-    torch.nn.init.normal_(model.head.head.weight, std=0.02)
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                RUN_CONFIG_KEY: run_config(conf, schedule()), "global_step": 0}, tmp / "last.ckpt")
-    return export(ExportConfig(checkpoint=str(tmp / "last.ckpt"), out=str(tmp / "deploy")))["out"]
+    return export_random(tmp_path_factory.mktemp("deploy_compile"), [
+        "+experiment=tiny", "data=synthetic", "model.num_heads=2", "data.latent_frames=3", "data.latent_height=8",
+        "data.latent_width=16"], schedule())
 
 
 @pytest.mark.slow
