@@ -38,27 +38,63 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def training_checkpoint(model: str, latent: tuple[int, int, int], path: Path) -> None:
-    """A checkpoint shaped as training writes it: `model.*` state dict, run config, global step (random weights)."""
+def train_config(model: str, latent: tuple[int, int, int]):
+    """The resolved training config of `+experiment=<model>` at this latent size (default schedule)."""
     from hydra import compose, initialize_config_dir
 
     from fpsa_train.config import resolve
-    from fpsa_train.fps.schedule import Schedule
-    from fpsa_train.lit.module import RUN_CONFIG_KEY
-    from fpsa_train.models.build import architecture_of
-    from fpsa_train.models.wan import WanModel
-    from fpsa_train.train import run_config
 
     overrides = [f"+experiment={model}", "model.checkpoint=null", f"data.latent_frames={latent[0]}",
                  f"data.latent_height={latent[1]}", f"data.latent_width={latent[2]}", "run_dir=/tmp/unused"]
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        conf = resolve(compose(config_name="train", overrides=overrides))
-    schedule = Schedule.from_config(conf.fps, tuple(conf.model.tile_shape))
+        return resolve(compose(config_name="train", overrides=overrides))
+
+
+def random_dit(conf, dtype: torch.dtype | None = None):
+    """A random-weight WanModel of `conf.model` on the GPU; its head re-initialised N(0, 0.02) (the published init
+    zeroes it, which would make every output 0)."""
+    from fpsa_train.models.build import architecture_of
+    from fpsa_train.models.wan import WanModel
+
     with torch.device("cuda"):
         net = WanModel(architecture_of(conf.model))
         torch.nn.init.normal_(net.head.head.weight, std=0.02)
+    return net if dtype is None else net.to(dtype)
+
+
+def training_checkpoint(model: str, latent: tuple[int, int, int], path: Path) -> None:
+    """A checkpoint shaped as training writes it: `model.*` state dict, run config, global step (random weights)."""
+    from fpsa_train.fps.schedule import Schedule
+    from fpsa_train.lit.module import RUN_CONFIG_KEY
+    from fpsa_train.train import run_config
+
+    conf = train_config(model, latent)
+    schedule = Schedule.from_config(conf.fps, tuple(conf.model.tile_shape))
+    net = random_dit(conf)
     state = {f"model.{k}": v.to(torch.bfloat16).cpu() for k, v in net.state_dict().items()}
     torch.save({"state_dict": state, RUN_CONFIG_KEY: run_config(conf, schedule), "global_step": 0}, path)
+
+
+def in_memory_deploy(dense, schedule_file: str, compile: bool, fp8_linears: bool):
+    """The deploy runtime as `load_deploy` builds it (FPS attention with the schedule, then FP8 linears, then
+    compile) on a copy of `dense`'s random weights, without the export and load round trip (`--no-export`)."""
+    import copy
+
+    from fpsa_train.deploy import Deployed, describe_backend
+    from fpsa_train.fps.schedule import FPSConfig, Schedule
+    from fpsa_train.fps.transform import apply_fps_attention
+
+    model = copy.deepcopy(dense)
+    schedule = Schedule.from_config(FPSConfig(schedule_file=schedule_file), tuple(model.cfg.tile_shape))
+    apply_fps_attention(model, schedule)
+    if fp8_linears:
+        from fpsa_train.fp8_linears import apply_fp8_linears
+
+        apply_fp8_linears(model)
+    device = next(model.parameters()).device
+    deployed = Deployed(model, schedule, {}, Path(f"<in memory: {schedule_file}>"), device,
+                        describe_backend(schedule, device, "auto", model.cfg.head_dim))
+    return deployed.compile() if compile else deployed
 
 
 def median_ms(fn, reps: int, warmup: int = 2) -> float:
@@ -125,7 +161,7 @@ def sample_seconds(deployed, x: torch.Tensor, text: torch.Tensor, steps: int) ->
 
 
 def main() -> None:
-    from fpsa_train.deploy import load_deploy
+    from fpsa_train.deploy import Deployed, load_deploy
     from fpsa_train.export import ExportConfig, export
     from fpsa_train.models.checkpoint import load_wan_weights
     from fpsa_train.models.wan import WanModel
@@ -135,6 +171,8 @@ def main() -> None:
     p.add_argument("--model", default="wan1_3b")
     p.add_argument("--latent", type=int, nargs=3, default=(21, 60, 104), help="latent T H W (480p: 21 60 104)")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed steps before the timed ones, after the first (which is untimed too; 14B: 0)")
     p.add_argument("--work", default="/tmp/bench_deploy")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--schedules", default="configs/fps/default.yaml",
@@ -150,29 +188,43 @@ def main() -> None:
     p.add_argument("--sample-steps", type=int, default=0,
                    help="also time a whole sample of this many steps (flow UniPC, shift 5, guidance 5, one video: "
                         "both guidance branches per step, the sampler's loop without text encoding and decoding) "
-                        "with each schedule and with dense SDPA on the same weights (load_deploy(fps=False))")
+                        "with each schedule and with dense SDPA on the same weights")
+    p.add_argument("--no-export", action="store_true",
+                   help="skip export and load_deploy: random bf16 weights built on the GPU, the runtime assembled "
+                        "as load_deploy assembles it (in_memory_deploy). For 14B, whose checkpoint and export "
+                        "would write 2 × 27 GB; the step's timing does not depend on where the weights came from")
     args = p.parse_args()
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
 
     t0 = time.perf_counter()
-    training_checkpoint(args.model, tuple(args.latent), work / "last.ckpt")
+    if args.no_export:
+        dense = random_dit(train_config(args.model, tuple(args.latent)), torch.bfloat16).eval()
+    else:
+        training_checkpoint(args.model, tuple(args.latent), work / "last.ckpt")
+        dense = None
     t_ckpt = time.perf_counter() - t0
-    results, dense, x = {"schedules": {}}, None, None
+    results = {"schedules": {}}
     sigmas = flow_unipc(50, 5.0, 1000, torch.device("cpu")).sigmas[:-1]
     for path in (f for f in args.schedules.split(",") if f):
         name = Path(path).stem
-        report = export(ExportConfig(checkpoint=str(work / "last.ckpt"), out=str(work / f"deploy_{name}"),
-                                     schedule_file=str(REPO / path)))
         t0 = time.perf_counter()
-        deployed = load_deploy(report["out"], device="cuda", compile=args.compile, fp8_linears=args.fp8_linears)
+        if args.no_export:
+            report = None
+            deployed = in_memory_deploy(dense, str(REPO / path), args.compile, args.fp8_linears)
+        else:
+            report = export(ExportConfig(checkpoint=str(work / "last.ckpt"), out=str(work / f"deploy_{name}"),
+                                         schedule_file=str(REPO / path)))
+            t0 = time.perf_counter()
+            deployed = load_deploy(report["out"], device="cuda", compile=args.compile, fp8_linears=args.fp8_linears)
         t_load = time.perf_counter() - t0
-        if dense is None:  # the baseline, once: the same weights in a plain WanModel
-            with torch.device("meta"):
-                dense = WanModel(deployed.model.cfg)
-            load_wan_weights(dense, report["out"], dtype=torch.bfloat16)
-            dense = dense.cuda().eval()
+        if "dense_ms" not in results:  # the baseline, once: the same weights in a plain WanModel, dense SDPA
+            if dense is None:
+                with torch.device("meta"):
+                    dense = WanModel(deployed.model.cfg)
+                load_wan_weights(dense, report["out"], dtype=torch.bfloat16)
+                dense = dense.cuda().eval()
             g = torch.Generator().manual_seed(0)
             x = torch.randn(2, deployed.model.cfg.in_dim, *args.latent, generator=g).cuda()  # (2, C, T, H, W)
             text = torch.randn(2, 512, deployed.model.cfg.text_dim, generator=g).cuda()
@@ -183,37 +235,41 @@ def main() -> None:
                     return dense(x, t, text).float()
 
             ref = dense_step()
-            results["dense_ms"] = median_ms(dense_step, args.reps)
+            results["dense_ms"] = median_ms(dense_step, args.reps, args.warmup)
             if args.breakdown:
                 results["dense_breakdown_ms"] = step_breakdown(dense_step, cuda=True)
+            if args.sample_steps:  # bf16 linears, dense SDPA, eager: before FP8 linears touch the baseline
+                plain = Deployed(dense, None, deployed.manifest, Path("dense"), x.device, "dense SDPA")
+                results["dense_sample_seconds"] = sample_seconds(plain, x, text, args.sample_steps)
             if args.fp8_linears:  # the same dense model with FP8 linears: what the linears alone gain
                 from fpsa_train.fp8_linears import apply_fp8_linears
 
                 apply_fp8_linears(dense)
-                results["dense_fp8_linears_ms"] = median_ms(dense_step, args.reps)
                 results["dense_fp8_linears_rel_diff"] = ((dense_step() - ref).norm() / ref.norm()).item()
+                results["dense_fp8_linears_ms"] = median_ms(dense_step, args.reps, args.warmup)
         steps = Counter(deployed.schedule.regime_for(float(s)).name for s in sigmas)
         regimes = {}
         for regime in deployed.schedule.regimes:
             sigma = (regime.lo + regime.hi) / 2
+            t_first = time.perf_counter()
             out = deployed.denoise(x, sigma, text, timestep=t)
-            ms = median_ms(lambda: deployed.denoise(x, sigma, text, timestep=t), args.reps)
+            torch.cuda.synchronize()
+            t_first = time.perf_counter() - t_first  # compiled: this step compiled the regime's graph
+            ms = median_ms(lambda: deployed.denoise(x, sigma, text, timestep=t), args.reps, args.warmup)
             regimes[regime.name] = {"sigma": sigma, "ms": ms, "speedup_vs_dense": results["dense_ms"] / ms,
                                     "rel_diff_vs_dense": ((out - ref).norm() / ref.norm()).item(),
-                                    "sampling_steps_of_50": steps[regime.name]}
+                                    "sampling_steps_of_50": steps[regime.name], "first_step_seconds": t_first}
             if args.breakdown:
                 regimes[regime.name]["breakdown_ms"] = step_breakdown(
                     lambda: deployed.denoise(x, sigma, text, timestep=t), cuda=True)
         mean_ms = sum(r["ms"] * r["sampling_steps_of_50"] for r in regimes.values()) / 50
-        if args.sample_steps and "dense_sample_seconds" not in results:
-            plain = load_deploy(report["out"], device="cuda", fps=False)  # bf16 linears, dense SDPA
-            results["dense_sample_seconds"] = sample_seconds(plain, x, text, args.sample_steps)
-            plain = None
         results["schedules"][name] = {
             "file": path, "backend": deployed.backend, "regimes": regimes, "schedule_mean_ms": mean_ms,
             "schedule_mean_speedup_vs_dense": results["dense_ms"] / mean_ms,
-            "export": {"seconds": report["seconds"], "bytes": report["bytes"], "files": report["files"]},
             "load_deploy_seconds": round(t_load, 2)}
+        if report is not None:
+            results["schedules"][name]["export"] = {"seconds": report["seconds"], "bytes": report["bytes"],
+                                                    "files": report["files"]}
         if args.sample_steps:
             seconds = sample_seconds(deployed, x, text, args.sample_steps)
             results["schedules"][name].update(sample_seconds=seconds,
@@ -225,7 +281,7 @@ def main() -> None:
         "latent": list(args.latent), "tokens": args.latent[0] * args.latent[1] * args.latent[2] // 4,
         "checkpoint_write_seconds": round(t_ckpt, 2), "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
         "date": time.strftime("%Y-%m-%d"), "compile": args.compile, "fp8_linears": args.fp8_linears,
-        "sample_steps": args.sample_steps, "breakdown": args.breakdown,
+        "sample_steps": args.sample_steps, "breakdown": args.breakdown, "no_export": args.no_export,
     })
     print(json.dumps(results, indent=1))
     print("\n| schedule | step (CFG batch 2) | ms | vs dense |\n|---|---|---|---|")

@@ -4,6 +4,7 @@ cross-attention, linears and the rest (CPU op time here; GPU kernel time on the 
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import torch
 
@@ -33,3 +34,24 @@ def test_the_breakdown_finds_each_component_and_they_sum_to_the_step(kernel_depl
     fps_parts = bench_deploy.step_breakdown(lambda: fps.denoise(x, 0.6, text, timestep=500), cuda=False)
     dense_parts = bench_deploy.step_breakdown(lambda: dense.denoise(x, 0.6, text, timestep=500), cuda=False)
     assert fps_parts["self-attention"] > 10 * dense_parts["self-attention"]
+
+
+def test_the_in_memory_runtime_is_what_load_deploy_builds(kernel_deploy):  # noqa: F811
+    """`--no-export` (14B: no 2 × 27 GB written) times the runtime that `in_memory_deploy` assembles from the dense
+    model's weights; it must be the one load_deploy builds from an export of those weights: same attention on
+    every regime, same velocity."""
+    from fpsa_train.deploy import SCHEDULE, load_deploy
+
+    g = torch.Generator().manual_seed(2)
+    x, text = torch.randn(2, 16, 3, 8, 16, generator=g), torch.randn(2, 5, 64, generator=g)
+    loaded = load_deploy(kernel_deploy)
+    dense = load_deploy(kernel_deploy, fps=False).model
+    built = bench_deploy.in_memory_deploy(dense, str(Path(kernel_deploy) / SCHEDULE), compile=False, fp8_linears=False)
+    assert built.model is not dense and built.backend == loaded.backend
+    assert [r.name for r in built.schedule.regimes] == [r.name for r in loaded.schedule.regimes]
+    for regime in loaded.schedule.regimes:
+        sigma = (regime.lo + regime.hi) / 2
+        torch.testing.assert_close(built.denoise(x, sigma, text, timestep=500),
+                                   loaded.denoise(x, sigma, text, timestep=500), rtol=0, atol=0)
+    plain = load_deploy(kernel_deploy, fps=False).denoise(x, 0.6, text, timestep=500)
+    assert (built.denoise(x, 0.6, text, timestep=500) - plain).abs().max() > 1e-4  # FPS really is applied

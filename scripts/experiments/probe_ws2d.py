@@ -38,23 +38,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_attention import SHAPES, TILE, bench  # noqa: E402
 
 from fpsa_kernels import quantize_qkv  # noqa: E402
-from fpsa_kernels.attention import LOG2_448, LOG2E, _program_item, attention_forward, interpreted  # noqa: E402
+from fpsa_kernels.attention import LOG2_448, LOG2E, _program_item, attention_forward, interpreted, plan_for  # noqa: E402,E501
 from fpsa_kernels.plan import dense_plan  # noqa: E402
 from fpsa_kernels.quant import round_e4m3  # noqa: E402
 from fpsa_train.fps.fp8 import QuantGranularity  # noqa: E402
+from fpsa_train.fps.masks import select_keep  # noqa: E402
 from fpsa_train.models.token_order import TokenLayout  # noqa: E402
 
 
 @triton.jit
-def _fwd_2d(q_desc, k_desc, v_desc, sq_desc, sk_desc, sv_ptr, o_ptr,
+def _fwd_2d(q_desc, k_desc, v_desc, sq_desc, sq_ptr, sk_desc, sv_ptr, o_ptr,
             item_group, item_row, item_rows, chunks, chunk_count,
             H, L, stride_ob, stride_oh, stride_ol, mask_sb, mask_sh, mask_sg, C,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, LOG2_CAP: tl.constexpr,
-            WS: tl.constexpr, EMULATE_CAST: tl.constexpr):
+            WS: tl.constexpr, EMULATE_CAST: tl.constexpr, SQ_SCALAR: tl.constexpr):
     bh, b, h, g, row0, nrows, mask_base, count = _program_item(item_group, item_row, item_rows, chunk_count, H,
                                                                 mask_sb, mask_sh, mask_sg, C)
     q = q_desc.load([bh * L + row0, 0])
-    sq = sq_desc.load([bh * L + row0])
+    if SQ_SCALAR:  # one scale for the item's rows (tile-aligned items under per-tile or coarser Q scales)
+        sq = tl.load(sq_ptr + bh * L + row0)
+    else:
+        sq = sq_desc.load([bh * L + row0])
     cols = tl.arange(0, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -67,9 +71,15 @@ def _fwd_2d(q_desc, k_desc, v_desc, sq_desc, sk_desc, sv_ptr, o_ptr,
         k = k_desc.load([bh * L + start, 0])
         sk = sk_desc.load([bh * L + start])
         s = tl.dot(q, tl.trans(k))
-        t = s * sk[None, :] + tl.where((cols >= lo) & (cols < hi), 0.0, float("-inf"))[None, :]
-        m_new = tl.maximum(m_i, tl.max(t, axis=1) * sq)
-        x = t * sq[:, None] + (LOG2_CAP - m_new)[:, None]
+        bias = tl.where((cols >= lo) & (cols < hi), 0.0, float("-inf"))
+        if SQ_SCALAR:  # s_q folds into the chunk's key scales: one FMA and one add per score
+            t = s * (sk * sq)[None, :] + bias[None, :]
+            m_new = tl.maximum(m_i, tl.max(t, axis=1))
+            x = t + (LOG2_CAP - m_new)[:, None]
+        else:
+            t = s * sk[None, :] + bias[None, :]
+            m_new = tl.maximum(m_i, tl.max(t, axis=1) * sq)
+            x = t * sq[:, None] + (LOG2_CAP - m_new)[:, None]
         p = tl.math.exp2(tl.minimum(x, LOG2_CAP))
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
@@ -87,7 +97,7 @@ def _fwd_2d(q_desc, k_desc, v_desc, sq_desc, sk_desc, sv_ptr, o_ptr,
              mask=(tl.arange(0, BLOCK_M) < nrows)[:, None])
 
 
-def run_2d(qkv, plan, out, ws: bool, num_warps: int, num_stages: int) -> None:
+def run_2d(qkv, plan, out, ws: bool, num_warps: int, num_stages: int, sq_scalar: bool = False) -> None:
     bh, seq, d = qkv.q8.shape
     bm, bn = plan.block_m, plan.block_n
     flat = lambda x, rows: TensorDescriptor(x.view(bh * seq, d), [bh * seq, d], [d, 1], [rows, d])  # noqa: E731
@@ -97,11 +107,23 @@ def run_2d(qkv, plan, out, ws: bool, num_warps: int, num_stages: int) -> None:
     mb, mh, ng, c = plan.chunks.shape
     sb, sh = (0 if mb == 1 else mh * ng * c), (0 if mh == 1 else ng * c)
     _fwd_2d[(plan.item_group.numel(), bh)](
-        flat(qkv.q8, bm), flat(qkv.k8, bn), v_desc, scale(qkv.sq, bm), scale(qkv.sk, bn), qkv.sv, out,
+        flat(qkv.q8, bm), flat(qkv.k8, bn), v_desc, scale(qkv.sq, bm), qkv.sq, scale(qkv.sk, bn), qkv.sv, out,
         plan.item_group, plan.item_row, plan.item_rows, plan.chunks, plan.chunk_count,
         qkv.heads, seq, out.stride(0), out.stride(1), out.stride(2), sb, sh, c, c,
-        BLOCK_M=bm, BLOCK_N=bn, D=d, LOG2_CAP=LOG2_448, WS=ws, EMULATE_CAST=interpreted(), num_warps=num_warps,
+        BLOCK_M=bm, BLOCK_N=bn, D=d, LOG2_CAP=LOG2_448, WS=ws, EMULATE_CAST=interpreted(), SQ_SCALAR=sq_scalar,
+        num_warps=num_warps,
         num_stages=num_stages)
+
+
+def plans(q, k, layout, cfg: dict):
+    """(shipped plan 64×128, probe plan): dense plans ignore tile edges; a `keep` share (1.0 = every tile) gives
+    tile-aligned plans of the top-k mask selected from q, k, as the deploy runtime selects them."""
+    if cfg.get("keep") is None:
+        return dense_plan(q.shape[2], 64, 128, "cuda"), dense_plan(q.shape[2], cfg["block_m"], 128, "cuda")
+    n = len(layout.tile_sizes())
+    mask = select_keep(q, k, layout, max(1, round(cfg["keep"] * n)))
+    return (plan_for(mask, layout, None, 64, 128, q.device), plan_for(mask, layout, None, cfg["block_m"], 128,
+                                                                        q.device))
 
 
 def one(shape: str, cfg: dict) -> dict:
@@ -111,28 +133,34 @@ def one(shape: str, cfg: dict) -> dict:
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(1, heads, seq, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
     qkv = quantize_qkv(q, k, v, layout, QuantGranularity("tile"), q_mult=LOG2E / math.sqrt(d))
-    flops = 4.0 * heads * seq * seq * d
+    shipped, plan = plans(q, k, layout, cfg)
+    flops = 4.0 * heads * seq * seq * d * (1.0 if cfg.get("keep") is None else shipped.useful / (heads * seq * seq))
     res = {"shape": name, **cfg}
-    shipped = dense_plan(seq, 64, 128, "cuda")
     ref, _ = attention_forward(qkv, shipped)
     res["shipped_ms"] = bench(lambda: attention_forward(qkv, shipped))
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
         res["cudnn_ms"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
-    plan = dense_plan(seq, cfg["block_m"], 128, "cuda")
     out = torch.empty_like(q)
-    run_2d(qkv, plan, out, cfg["ws"], cfg["warps"], cfg["stages"])
+    run = lambda: run_2d(qkv, plan, out, cfg["ws"], cfg["warps"], cfg["stages"], cfg.get("sq_scalar", False))  # noqa: E731
+    run()
     torch.cuda.synchronize()
     err = (out.float() - ref.float()).norm() / ref.float().norm()
     res.update(finite=bool(torch.isfinite(out).all()), rel_err_vs_shipped=float(err),
                sqnr_db_vs_shipped=float(-20 * math.log10(max(float(err), 1e-12))))
-    res["ms"] = bench(lambda: run_2d(qkv, plan, out, cfg["ws"], cfg["warps"], cfg["stages"]))
+    res["ms"] = bench(run)
     res.update(tflops=flops / res["ms"] / 1e9, vs_shipped=res["shipped_ms"] / res["ms"],
                vs_cudnn=res["cudnn_ms"] / res["ms"])
     return res
 
 
 CONFIGS = [dict(block_m=128, warps=4, stages=2, ws=False), dict(block_m=128, warps=4, stages=2, ws=True),
-           dict(block_m=64, warps=4, stages=2, ws=True), dict(block_m=128, warps=8, stages=2, ws=True)]
+           dict(block_m=64, warps=4, stages=2, ws=True), dict(block_m=128, warps=8, stages=2, ws=True),
+           dict(block_m=128, warps=4, stages=2, ws=True, keep=1.0, sq_scalar=True),
+           dict(block_m=128, warps=4, stages=2, ws=False, keep=1.0, sq_scalar=True),
+           dict(block_m=128, warps=4, stages=2, ws=True, keep=0.25, sq_scalar=True),
+           dict(block_m=128, warps=4, stages=2, ws=True, keep=0.25)]
+"""`keep`: None = dense plan; a share = the top-k tile-aligned plan (`sq_scalar` is valid only there, per-tile Q
+scales); flops then count the kept pairs only (so TFLOP/s compare across plans and vs_cudnn is per call)."""
 
 
 def main() -> None:
