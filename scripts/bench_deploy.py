@@ -26,6 +26,7 @@ of each regime, GPU time per component (self-attention, cross-attention, linears
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import statistics
@@ -112,14 +113,33 @@ def median_ms(fn, reps: int, warmup: int = 2) -> float:
 
 
 COMPONENTS = ("self-attention", "cross-attention", "linears", "other")
+PARTS = COMPONENTS + ("unattributed",)
+
+
+def component_of(event) -> str | None:
+    """The component a profiler op event names (None: not one of them)."""
+    if event.name == "fpsa::attention":
+        return "self-attention"
+    if event.name == "aten::scaled_dot_product_attention":
+        q, k = event.input_shapes[0], event.input_shapes[1]
+        return "self-attention" if q[-2] == k[-2] else "cross-attention"
+    if event.name == "aten::linear":
+        return "linears"
+    return None
 
 
 def step_breakdown(fn, cuda: bool) -> dict[str, float]:
     """Milliseconds of one call of `fn` per component, from the profiler: GPU kernel time on CUDA (CPU op time on
-    CPU). Self-attention is the FPS op (`fpsa::attention`, inclusive: pre-pass, selection, plan, kernel) or SDPA
-    with as many keys as queries; cross-attention is SDPA over the text's keys; linears are `aten::linear`
-    (inclusive: GEMMs and, with FP8 linears, whatever of torchao's quantization runs under it); other is the rest of
-    the step's time (norms, modulation, RoPE, elementwise work, FP8 quantization outside `aten::linear`)."""
+    CPU). Self-attention is the FPS op (`fpsa::attention`: pre-pass, selection, plan, kernel) or SDPA with as many
+    keys as queries; cross-attention is SDPA over the text's keys; linears are `aten::linear` (with FP8 linears,
+    whatever of torchao's quantization runs under it); other is the rest (norms, modulation, RoPE, elementwise work).
+
+    Each unit of time is counted once, by who spends it: on CUDA every kernel belongs to the one op that launched
+    it, on CPU every op owns its self time; either goes to the outermost component op above it in the call tree,
+    else to "other"; GPU time that no op launched is "unattributed". (Summing the profiler's per-op totals
+    instead counts a kernel once as a kernel and again under its op, and an op twice where autocast re-dispatches
+    it under its own name: the first H200 run of this split reported 2.5 times the step's time.) `total` is the
+    sum of the parts."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -127,22 +147,28 @@ def step_breakdown(fn, cuda: bool) -> dict[str, float]:
         fn()
         if cuda:
             torch.cuda.synchronize()
-    inclusive, own = ("device_time_total", "self_device_time_total") if cuda else \
-        ("cpu_time_total", "self_cpu_time_total")
-    parts = dict.fromkeys(COMPONENTS, 0.0)
-    events = prof.key_averages(group_by_input_shape=True)
+    return attribute(prof.events(), cuda)
+
+
+def attribute(events, cuda: bool) -> dict[str, float]:
+    """`step_breakdown`'s split of a profile's events (milliseconds per part, and their total)."""
+    from torch.autograd import DeviceType
+
+    parts, device_total = dict.fromkeys(COMPONENTS, 0.0), 0.0
     for e in events:
-        ms = getattr(e, inclusive) / 1e3
-        if e.key == "fpsa::attention":
-            parts["self-attention"] += ms
-        elif e.key == "aten::scaled_dot_product_attention":
-            q, k = e.input_shapes[0], e.input_shapes[1]
-            parts["self-attention" if q[-2] == k[-2] else "cross-attention"] += ms
-        elif e.key == "aten::linear":
-            parts["linears"] += ms
-    total = sum(getattr(e, own) for e in events) / 1e3
-    parts["other"] = max(total - sum(parts.values()), 0.0)
-    return {**parts, "total": total}
+        if e.device_type != DeviceType.CPU or e.is_async:
+            device_total += e.time_range.elapsed_us() if cuda and e.device_type == DeviceType.CUDA else 0
+            continue  # kernels are counted through the op that launched them
+        own = sum(k.duration for k in e.kernels) if cuda else e.self_cpu_time_total
+        if not own:
+            continue
+        name, up = "other", e
+        while up is not None:
+            name = component_of(up) or name
+            up = up.cpu_parent
+        parts[name] += own / 1e3
+    parts["unattributed"] = max(device_total / 1e3 - sum(parts.values()), 0.0)  # GPU work no op claims
+    return {**parts, "total": sum(parts.values())}
 
 
 def sample_seconds(deployed, x: torch.Tensor, text: torch.Tensor, steps: int) -> float:
@@ -244,9 +270,12 @@ def main() -> None:
             if args.fp8_linears:  # the same dense model with FP8 linears: what the linears alone gain
                 from fpsa_train.fp8_linears import apply_fp8_linears
 
+                bf16 = dense  # kept for the next schedules' in-memory copies (--no-export)
+                dense = copy.deepcopy(bf16)
                 apply_fp8_linears(dense)
                 results["dense_fp8_linears_rel_diff"] = ((dense_step() - ref).norm() / ref.norm()).item()
                 results["dense_fp8_linears_ms"] = median_ms(dense_step, args.reps, args.warmup)
+                dense = bf16
         steps = Counter(deployed.schedule.regime_for(float(s)).name for s in sigmas)
         regimes = {}
         for regime in deployed.schedule.regimes:
@@ -300,12 +329,12 @@ def main() -> None:
                   f"{results['dense_sample_seconds']:.1f} s) | {1000 * sched['sample_seconds']:.0f} | "
                   f"{sched['sample_speedup_vs_dense']:.2f}× |")
     if args.breakdown:
-        print(f"\n| step | {' | '.join(COMPONENTS)} | profiled total (ms) |\n|---{'|---' * (len(COMPONENTS) + 1)}|")
+        print(f"\n| step | {' | '.join(PARTS)} | profiled total (ms) |\n|---{'|---' * (len(PARTS) + 1)}|")
         rows = [("dense bf16", results["dense_breakdown_ms"])] + [
             (f"{name} {regime}", r["breakdown_ms"]) for name, sched in results["schedules"].items()
             for regime, r in sched["regimes"].items()]
         for label, parts in rows:
-            print(f"| {label} | {' | '.join(f'{parts[c]:.1f}' for c in COMPONENTS)} | {parts['total']:.1f} |")
+            print(f"| {label} | {' | '.join(f'{parts[c]:.1f}' for c in PARTS)} | {parts['total']:.1f} |")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
 
