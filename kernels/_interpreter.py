@@ -1,4 +1,4 @@
-"""Compatibility shims for Triton's CPU interpreter (TRITON_INTERPRET=1), the CPU test path of the kernels.
+"""Triton's CPU interpreter (TRITON_INTERPRET=1), the CPU test path of the kernels: whether it runs, and shims.
 
 Two bugs of Triton 3.6's interpreter, each fixed where it lives; nothing changes on GPUs (the interpreter is not
 used there), and each shim is a no-op if the interpreter's internals differ from what it expects:
@@ -10,6 +10,13 @@ used there), and each shim is a no-op if the interpreter's internals differ from
 """
 
 from __future__ import annotations
+
+import os
+
+
+def interpreted() -> bool:
+    """Whether the kernels run in Triton's interpreter (set before triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def patch_interpreter() -> None:

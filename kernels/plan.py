@@ -23,7 +23,9 @@ Slots past a row's `chunk_count` are zero and the kernel never reads them: its l
 ordered longest first (so the longest programs start first and the tail of the launch is short ones), by an argsort
 on the GPU: the number of items depends on the tile sizes only, so its shape is static too.
 
-Masks broadcast over batch and heads (B or H = 1) keep that shape here; the kernel reads them with stride 0.
+Masks broadcast over batch and heads (B or H = 1) keep that shape here; the kernel reads them with stride 0
+(`mask_strides`). The kernels read the plan through `program_item` (a program's item) and `chunk_of` (a chunk's
+packed start and valid columns), defined here beside the packing.
 `waste` reports the fraction of computed score entries that are padding (rows or keys outside the kept pairs);
 it and `useful`/`computed` are read on the host, so they are computed (and synchronise) only when asked for.
 """
@@ -34,6 +36,8 @@ import functools
 from dataclasses import dataclass, field
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
 
@@ -209,7 +213,7 @@ def sparse_plan(keep: Tensor, offsets: Tensor, block_m: int, block_n: int, allow
     `allow_empty` (the backward's transposed plan: a key tile no query attends gets zero gradient).
 
     The convenient form, which reads the mask on the host (to check it, and for `max_kept` when not given); the
-    kernel's hot path calls `tile_plan` with its cached `tile_spans` and a bound it knows beforehand."""
+    hot path calls `tile_plan` with the cached `tile_spans` and a bound it knows beforehand."""
     if keep.dim() != 4 or keep.shape[-1] != keep.shape[-2] or offsets.numel() != keep.shape[-1] + 1:
         raise ValueError(f"keep must be (B, H, N, N) with offsets (N+1,); got {tuple(keep.shape)} and "
                          f"{tuple(offsets.shape)}")
@@ -218,3 +222,32 @@ def sparse_plan(keep: Tensor, offsets: Tensor, block_m: int, block_n: int, allow
         raise ValueError("every query tile must keep at least one key tile (an empty row has no softmax)")
     spans = tile_spans(tuple(offsets.tolist()), block_m, block_n, str(keep.device))
     return tile_plan(keep, spans, int(kept.max()) if max_kept is None else max_kept, allow_empty)
+
+
+def mask_strides(plan: Plan, b: int, h: int) -> tuple[int, int, int]:
+    """Element strides of (batch, head, group) into the plan's (B|1, H|1, G, C) chunk arrays, and C (a broadcast
+    mask has stride 0; the chunk count array (B|1, H|1, G) is indexed by that offset / C)."""
+    mb, mh, ng, c = plan.chunks.shape
+    if (mb not in (1, b)) or (mh not in (1, h)):
+        raise ValueError(f"the plan's mask is for (B, H) = ({mb}, {mh}); the inputs have ({b}, {h})")
+    return (0 if mb == 1 else mh * ng * c), (0 if mh == 1 else ng * c), c
+
+
+@triton.jit
+def program_item(item_group, item_row, item_rows, chunk_count, H, mask_sb, mask_sh, mask_sg, C):
+    """This program's plan item: (bh, b, h, group, first row, valid rows, offset of its chunk list, chunk count)."""
+    item = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    g = tl.load(item_group + item)
+    mask_base = b * mask_sb + h * mask_sh + g * mask_sg  # chunk lists of this (b, h, group); stride 0 broadcasts
+    return bh, b, h, g, tl.load(item_row + item), tl.load(item_rows + item), mask_base, tl.load(
+        chunk_count + mask_base // C)
+
+
+@triton.jit
+def chunk_of(chunks, i):
+    """(first key, first valid column, end of the valid columns) of chunk i of a chunk list (`Plan.chunks`)."""
+    packed = tl.load(chunks + i)  # (start / 16) << 16 | lo << 8 | hi
+    return (packed >> 16) * 16, (packed >> 8) & 0xFF, packed & 0xFF

@@ -31,11 +31,12 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fpsa_kernels import quantize_qkv
-from fpsa_kernels.attention import LOG2E, attention_forward, fps_attention, plan_for
-from fpsa_kernels.plan import sparse_plan
+from fpsa_kernels import quantize_qkv, sparse_plan
+from fpsa_kernels.attention import attention_forward
+from fpsa_kernels.numerics import LOG2E
 from fpsa_train.flow import sampling_sigmas
 from fpsa_train.fps.fp8 import QuantGranularity
+from fpsa_train.fps.kernel import fps_attention, plan_for, quant_groups
 from fpsa_train.fps.masks import token_ranges, topk_mask
 from fpsa_train.fps.reference import select_tiles
 from fpsa_train.fps.schedule import FPSConfig, Regime, Schedule
@@ -93,7 +94,7 @@ def run_shape(key: str, configs: list[dict], log, schedules: dict[str, Schedule]
 
     def kernel_ms(regime: Regime, mask, cfg: dict, qkv=None) -> tuple[float, object]:
         plan = plan_for(mask, layout, regime, cfg["block_m"], cfg["block_n"], q.device)
-        qkv = qkv or quantize_qkv(q, k, v, layout, regime.quant, q_mult=LOG2E / math.sqrt(d))
+        qkv = qkv or quantize_qkv(q, k, v, quant_groups(layout, regime.quant, q.device), q_mult=LOG2E / math.sqrt(d))
         out = torch.empty_like(q)
         ms = bench(lambda: attention_forward(qkv, plan, out, **forward_opts(cfg)))
         return ms, plan
@@ -115,8 +116,9 @@ def run_shape(key: str, configs: list[dict], log, schedules: dict[str, Schedule]
     if dense_only:
         return res
 
-    qkv_tile = quantize_qkv(q, k, v, layout, QuantGranularity("tile"), q_mult=LOG2E / math.sqrt(d))
-    res["prepass"] = bench(lambda: quantize_qkv(q, k, v, layout, QuantGranularity("tile"), q_mult=1.0))
+    tile = QuantGranularity("tile")
+    qkv_tile = quantize_qkv(q, k, v, quant_groups(layout, tile, q.device), q_mult=LOG2E / math.sqrt(d))
+    res["prepass"] = bench(lambda: quantize_qkv(q, k, v, quant_groups(layout, tile, q.device), q_mult=1.0))
     log(f"{name} pre-pass (tile scales): {res['prepass']:.3f} ms = {100 * res['prepass'] / dense_ms:.1f}% of dense")
 
     res["regimes"] = {}

@@ -33,9 +33,10 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import REPO, SHAPES, TILE, bench, load_schedule  # noqa: E402
 
-from fpsa_kernels import fps_attention, quantize_qkv  # noqa: E402
-from fpsa_kernels.attention import DEFAULT_BLOCKS, LOG2E, attention_forward, plan_for  # noqa: E402
-from fpsa_kernels.plan import sparse_plan  # noqa: E402
+from fpsa_kernels import KernelConfig, quantize_qkv, sparse_plan  # noqa: E402
+from fpsa_kernels.attention import attention_forward  # noqa: E402
+from fpsa_kernels.numerics import LOG2E  # noqa: E402
+from fpsa_train.fps.kernel import fps_attention, plan_for, quant_groups  # noqa: E402
 from fpsa_train.fps.masks import select_keep, token_ranges  # noqa: E402
 from fpsa_train.fps.reference import select_tiles  # noqa: E402
 from fpsa_train.models.token_order import TokenLayout  # noqa: E402
@@ -74,7 +75,7 @@ def run_shape(key: str, schedules: dict, log) -> list[dict]:
     name, heads, grid = SHAPES[key]
     layout = TokenLayout(grid, "tile", TILE)
     n = len(layout.tile_sizes())
-    bm, bn = DEFAULT_BLOCKS
+    bm, bn = KernelConfig.block_m, KernelConfig.block_n  # the defaults fps_attention runs at
     q, k, v = make_inputs("peaked", 1, heads, layout, 128, seed=0, device="cuda")
     rows = []
     for sched_name, schedule in schedules.items():
@@ -101,9 +102,10 @@ def run_shape(key: str, schedules: dict, log) -> list[dict]:
                 row["max_kept"], row["kept_max"] = mask.max_kept, int(mask.keep.sum(-1).max())
             plan = plan_for(mask, layout, regime, bm, bn, q.device)
             row["chunk_slots"], row["chunks_max"] = plan.chunks.shape[-1], int(plan.chunk_count.max())
-            qkv = quantize_qkv(q, k, v, layout, regime.quant, q_mult=LOG2E / math.sqrt(q.shape[-1]))
+            groups = quant_groups(layout, regime.quant, q.device)
+            qkv = quantize_qkv(q, k, v, groups, q_mult=LOG2E / math.sqrt(q.shape[-1]))
             row["kernel"] = bench(lambda: attention_forward(qkv, plan))
-            row["prepass"] = bench(lambda: quantize_qkv(q, k, v, layout, regime.quant, q_mult=1.0))
+            row["prepass"] = bench(lambda: quantize_qkv(q, k, v, quant_groups(layout, regime.quant, q.device)))
             row["call"] = bench(lambda: fps_attention(q, k, v, layout, regime))
             row["call_over_kernel"] = row["call"] / row["kernel"]
             log(f"{key} {sched_name}/{regime.name}: " + ", ".join(

@@ -34,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import SHAPES, TILE, default_schedule  # noqa: E402
 from bench_train_step import step_bench  # noqa: E402
 
-from fpsa_kernels import fps_attention  # noqa: E402
 from fpsa_train.config import ObjectiveConfig  # noqa: E402
 from fpsa_train.flow import sample_sigma, sampling_sigmas  # noqa: E402
 from fpsa_train.fps.fp8 import QuantGranularity  # noqa: E402
+from fpsa_train.fps.kernel import fps_attention  # noqa: E402
 from fpsa_train.fps.reference import select_tiles  # noqa: E402
 from fpsa_train.fps.schedule import Regime  # noqa: E402
 from fpsa_train.models.token_order import TokenLayout  # noqa: E402

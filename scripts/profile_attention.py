@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from fpsa_kernels import fps_attention
 from fpsa_train.fps.fp8 import QuantGranularity
+from fpsa_train.fps.kernel import fps_attention
 from fpsa_train.fps.schedule import Regime
 from fpsa_train.models.token_order import TokenLayout
 

@@ -1,7 +1,7 @@
 """`fpsa::attention`: the FP8 kernel's inference forward as a `torch.library` custom op, so torch.compile can
 compile the DiT around it.
 
-Why an op. `fpsa_kernels.fps_attention` does host work on every call: it selects the top-k mask from q and k and
+Why an op. `fps/kernel.py` `fps_attention` does host work on every call: it selects the top-k mask from q and k and
 reads its counts on the host, builds (or looks up) the work plan, makes TMA descriptors and launches Triton. Dynamo
 cannot trace that, so a compiled DiT broke its graph in every attention layer (under the CPU interpreter it could
 not even run). A custom op is one opaque node to the compiler: its real implementation runs eagerly with real
@@ -22,7 +22,7 @@ inside the op it stays a device tensor: nothing in the compiled region reads it 
 are static, so their density is computed once per layout and regime and cached.
 
 Eager calls are the direct call. The implementation is `fps_attention(q, k, v, layout, regime, mask)` with no mask
-for dense and window (the kernel's cached plans), the top-k selection that fps_attention itself makes without one
+for dense and window (fps/kernel.py's cached plans), the top-k selection that fps_attention itself makes without one
 (`masks.select_keep`, no host read; made here to keep its density), and for learned regimes the given mask as a
 KeepMask with the selector's bound (its TileMask was read on the host once already; it is not rebuilt here). So the
 op's output is bit for bit the direct call's (tests/fps/test_op.py).
@@ -90,21 +90,21 @@ def _static_density(q: Tensor, k: Tensor, layout: TokenLayout, regime: Regime, s
 @torch.library.custom_op("fpsa::attention", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def attention(q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], grid: list[int], tile_shape: list[int],
               regime: str, max_kept: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-    """FPS attention forward (fpsa_kernels.fps_attention) for one regime: (out bf16 (B, H, L, D) contiguous,
+    """FPS attention forward (fps/kernel.py `fps_attention`) for one regime: (out bf16 (B, H, L, D) contiguous,
     lse fp32 (B, H, L), density fp32 ()).
 
     q, k, v: (B, H, L, D), tokens in tile-major order of the layout (grid, tile_shape); regime: `regime_spec(r)`;
     keep: bool (B|1, H|1, N, N) kept tile pairs for a learned regime (its selector's mask), else None (the regime
     selects its own); max_kept: no row of keep keeps more key tiles than this (the selector's TileMask knows it:
     its width), which sizes the plan without reading keep on the host; 0 takes N, always true but a larger plan."""
-    from fpsa_kernels import fps_attention
+    from fpsa_train.fps.kernel import fps_attention  # here, not at the top: triton is Linux-only
 
     layout = TokenLayout(tuple(grid), "tile", tuple(tile_shape))
     reg = regime_of_spec(regime, layout.tile_shape)
     if reg.pattern == "learned" and keep is None:
         raise ValueError(f"fpsa::attention: regime {reg.name!r} is `learned`: pass its selector's mask as keep "
                          "(FPSAttention does)")
-    if reg.pattern in ("dense", "window"):  # the kernel uses its cached static plan
+    if reg.pattern in ("dense", "window"):  # fps_attention uses its cached static plan
         out, lse = fps_attention(q, k, v, layout, reg)
         return out, lse, _static_density(q, k, layout, reg, regime)
     if keep is not None:

@@ -2,8 +2,8 @@
 
 Every block's `self_attn.core` (dense SDPA by default, models/attention.py) is replaced by `FPSAttention`, which
 reads each sample's noise level from `attn_kwargs["sigma"]` and runs the sample through the regime that owns it:
-in the Hopper FP8 kernels (fpsa_kernels: forward, and the Triton backward when training) on H100/H200, in the
-PyTorch reference otherwise (`backend`, logged once per choice).
+in the Hopper FP8 kernels (fpsa_kernels, through fps/kernel.py: forward, and the Triton backward when training) on
+H100/H200, in the PyTorch reference otherwise (`backend`, logged once per choice).
 A batch whose samples fall into different regimes is split by regime and reassembled in order, so every sample
 is computed exactly as it would be alone. Cross-attention stays dense, as in the paper. The model file never
 imports this module.
@@ -244,9 +244,9 @@ class FPSAttention(nn.Module):
             out, _, density = fps_attention_op(q, k, v, layout, self._specs[regime.name],
                                                *(() if sel is None else (sel.mask.to_dense(), sel.mask.max_kept)))
             return out, density, None if sel is None else sel.reg_loss
-        from fpsa_kernels import fps_attention
+        from fpsa_train.fps.kernel import fps_attention  # here, not at the top: triton is Linux-only
 
-        static = regime.pattern in ("dense", "window")  # the kernel reuses its cached plan for these
+        static = regime.pattern in ("dense", "window")  # fps_attention reuses its cached plan for these
         out, _ = fps_attention(q, k, v, layout, regime, None if static else sel.mask, sel.gate)
         return out, sel.mask.density().mean(), sel.reg_loss
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -36,12 +35,15 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_attention import SHAPES, TILE, bench  # noqa: E402
+from isolated import run_each  # noqa: E402
 
-from fpsa_kernels import quantize_qkv  # noqa: E402
-from fpsa_kernels.attention import LOG2_448, LOG2E, _program_item, attention_forward, interpreted, plan_for  # noqa: E402,E501
-from fpsa_kernels.plan import dense_plan  # noqa: E402
-from fpsa_kernels.quant import round_e4m3  # noqa: E402
+from fpsa_kernels import dense_plan, quantize_qkv  # noqa: E402
+from fpsa_kernels._interpreter import interpreted  # noqa: E402
+from fpsa_kernels.attention import attention_forward  # noqa: E402
+from fpsa_kernels.numerics import LOG2_448, LOG2E, round_e4m3  # noqa: E402
+from fpsa_kernels.plan import program_item  # noqa: E402
 from fpsa_train.fps.fp8 import QuantGranularity  # noqa: E402
+from fpsa_train.fps.kernel import plan_for, quant_groups  # noqa: E402
 from fpsa_train.fps.masks import select_keep  # noqa: E402
 from fpsa_train.models.token_order import TokenLayout  # noqa: E402
 
@@ -52,8 +54,8 @@ def _fwd_2d(q_desc, k_desc, v_desc, sq_desc, sq_ptr, sk_desc, sv_ptr, o_ptr,
             H, L, stride_ob, stride_oh, stride_ol, mask_sb, mask_sh, mask_sg, C,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, LOG2_CAP: tl.constexpr,
             WS: tl.constexpr, EMULATE_CAST: tl.constexpr, SQ_SCALAR: tl.constexpr):
-    bh, b, h, g, row0, nrows, mask_base, count = _program_item(item_group, item_row, item_rows, chunk_count, H,
-                                                                mask_sb, mask_sh, mask_sg, C)
+    bh, b, h, g, row0, nrows, mask_base, count = program_item(item_group, item_row, item_rows, chunk_count, H,
+                                                               mask_sb, mask_sh, mask_sg, C)
     q = q_desc.load([bh * L + row0, 0])
     if SQ_SCALAR:  # one scale for the item's rows (tile-aligned items under per-tile or coarser Q scales)
         sq = tl.load(sq_ptr + bh * L + row0)
@@ -84,7 +86,7 @@ def _fwd_2d(q_desc, k_desc, v_desc, sq_desc, sq_ptr, sk_desc, sv_ptr, o_ptr,
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = v_desc.load([bh * D, start])
-        if EMULATE_CAST:  # the interpreter's direct cast misrounds (kernels/quant.py)
+        if EMULATE_CAST:  # the interpreter's direct cast misrounds (kernels/numerics.py)
             p8 = round_e4m3(p).to(tl.float8e4nv)
         else:
             p8 = p.to(tl.float8e4nv, fp_downcast_rounding="rtne")
@@ -110,7 +112,7 @@ def run_2d(qkv, plan, out, ws: bool, num_warps: int, num_stages: int, sq_scalar:
         flat(qkv.q8, bm), flat(qkv.k8, bn), v_desc, scale(qkv.sq, bm), qkv.sq, scale(qkv.sk, bn), qkv.sv, out,
         plan.item_group, plan.item_row, plan.item_rows, plan.chunks, plan.chunk_count,
         qkv.heads, seq, out.stride(0), out.stride(1), out.stride(2), sb, sh, c, c,
-        BLOCK_M=bm, BLOCK_N=bn, D=d, LOG2_CAP=LOG2_448, WS=ws, EMULATE_CAST=interpreted(), SQ_SCALAR=sq_scalar,
+        BLOCK_M=bm, BLOCK_N=bn, D=d, LOG2_CAP=LOG2_448.value, WS=ws, EMULATE_CAST=interpreted(), SQ_SCALAR=sq_scalar,
         num_warps=num_warps,
         num_stages=num_stages)
 
@@ -132,7 +134,7 @@ def one(shape: str, cfg: dict) -> dict:
     seq, d = layout.seq_len, 128
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(1, heads, seq, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
-    qkv = quantize_qkv(q, k, v, layout, QuantGranularity("tile"), q_mult=LOG2E / math.sqrt(d))
+    qkv = quantize_qkv(q, k, v, quant_groups(layout, QuantGranularity("tile"), q.device), q_mult=LOG2E / math.sqrt(d))
     shipped, plan = plans(q, k, layout, cfg)
     flops = 4.0 * heads * seq * seq * d * (1.0 if cfg.get("keep") is None else shipped.useful / (heads * seq * seq))
     res = {"shape": name, **cfg}
@@ -172,15 +174,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(one(args.shape, json.loads(args.one))), flush=True)
         return
-    for cfg in CONFIGS:
-        try:
-            r = subprocess.run([sys.executable, __file__, "--shape", args.shape, "--one", json.dumps(cfg)],
-                               capture_output=True, text=True, timeout=args.timeout)
-            lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
-            tail = r.stderr.strip().splitlines()[-1:] if r.stderr.strip() else [f"exit {r.returncode}"]
-            print(lines[-1] if lines else json.dumps({**cfg, "failed": tail[0][:300]}), flush=True)
-        except subprocess.TimeoutExpired:
-            print(json.dumps({**cfg, "failed": f"no result within {args.timeout:.0f} s (a hang)"}), flush=True)
+    run_each(__file__, args.shape, CONFIGS, args.timeout)
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def test_regime_spec_round_trips():
 def test_op_is_the_direct_call_bit_for_bit(name):
     """The op's output and lse equal `fps_attention`'s called directly: with no mask (the regime selects its own),
     or for a learned regime with its selector's mask (here a fixed one); its density is the mask's."""
-    from fpsa_kernels import fps_attention
+    from fpsa_train.fps.kernel import fps_attention
 
     r = regime(name)
     q, k, v = qkv()

@@ -13,7 +13,8 @@ import math
 import pytest
 import torch
 
-from fpsa_kernels import fps_attention, unsupported_reason
+from fpsa_kernels import unsupported_reason
+from fpsa_train.fps.kernel import fps_attention
 from fpsa_train.fps.fp8 import QuantGranularity
 from fpsa_train.fps.masks import topk_mask, window_mask
 from fpsa_train.fps.reference import quantize_inputs

@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fpsa_kernels import fps_attention, unsupported_reason
+from fpsa_kernels import unsupported_reason
+from fpsa_train.fps.kernel import fps_attention
 from fpsa_train.fps.fp8 import QuantGranularity, round_e4m3
 from fpsa_train.fps.reference import select_tiles
 from fpsa_train.fps.schedule import Regime

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fpsa_kernels.attention import plan_for
 from fpsa_kernels.plan import sparse_plan, tile_plan, tile_spans
 from fpsa_train.fps.fp8 import QuantGranularity
+from fpsa_train.fps.kernel import plan_for
 from fpsa_train.fps.masks import KeepMask, select_keep, token_ranges, topk_keep, window_keep
 from fpsa_train.fps.schedule import Regime
 from fpsa_train.models.token_order import TokenLayout

@@ -1,17 +1,22 @@
-"""The quantization pre-pass against fps/fp8.py, bit for bit (CPU: Triton interpreter; GPU: the real kernels)."""
+"""The quantization pre-pass against fps/fp8.py, bit for bit (CPU: Triton interpreter; GPU: the real kernels), and
+the kernels' numeric constants against the reference's."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 import triton
 import triton.language as tl
 
-from fpsa_kernels.quant import quantize_qkv, round_e4m3
+from fpsa_kernels import numerics, quantize_qkv
+from fpsa_kernels.numerics import round_e4m3
 from fpsa_train.fps.fp8 import AMAX_FLOOR, E4M3_MAX, QuantGranularity
 from fpsa_train.fps.fp8 import quantize_qk as reference_qk
 from fpsa_train.fps.fp8 import quantize_v as reference_v
 from fpsa_train.fps.fp8 import round_e4m3 as reference_round
+from fpsa_train.fps.kernel import quant_groups
 from fpsa_train.models.token_order import TokenLayout
 
 from .helpers import make_inputs
@@ -23,6 +28,14 @@ GRANULARITIES = [QuantGranularity("tile"), QuantGranularity("tiles", (2, 2, 2)),
 
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_kernel_constants_are_the_references():
+    """The kernel package defines its own numbers (it imports nothing of the framework): they must be fp8.py's."""
+    assert numerics.E4M3_MAX.value == E4M3_MAX and numerics.AMAX_FLOOR == AMAX_FLOOR
+    assert numerics.LOG2_448.value == math.log2(E4M3_MAX)
+    assert numerics.LOG2E == 1 / math.log(2) and numerics.LN2.value == math.log(2)
+    assert numerics.RNE_MAGIC.value == 1.5 * 2 ** 23
 
 
 @triton.jit
@@ -53,7 +66,7 @@ def test_prepass_equals_the_reference_quantization(granularity, kind):
     b, h, d = 2, 3, 32
     q, k, v = make_inputs(kind, b, h, LAYOUT, d, seed=1, device=device())
     q = q.transpose(1, 2).contiguous().transpose(1, 2)  # (B, H, L, D) view of (B, L, H, D), as the model passes it
-    out = quantize_qkv(q, k, v, LAYOUT, granularity, q_mult=0.5)
+    out = quantize_qkv(q, k, v, quant_groups(LAYOUT, granularity, q.device), q_mult=0.5)
     for name, x, x8, s, mult in (("q", q, out.q8, out.sq, 0.5), ("k", k, out.k8, out.sk, 1.0)):
         ref, ref_scale = reference_qk(x, LAYOUT, granularity)
         scale = s.view(b, h, -1, 1) / mult
@@ -68,7 +81,7 @@ def test_prepass_equals_the_reference_quantization(granularity, kind):
 
 def test_all_zero_groups_get_the_floor_scale_and_zeros():
     q, k, v = (torch.zeros(1, 2, LAYOUT.seq_len, 64, dtype=torch.bfloat16, device=device()) for _ in range(3))
-    out = quantize_qkv(q, k, v, LAYOUT, QuantGranularity("tile"))
+    out = quantize_qkv(q, k, v, quant_groups(LAYOUT, QuantGranularity("tile"), q.device))
     for x8, s in ((out.q8, out.sq), (out.k8, out.sk)):
         assert torch.all(x8.float() == 0) and torch.all(s == AMAX_FLOOR / E4M3_MAX)
     assert torch.all(out.vt8.float() == 0) and torch.isfinite(out.sv).all() and torch.all(out.sv > 0)
@@ -77,4 +90,4 @@ def test_all_zero_groups_get_the_floor_scale_and_zeros():
 def test_prepass_rejects_a_wrong_layout():
     q = torch.zeros(1, 1, LAYOUT.seq_len + 1, 64, device=device())
     with pytest.raises(ValueError, match="tokens"):
-        quantize_qkv(q, q, q, LAYOUT, QuantGranularity("tile"))
+        quantize_qkv(q, q, q, quant_groups(LAYOUT, QuantGranularity("tile"), q.device))

@@ -10,8 +10,8 @@ import contextlib
 import pytest
 import torch
 
-from fpsa_kernels import fps_attention, unsupported_reason
-from fpsa_kernels.attention import DEFAULT_BLOCKS, plan_for
+from fpsa_kernels import KernelConfig, unsupported_reason
+from fpsa_train.fps.kernel import fps_attention, plan_for
 from fpsa_train.fps.masks import select_keep
 from fpsa_train.fps.reference import select_tiles
 from fpsa_train.models.token_order import TokenLayout
@@ -23,6 +23,7 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available() or unsupported_reason(torch.zeros(1, device="cuda"))
                                  is not None, reason="needs a Hopper GPU")]
 
+BLOCKS = (KernelConfig.block_m, KernelConfig.block_n)  # the forward's default blocks
 SHAPES = {"480p": (12, (21, 30, 52)), "720p": (40, (21, 45, 80))}
 
 
@@ -52,8 +53,8 @@ def test_selection_and_plan_do_not_synchronise(shape, regime):
 
     def select_and_plan():
         mask = select_keep(q, k, layout, reg.topk_of(n), reg.window)
-        return mask, plan_for(mask, layout, reg, *DEFAULT_BLOCKS, q.device), plan_for(
-            mask, layout, reg, *DEFAULT_BLOCKS, q.device, transpose=True)
+        return mask, plan_for(mask, layout, reg, *BLOCKS, q.device), plan_for(
+            mask, layout, reg, *BLOCKS, q.device, transpose=True)
 
     select_and_plan()  # first call: builds the per-layout caches (one host-to-device copy each)
     with no_sync():

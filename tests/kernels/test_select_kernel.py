@@ -9,9 +9,10 @@ import math
 import pytest
 import torch
 
-from fpsa_kernels import fps_attention, quantize_qkv
-from fpsa_kernels.attention import LOG2E, attention_forward, plan_for
-from fpsa_kernels.plan import sparse_plan
+from fpsa_kernels import quantize_qkv, sparse_plan
+from fpsa_kernels.attention import attention_forward
+from fpsa_kernels.numerics import LOG2E
+from fpsa_train.fps.kernel import fps_attention, plan_for, quant_groups
 from fpsa_train.fps.masks import select_keep, token_ranges
 from fpsa_train.fps.reference import select_tiles
 
@@ -33,7 +34,7 @@ def test_forward_is_identical_on_both_plans(name):
     for a, b in zip(selected, tiles):
         assert torch.equal(a, b)
     mask = select_keep(q, k, LAYOUT, reg.topk_of(len(LAYOUT.tile_sizes())), reg.window)
-    qkv = quantize_qkv(q, k, v, LAYOUT, reg.quant, q_mult=LOG2E / math.sqrt(64))
+    qkv = quantize_qkv(q, k, v, quant_groups(LAYOUT, reg.quant, q.device), q_mult=LOG2E / math.sqrt(64))
     plans = [plan_for(mask, LAYOUT, reg, 32, 16, "cpu"),  # the hot path's: sized by k plus the window
              sparse_plan(mask.keep, token_ranges(LAYOUT), 32, 16),  # sized by the actual largest count
              sparse_plan(mask.keep, token_ranges(LAYOUT), 32, 16, max_kept=mask.num_kv_tiles)]  # by every tile

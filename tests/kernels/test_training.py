@@ -10,8 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fpsa_kernels import fps_attention
-from fpsa_kernels.attention import plan_for
+from fpsa_train.fps.kernel import fps_attention, plan_for
 from fpsa_train.fps.masks import LearnedSelector, TileMask, pooled_tile_scores, topk_mask
 from fpsa_train.fps.reference import select_tiles
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fpsa_kernels import fps_attention, unsupported_reason
+from fpsa_kernels import unsupported_reason
+from fpsa_train.fps.kernel import fps_attention
 from fpsa_train.fps.reference import select_tiles
 from fpsa_train.models.token_order import TokenLayout
 

@@ -1,4 +1,4 @@
-"""FP8 tile-sparse attention for training: the forward kernel plus a Triton backward over the same tile lists.
+"""The Triton backward of the FP8 tile-sparse attention, over the forward's tile lists and their transpose.
 
 The gradient is the reference's autograd (fps/reference.py), written out. Per row i and kept key j, with
 q̂, k̂, v̂ the fake-quantized inputs, s = q̂·k̂/√D, m the exact row max, p = exp(s − m), ℓ = Σ p and
@@ -38,13 +38,11 @@ import torch
 import triton
 import triton.language as tl
 
-from fpsa_kernels.attention import (LOG2E, _program_item, attention_forward, interpreted, mask_strides, plan_for,
-                                    rows_desc, vt_desc)
-from fpsa_kernels.plan import Plan
-from fpsa_kernels.quant import QuantizedQKV, round_e4m3
-
-BWD_BLOCKS = (64, 128, 64, 32)
-"""(dQ kernel query rows, its key chunk, dK/dV kernel key rows, its query chunk) unless the caller asks otherwise."""
+from fpsa_kernels._interpreter import interpreted
+from fpsa_kernels.config import KernelConfig
+from fpsa_kernels.numerics import LN2, key_scaled, p_from_scores
+from fpsa_kernels.plan import Plan, chunk_of, mask_strides, program_item
+from fpsa_kernels.quant import QuantizedQKV, rows_desc, vt_desc
 
 
 @triton.jit
@@ -54,31 +52,14 @@ def _scale_do(do, sv):
 
 
 @triton.jit
-def _chunk(chunks, i):
-    packed = tl.load(chunks + i)  # (start / 16) << 16 | lo << 8 | hi, as in the forward
-    return (packed >> 16) * 16, (packed >> 8) & 0xFF, packed & 0xFF
-
-
-@triton.jit
-def _probabilities(s, s_row, s_col, bias, m, inv_l, ROWS_ARE_QUERIES: tl.constexpr, EMULATE_CAST: tl.constexpr):
-    """(448 P̂ as fp8, P/ℓ) of a block of FP8 scores, P against the final row max m (log2 units), as the forward.
-
-    `s_row`/`s_col` are the scales along the block's rows/columns; the key scale multiplies first, then the query
-    scale (which carries softmax scale · log2 e) in the FMA with −m, as in the forward kernel."""
-    if ROWS_ARE_QUERIES:  # s (queries, keys): s_row = s_q', s_col = s_k
-        t = s * s_col[None, :] + bias[None, :]
-        x = t * s_row[:, None] + (8.807354922057604 - m[:, None])
-        p = tl.math.exp2(tl.minimum(x, 8.807354922057604))  # 448 p
+def _probabilities(s, s_q, s_k, bias, m, inv_l, QUERY_ROWS: tl.constexpr, EMULATE_CAST: tl.constexpr):
+    """(448 P̂ as fp8, P/ℓ) of a block of FP8 scores, P against the final row max m (log2 units), by the forward's
+    math (numerics.py). `QUERY_ROWS`: s is (queries, keys); else sᵀ (keys, queries)."""
+    p, p8 = p_from_scores(key_scaled(s, s_k, bias, QUERY_ROWS), s_q, m, QUERY_ROWS, EMULATE_CAST)  # p = 448 P
+    if QUERY_ROWS:
         pn = p * inv_l[:, None]
-    else:  # sᵀ (keys, queries): s_row = s_k, s_col = s_q'
-        t = s * s_row[:, None] + bias[None, :]
-        x = t * s_col[None, :] + (8.807354922057604 - m[None, :])
-        p = tl.math.exp2(tl.minimum(x, 8.807354922057604))
-        pn = p * inv_l[None, :]
-    if EMULATE_CAST:
-        p8 = round_e4m3(p).to(tl.float8e4nv)
     else:
-        p8 = p.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+        pn = p * inv_l[None, :]
     return p8, pn
 
 
@@ -86,7 +67,7 @@ def _probabilities(s, s_row, s_col, bias, m, inv_l, ROWS_ARE_QUERIES: tl.constex
 def _dq_chunk(q_desc, k_desc, v_desc, chunks, i, q, dos, sq, m, inv_l, sk_ptr, bh, BLOCK_N: tl.constexpr,
               D: tl.constexpr, QK_IMPRECISE: tl.constexpr, EMULATE_CAST: tl.constexpr):
     """One key chunk of a dQ program: (start, valid columns, K8, s_k, 448 P̂ fp8, P/ℓ, dP = dO·v̂ᵀ)."""
-    start, lo, hi = _chunk(chunks, i)
+    start, lo, hi = chunk_of(chunks, i)
     cols = tl.arange(0, BLOCK_N)
     valid = (cols >= lo) & (cols < hi)
     k = k_desc.load([bh, start, 0]).reshape(BLOCK_N, D)
@@ -103,7 +84,7 @@ def _bwd_dq_kernel(q_desc, k_desc, v_desc, do_ptr, sq_ptr, sk_ptr, sv_ptr, m_ptr
                    mask_sb, mask_sh, mask_sg, C,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, QK_IMPRECISE: tl.constexpr,
                    EMULATE_CAST: tl.constexpr, GATE: tl.constexpr, INV_SQRT_D: tl.constexpr):
-    bh, b, h, g, row0, nrows, mask_base, count = _program_item(item_group, item_row, item_rows, chunk_count, H,
+    bh, b, h, g, row0, nrows, mask_base, count = program_item(item_group, item_row, item_rows, chunk_count, H,
                                                                 mask_sb, mask_sh, mask_sg, C)
 
     r = tl.arange(0, BLOCK_M)
@@ -148,7 +129,7 @@ def _bwd_dkdv_kernel(q_desc, k_desc, do_desc, vt_ptr, sq_ptr, sk_ptr, sv_ptr, m_
                      mask_sb, mask_sh, mask_sg, C,
                      BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr, D: tl.constexpr, QK_IMPRECISE: tl.constexpr,
                      EMULATE_CAST: tl.constexpr):
-    bh, b, h, g, row0, nrows, mask_base, count = _program_item(item_group, item_row, item_rows, chunk_count, H,
+    bh, b, h, g, row0, nrows, mask_base, count = program_item(item_group, item_row, item_rows, chunk_count, H,
                                                                 mask_sb, mask_sh, mask_sg, C)
 
     r = tl.arange(0, BLOCK_K)
@@ -166,7 +147,7 @@ def _bwd_dkdv_kernel(q_desc, k_desc, do_desc, vt_ptr, sq_ptr, sk_ptr, sv_ptr, m_
     dk = tl.zeros([BLOCK_K, D], tl.float32)
     dv = tl.zeros([BLOCK_K, D], tl.float32)
     for i in range(count):
-        start, lo, hi = _chunk(chunks + mask_base, i)
+        start, lo, hi = chunk_of(chunks + mask_base, i)
         valid = (cols >= lo) & (cols < hi)
         q = q_desc.load([bh, start, 0]).reshape(BLOCK_Q, D)
         sq = tl.load(sq_ptr + base + start + cols, mask=valid, other=1.0)
@@ -176,12 +157,12 @@ def _bwd_dkdv_kernel(q_desc, k_desc, do_desc, vt_ptr, sq_ptr, sk_ptr, sv_ptr, m_
         do = do_desc.load([bh, start, 0]).reshape(BLOCK_Q, D)
         dos = _scale_do(do, sv)
         st = tl.dot(k, tl.trans(q), max_num_imprecise_acc=QK_IMPRECISE)  # (BLOCK_K, BLOCK_Q) = Sᵀ
-        p8, pn = _probabilities(st, sk, sq, tl.where(valid, 0.0, float("-inf")), m, inv_l, False, EMULATE_CAST)
+        p8, pn = _probabilities(st, sq, sk, tl.where(valid, 0.0, float("-inf")), m, inv_l, False, EMULATE_CAST)
         dv += tl.dot((p8.to(tl.float32) * inv_l[None, :]).to(tl.bfloat16), do)  # P̂/ℓ (448s cancel) · dO
         dpt = tl.dot(v8, tl.trans(dos))  # (BLOCK_K, BLOCK_Q): v̂_j · dO_i, rounded as in the dQ kernel
         dst = pn * (dpt - delta[None, :])
         dk += tl.dot((dst * sq[None, :]).to(tl.bfloat16), q.to(tl.bfloat16))
-    dk = dk * (1.0 / 1.4426950408889634)  # s_q' carries softmax scale · log2 e: q̂/√D = Q8 s_q' / log2 e
+    dk = dk * LN2  # s_q' carries softmax scale · log2 e: q̂/√D = Q8 s_q' / log2 e = Q8 s_q' ln 2
     offs = (base + keys[:, None]) * D + d[None, :]
     tl.store(dk_ptr + offs, dk.to(dk_ptr.dtype.element_ty), mask=own[:, None])
     tl.store(dv_ptr + offs, dv.to(dv_ptr.dtype.element_ty), mask=own[:, None])
@@ -189,7 +170,8 @@ def _bwd_dkdv_kernel(q_desc, k_desc, do_desc, vt_ptr, sq_ptr, sk_ptr, sv_ptr, m_
 
 def attention_backward(qkv: QuantizedQKV, dout: torch.Tensor, m: torch.Tensor, ell: torch.Tensor,
                        plan_q: Plan, plan_kv: Plan, grad_dtype: torch.dtype, gate_tiles: torch.Tensor | None = None,
-                       num_warps: int = 4, num_stages: int = 2, qk_imprecise_acc: int | None = None):
+                       num_warps: int = KernelConfig.bwd_warps, num_stages: int = KernelConfig.bwd_stages,
+                       qk_imprecise_acc: int | None = KernelConfig.qk_imprecise_acc):
     """(dq, dk, dv (B, H, L, D) in grad_dtype, dgate fp32 (B, H, N, N) or None) for the forward's outputs.
 
     dout: the output's gradient (B, H, L, D); m, ell: the forward's saved stats (B·H, L);
@@ -228,39 +210,3 @@ def attention_backward(qkv: QuantizedQKV, dout: torch.Tensor, m: torch.Tensor, e
         qkv.vt8.shape[-1], sb, sh, c, c, BLOCK_K=bk, BLOCK_Q=bq, D=d, QK_IMPRECISE=imprecise,
         EMULATE_CAST=interpreted(), **common)
     return dq, dk, dv, dgate
-
-
-class FPSAttentionFunction(torch.autograd.Function):
-    """Autograd op: the forward kernel (saving m and ℓ) and the backward kernels above. See `fps_attention`."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, gate, layout, regime, mask, opts):
-        from fpsa_kernels.quant import quantize_qkv
-        from fpsa_train.fps.masks import token_tiles
-
-        b, h, seq, d = q.shape
-        plan = plan_for(mask, layout, regime, opts["block_m"], opts["block_n"], q.device)
-        qkv = quantize_qkv(q, k, v, layout, regime.quant, q_mult=LOG2E / math.sqrt(d))
-        stats = torch.empty(2, b * h, seq, dtype=torch.float32, device=q.device)
-        out, lse = attention_forward(qkv, plan, num_warps=opts["num_warps"], num_stages=opts["num_stages"],
-                                     qk_imprecise_acc=opts["qk_imprecise_acc"], stats=(stats[0], stats[1]))
-        ctx.save_for_backward(qkv.q8, qkv.k8, qkv.vt8, qkv.sq, qkv.sk, qkv.sv, stats)
-        ctx.args = (b, h, q.dtype, layout, regime, mask, opts, plan)
-        ctx.tile_of = None if gate is None else token_tiles(layout, q.device).to(torch.int32)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q8, k8, vt8, sq, sk, sv, stats = ctx.saved_tensors
-        b, h, dtype, layout, regime, mask, opts, plan = ctx.args
-        bm, bn, bk, bq = opts["bwd_blocks"]
-        # the forward's plan when the blocks agree (the defaults do): a dynamic mask's plan is built once
-        same = (plan.block_m, plan.block_n) == (bm, bn)
-        plan_q = plan if same else plan_for(mask, layout, regime, bm, bn, q8.device)
-        plan_kv = plan_for(mask, layout, regime, bk, bq, q8.device, transpose=True)
-        dq, dk, dv, dgate = attention_backward(
-            QuantizedQKV(q8, k8, vt8, sq, sk, sv, b, h), dout, stats[0], stats[1], plan_q, plan_kv, dtype,
-            gate_tiles=ctx.tile_of, num_warps=opts["bwd_warps"],
-            num_stages=opts["bwd_stages"], qk_imprecise_acc=opts["qk_imprecise_acc"])
-        return dq, dk, dv, dgate, None, None, None, None
