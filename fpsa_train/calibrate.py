@@ -43,8 +43,10 @@ import torch.nn.functional as F
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from fpsa_train.atomic import write_text_atomic
 from fpsa_train.config import DataConfig, ModelConfig, resolve
 from fpsa_train.lit.datamodule import validation_batch
+from fpsa_train.lit.training_checkpoint import pick_weights, read_training_checkpoint
 from fpsa_train.flow import noisy_input, sampling_sigmas
 from fpsa_train.fps.fp8 import sqnr_db
 from fpsa_train.fps.reference import attention_tiles
@@ -64,7 +66,8 @@ class CalibrateConfig:
     fps: FPSConfig = field(default_factory=FPSConfig)
     """The schedule to report on (and the defaults the candidates are compared with)."""
     weights: Optional[str] = None
-    """A training checkpoint (Lightning .ckpt) whose weights to calibrate; null = `model.checkpoint` or random."""
+    """A training checkpoint whose weights to calibrate (a Lightning .ckpt file or a DeepSpeed ZeRO checkpoint
+    folder); null = `model.checkpoint` or random."""
     use_ema: bool = True
     """Take the EMA weights from `weights` when it has them."""
     sigmas: list[float] = field(default_factory=lambda: [0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95])
@@ -102,17 +105,15 @@ COARSENESS = {"tiles": 0, "tile": 1, "subtile": 2, "token": 3, None: 4}
 
 
 def load_weights(model: torch.nn.Module, path: str, use_ema: bool) -> str:
-    """Weights from a Lightning checkpoint (EMA when present and wanted); FPS-core parameters are not needed."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if use_ema and "ema" in state:
-        weights, which = state["ema"], "EMA"
-    else:
-        weights, which = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}, "raw"
+    """Weights from a training checkpoint (lit/training_checkpoint.py: a Lightning file, a DeepSpeed ZeRO folder or
+    a consolidated file), the EMA when present and wanted; FPS-core parameters are not needed. Returns "EMA" or
+    "raw"."""
+    weights, which = pick_weights(read_training_checkpoint(path), "auto" if use_ema else "model")
     weights = {k: v for k, v in weights.items() if ".self_attn.core." not in k}  # learned selectors
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise KeyError(f"{path} does not fit the model: missing {missing[:20]}, unexpected {unexpected[:20]}")
-    return which
+    return "EMA" if which == "ema" else "raw"
 
 
 class _Capture(SDPAttention):
@@ -322,9 +323,7 @@ def write_schedule(schedule: Schedule, cfg: CalibrateConfig, table: dict, path: 
     for sigma, row in table.items():
         lines.append(f"#   {sigma:.2f}  " + " ".join(f"{row[n][0]:>14.1f} / {row[n][1]:.2f}" for n in names))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n" + OmegaConf.to_yaml(OmegaConf.create(schedule.to_dict())))
-    tmp.replace(path)
+    write_text_atomic(path, "\n".join(lines) + "\n" + OmegaConf.to_yaml(OmegaConf.create(schedule.to_dict())))
     log.info("calibrated schedule → %s (mean density over 50 sampling steps %.3f)\n  %s", path, density,
              "\n  ".join(r.describe() for r in schedule.regimes))
 

@@ -1,24 +1,24 @@
 """`python -m fpsa_train.export checkpoint=... out=...`: a training checkpoint → a deploy folder (fpsa_train/deploy.py).
 
 Input: a Lightning checkpoint file (`last.ckpt`, `stepNNNNNNN.ckpt`), a DeepSpeed ZeRO checkpoint folder (what
-Lightning's DeepSpeed strategy writes under the same names; consolidated here from its fp32 partitions), or the
-single file Lightning's `convert_zero_checkpoint_to_fp32_state_dict` makes of one. Every checkpoint fpsa writes
-carries its run config (architecture, token order, tile shape, schedule, clip size: `FlowMatchingModule.run_config`),
-so the checkpoint is all export needs. Files are read with `torch.load(weights_only=True)`: nothing is unpickled.
+Lightning's DeepSpeed strategy writes under the same names; consolidated from its fp32 partitions), or the single
+file Lightning's `convert_zero_checkpoint_to_fp32_state_dict` makes of one, all read by
+lit/training_checkpoint.py. Every checkpoint fpsa writes carries its run config (architecture, token order, tile
+shape, schedule, clip size: `FlowMatchingModule.run_config`), so the checkpoint is all export needs. Files are read
+with `torch.load(weights_only=True)`: nothing is unpickled.
 
-Output: the deploy folder, written into a temporary sibling and renamed into place at the end, so a killed or
-failed export never leaves a half folder under the final name (and `overwrite=true` replaces an old export only
-once the new one is complete). The sibling's name records the writer (`.{out}.tmp-<host>-<pid>-<random>`): a
-killed export's leftover, whose process is gone, is removed by the next export to the same `out` (before it
-writes, to free the space, and after), while a concurrent export's is left alone. The EMA weights are exported
-by default when the checkpoint has them.
+Output: the deploy folder, written into a temporary sibling and renamed into place at the end
+(fpsa_train/atomic.py `replacing_dir`), so a killed or failed export never leaves a half folder under the final
+name (and `overwrite=true` replaces an old export only once the new one is complete). The sibling's name records
+the writer (`.{out}.tmp-<host>-<pid>-<random>`): a killed export's leftover, whose process is gone, is removed by
+the next export to the same `out` (before it writes, to free the space, and after), while a concurrent export's is
+left alone. The EMA weights are exported by default when the checkpoint has them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -31,12 +31,14 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 from safetensors.torch import save_file
 
+from fpsa_train.atomic import remove_stale_siblings, replacing_dir
 from fpsa_train.config import ConfigError
 from fpsa_train.deploy import (FORMAT, FORMAT_VERSION, MANIFEST, MANIFEST_SHA256, SCHEDULE, SELECTOR_PREFIX,
                                SELECTORS, file_entries, kernel_features, manifest_sha256, model_config)
 from fpsa_train.fps.schedule import FPSConfig, Schedule, fps_enabled, schedule_from_data
-from fpsa_train.lit.module import RUN_CONFIG_KEY
-from fpsa_train.models.checkpoint import _replace_dir, remove_stale_siblings, save_wan_weights, temp_sibling
+from fpsa_train.lit.training_checkpoint import (RUN_CONFIG_KEY, WEIGHT_CHOICES, TrainingCheckpoint, pick_weights,
+                                                read_training_checkpoint)
+from fpsa_train.models.checkpoint import write_wan_weights
 from fpsa_train.models.checkpoint_config import CheckpointError
 from fpsa_train.models.config import WanConfig
 from fpsa_train.models.state_dict import KEY_FORMATS
@@ -44,7 +46,6 @@ from fpsa_train.models.wan import WanModel
 
 log = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-WEIGHT_CHOICES = ("auto", "ema", "model")
 
 
 @dataclass
@@ -80,65 +81,11 @@ class ExportConfig:
 ConfigStore.instance().store(name="export_schema", node=ExportConfig)
 
 
-@dataclass
-class TrainingCheckpoint:
-    """What export needs from a training checkpoint, in our key names (no `model.` prefix)."""
-
-    weights: dict[str, torch.Tensor]
-    ema: dict[str, torch.Tensor] | None
-    run_config: dict
-    global_step: int | None
-    kind: str
-
-
-def _unwrap(state_dict: dict[str, torch.Tensor], where: Path) -> dict[str, torch.Tensor]:
-    """Lightning keys are the module attribute path, `model.<our key>` (under DeepSpeed maybe `_forward_module.`
-    first)."""
-    for prefix in ("_forward_module.model.", "model."):
-        if state_dict and all(k.startswith(prefix) for k in state_dict):
-            return {k[len(prefix):]: v for k, v in state_dict.items()}
-    raise CheckpointError(f"{where}: expected the LightningModule's `model.*` keys, got e.g. {list(state_dict)[:4]}")
-
-
-def read_training_checkpoint(path: str | Path) -> TrainingCheckpoint:
-    path = Path(path)
-    if path.is_dir():
-        from fpsa_train.lit.zero_checkpoint import read_zero_checkpoint
-
-        weights, client = read_zero_checkpoint(path)
-        weights, kind = _unwrap(weights, path), "deepspeed"
-    elif path.is_file():
-        try:
-            client = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # noqa: BLE001  refused pickles, truncated or foreign files: say which file
-            raise CheckpointError(f"{path}: cannot read it as a training checkpoint with torch.load(weights_only=True)"
-                                  f" ({type(e).__name__}: {e})") from e
-        if not isinstance(client, dict) or "state_dict" not in client:
-            raise CheckpointError(f"{path}: not a Lightning checkpoint (no `state_dict`); export takes the "
-                                  "checkpoints a training run writes (outputs/<name>/<run>/checkpoints/last.ckpt)")
-        weights, kind = _unwrap(client["state_dict"], path), "lightning"
-    else:
-        raise FileNotFoundError(f"checkpoint={str(path)!r} does not exist")
-    run_config = client.get(RUN_CONFIG_KEY)
-    if not isinstance(run_config, dict):
-        raise CheckpointError(f"{path}: no `{RUN_CONFIG_KEY}` in the checkpoint (architecture and schedule); it was "
-                              "not written by fpsa's training, or by a version before export existed")
-    return TrainingCheckpoint(weights, client.get("ema"), run_config, client.get("global_step"), kind)
-
-
-def pick_weights(ckpt: TrainingCheckpoint, choice: str) -> tuple[dict[str, torch.Tensor], str]:
-    """The state dict to export and which weights it is ("ema" or "model")."""
-    if choice == "model" or (choice == "auto" and not ckpt.ema):
-        return ckpt.weights, "model"
-    if not ckpt.ema:
-        raise CheckpointError("weights=ema but the checkpoint has no EMA (trained with optim.ema_decay=0); "
-                              "export weights=model")
-    unexpected = sorted(ckpt.ema.keys() - ckpt.weights.keys())
-    bad = [k for k, t in ckpt.ema.items() if k in ckpt.weights and t.shape != ckpt.weights[k].shape]
-    if unexpected or bad:
-        raise CheckpointError(f"the checkpoint's EMA does not match its weights (unexpected {unexpected[:10]}, "
-                              f"shape differs for {bad[:10]}); export weights=model")
-    return {**ckpt.weights, **ckpt.ema}, "ema"
+def _run_config(ckpt: TrainingCheckpoint) -> dict:
+    if not isinstance(ckpt.run_config, dict):
+        raise CheckpointError(f"{ckpt.path}: no `{RUN_CONFIG_KEY}` in the checkpoint (architecture and schedule); it "
+                              "was not written by fpsa's training, or by a version before export existed")
+    return ckpt.run_config
 
 
 def expected_bytes(cfg: WanConfig, dtype: torch.dtype = torch.bfloat16) -> int:
@@ -155,7 +102,7 @@ def export(cfg: ExportConfig) -> dict:
     if out.exists() and not cfg.overwrite:
         raise FileExistsError(f"out={str(out)!r} exists; choose another folder or pass overwrite=true")
     ckpt = read_training_checkpoint(cfg.checkpoint)
-    run = ckpt.run_config
+    run = _run_config(ckpt)
     arch = model_config(run)
     schedule = _schedule(run, arch, cfg.schedule_file)
     state, which = pick_weights(ckpt, cfg.weights)
@@ -163,12 +110,10 @@ def export(cfg: ExportConfig) -> dict:
     selectors = _selectors(state, schedule, arch.num_layers)
     log.info("exporting %s weights of %s (%s, step %s) to %s", which, cfg.checkpoint, ckpt.kind, ckpt.global_step, out)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_siblings(out)  # a killed export's weights may take the space this one needs
-    tmp = temp_sibling(out, "tmp")
-    try:
-        save_wan_weights(wan, tmp, key_format=cfg.key_format, cfg=arch, dtype=DTYPES[cfg.dtype],
-                         max_shard_bytes=int(cfg.max_shard_gb * 2**30))
+    with replacing_dir(out) as tmp:
+        write_wan_weights(wan, tmp, key_format=cfg.key_format, cfg=arch, dtype=DTYPES[cfg.dtype],
+                          max_shard_bytes=int(cfg.max_shard_gb * 2**30))
         if selectors:  # small; kept in fp32 (a threshold, not a weight)
             save_file({k: v.detach().float().contiguous() for k, v in selectors.items()}, str(tmp / SELECTORS))
         _write_json(tmp / SCHEDULE, schedule.to_dict() if schedule is not None else {"regimes": []})
@@ -189,10 +134,6 @@ def export(cfg: ExportConfig) -> dict:
         }
         manifest[MANIFEST_SHA256] = manifest_sha256(manifest)  # the runtime reads the manifest too: cover it
         _write_json(tmp / MANIFEST, manifest)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     report = {"out": str(out), "weights": which, "key_format": cfg.key_format, "dtype": cfg.dtype,
               "files": sorted(files), "bytes": sum(f["bytes"] for f in files.values()),
               "seconds": round(time.perf_counter() - started, 3)}

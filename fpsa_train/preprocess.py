@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from fpsa_train.atomic import atomic_path, write_text_atomic
 from fpsa_train.data.cache import EMPTY_PROMPT, INDEX, REPORT
 from fpsa_train.data.metadata import Sample, read_metadata
 from fpsa_train.data.video import BadVideo, VideoSpec, load_clip
@@ -162,15 +162,12 @@ class Encoders:
 
 
 def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
 def _atomic_safetensors(path: Path, tensors: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp)
 
 
 def spec_of(cfg: PreprocessConfig) -> dict:

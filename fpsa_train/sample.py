@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import time
 from collections import Counter
@@ -38,6 +37,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 from tqdm import tqdm
 
+from fpsa_train.atomic import write_atomic
 from fpsa_train.config import ConfigError
 from fpsa_train.fps.schedule import BACKENDS
 
@@ -337,9 +337,8 @@ def sample(cfg: SampleConfig) -> dict:
     stem = _stem(cfg)
     mp4, png = out / f"{stem}.mp4", out / f"{stem}.png"
     write_mp4(mp4, video, cfg.fps)
-    tmp = png.with_name(f".{png.name}.tmp{os.getpid()}")
-    contact_sheet(video, cfg.sheet_frames).save(tmp, format="PNG")
-    os.replace(tmp, png)
+    sheet = contact_sheet(video, cfg.sheet_frames)
+    write_atomic(png, lambda f: sheet.save(f, format="PNG"))
     from fpsa_train.eval.following import analyzer_unavailable, follow
 
     why_not = analyzer_unavailable()  # a prompt of the synthetic world is checked against the video

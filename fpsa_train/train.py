@@ -35,8 +35,9 @@ from fpsa_train.lit.datamodule import LatentDataModule
 from fpsa_train.lit.loggers import build_loggers
 from fpsa_train.lit.module import FlowMatchingModule
 from fpsa_train.lit.monitor import TrainingMonitor
-from fpsa_train.lit.resume import check_same_run, client_state, resume_checkpoint
+from fpsa_train.lit.resume import check_same_run, resume_checkpoint
 from fpsa_train.lit.strategy import build_strategy
+from fpsa_train.lit.training_checkpoint import STATE_DICT, client_state
 from fpsa_train.lit.val_video import ValidationVideo
 from fpsa_train.models.build import architecture_of, build_model
 
@@ -179,7 +180,7 @@ def train(cfg: DictConfig | TrainConfig) -> dict:
     warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
     val = ds is None  # see the module docstring
     if val and state is not None:  # a resumed session starts from the checkpoint: measure that, not the init
-        module.load_state_dict(state["state_dict"])
+        module.load_state_dict(state[STATE_DICT])
     del state  # fit restores from the file itself
     val_start = trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"] if val else float("nan")
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)

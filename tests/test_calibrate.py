@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -111,3 +113,41 @@ def test_max_density_spends_the_sparsity_where_it_costs_least():
     assert budget == 24.0 and density(budget) == pytest.approx((3 * 1.0 + 47 * 0.25) / 50)
     with pytest.raises(ValueError, match="max_density=0.1: no schedule of these candidates is that sparse"):
         budget_for_density(table, cands, cands, 0.1)
+
+
+ZERO = Path(__file__).parent / "fixtures" / "zero"  # DeepSpeed checkpoints of a micro DiT (test_zero_checkpoint.py)
+ZERO_MODEL = ["model.dim=16", "model.ffn_dim=16", "model.num_heads=2", "model.num_layers=1", "model.text_dim=8",
+              "model.freq_dim=8", "model.in_dim=3", "model.out_dim=3", "model.patch_size=[1,1,1]",
+              "model.tile_shape=[1,2,2]", "fps.regimes.1.quant.factor=[1,2,2]", "data.latent_frames=2",
+              "data.latent_height=4", "data.latent_width=4", "data.text_tokens=4"]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_weights_from_a_zero_folder_are_the_consolidated_ones(stage):
+    """weights= a DeepSpeed ZeRO checkpoint folder (the training-checkpoint reader, as export reads it): the EMA
+    where the run kept one (the ZeRO-2 fixture), else the fp32 master weights (ZeRO-3, trained without EMA)."""
+    from safetensors.torch import load_file
+
+    from fpsa_train.calibrate import load_weights
+    from fpsa_train.deploy import model_config
+    from fpsa_train.lit.training_checkpoint import client_state
+    from fpsa_train.models.wan import WanModel
+
+    ckpt = ZERO / f"zero{stage}" / "ckpt"
+    model = WanModel(model_config(client_state(ckpt)["fpsa_run_config"]))
+    assert load_weights(model, str(ckpt), use_ema=True) == ("EMA" if stage == 2 else "raw")
+    reference = load_file(ZERO / f"zero{stage}" / "reference.safetensors")  # DeepSpeed's own consolidation
+    expected = {k.removeprefix("model."): v for k, v in reference.items()}
+    if stage == 2:
+        expected.update(load_file(ZERO / "zero2" / "ema_reference.safetensors"))
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in expected.items() if ".self_attn.core." not in k)
+    assert load_weights(model, str(ckpt), use_ema=False) == "raw"
+
+
+def test_calibrate_takes_a_zero_folder(tmp_path):
+    ckpt = ZERO / "zero2" / "ckpt"
+    result = calibrate(calibrate_config(tmp_path, *ZERO_MODEL, f"weights={ckpt}", "sigmas=[0.5]",
+                                        "quant=[null,{group:tile}]", "sparsity=[{pattern:dense}]"))
+    assert list(result["table"]) == [0.5] and len(result["table"][0.5]) == 2
+    assert f"weights {ckpt}, budget" in (tmp_path / "schedule.yaml").read_text()

@@ -153,7 +153,8 @@ def test_prune_keeps_the_newest_and_drops_an_abandoned_timeline(tmp_path):
 
 def test_leftovers_of_killed_saves_are_recognised_and_nothing_else():
     for name in ("step0000012.ckpt.tmp-4242", ".step0000012.ckpt.tmp-4242", ".step0000012.ckpt.tmp",
-                 ".step0000012.ckpt.old", ".last.ckpt.tmp-7"):
+                 ".step0000012.ckpt.old", ".last.ckpt.tmp-7", ".step0000012.ckpt.tmp-node1-4242-0123abcd",
+                 ".step0000012.ckpt.old-node1-4242-0123abcd"):
         assert LEFTOVER.match(name), name
     for name in ("step0000012.ckpt", "last.ckpt", "notes.tmp-1", "step0000012.ckpt.bak"):
         assert not LEFTOVER.match(name), name

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fpsa_train.export import read_training_checkpoint
+from fpsa_train.lit.training_checkpoint import read_training_checkpoint
 from tests.test_resume import finish, kill_when, launch, losses
 
 pytest.importorskip("deepspeed")
@@ -30,7 +30,7 @@ def test_zero3_with_ema_resumes_after_kill_9(tmp_path):
         "zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"]
     assert not [p for p in ckpt.parent.iterdir() if p.name.startswith(".")]  # no temporaries left behind
 
-    state = read_training_checkpoint(ckpt)  # export's reader: full fp32 weights and the joined EMA
+    state = read_training_checkpoint(ckpt)  # the training-checkpoint reader: full fp32 weights and the joined EMA
     assert state.ema is not None and state.ema.keys() == {k for k in state.weights if not k.endswith("_buffer")}
     name = "blocks.0.self_attn.q.weight"
     assert state.ema[name].shape == state.weights[name].shape

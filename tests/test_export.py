@@ -16,11 +16,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import fpsa_train.export as export_mod
+from fpsa_train.atomic import temp_sibling
 from fpsa_train.deploy import DeployError, load_deploy, model_config, verify_deploy
-from fpsa_train.export import ExportConfig, expected_bytes, export, read_training_checkpoint
+from fpsa_train.export import ExportConfig, expected_bytes, export
 from fpsa_train.fps.schedule import schedule_from_data
 from fpsa_train.fps.transform import apply_fps_attention
-from fpsa_train.models.checkpoint import load_wan_weights, temp_sibling
+from fpsa_train.lit.training_checkpoint import read_training_checkpoint
+from fpsa_train.models.checkpoint import load_wan_weights
 from fpsa_train.models.config import WAN_1_3B, WAN_14B, WanConfig
 from fpsa_train.models.state_dict import to_diffusers
 from fpsa_train.models.wan import WanModel

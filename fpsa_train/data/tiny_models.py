@@ -27,13 +27,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
+from fpsa_train.atomic import replacing_dir
 from fpsa_train.data.synthetic_video import caption_vocabulary
 from fpsa_train.data.tiny_vae import init_for_short_training, train_vae
 
@@ -71,38 +70,30 @@ def build_tiny_wan_components(folder: str | Path, clips_metadata: str | Path | N
         return _with_paths(cached, folder)
 
     start = time.perf_counter()
-    tmp = folder.parent / f".{folder.name}.building{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     report: dict = {"params": params, "clips_metadata": str(clips_metadata) if clips_metadata else None}
-    with torch.random.fork_rng(devices=[]):  # seeded builds without disturbing the caller's RNG
-        torch.manual_seed(seed)
-        vae = AutoencoderKLWan(**VAE_CONFIG)
-        if videos:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            report.update(train_vae(vae, videos, seed, vae_steps, eval_clips, stats_clips, device=device))
-        else:
-            init_for_short_training(vae, torch.zeros(3))
-            report["vae_training"] = "skipped (clips_metadata=None): untrained VAE, latents_mean/std 0/1"
-            vae.register_to_config(latents_mean=[0.0] * vae.config.z_dim, latents_std=[1.0] * vae.config.z_dim)
-        vae.save_pretrained(tmp / "vae")
-        tokenizer = _save_tokenizer(tmp / "tokenizer")
-        torch.manual_seed(seed + 1)
-        text_encoder = _build_text_encoder(len(tokenizer))
-        text_encoder.save_pretrained(tmp / "text_encoder")
-    _write_model_index(tmp)
-    report["params_count"] = {name: sum(p.numel() for p in model.parameters())
-                              for name, model in (("vae", vae), ("text_encoder", text_encoder))}
-    report["vocab_size"] = len(tokenizer)
-    report["seconds"] = round(time.perf_counter() - start, 2)
-    report["torch_threads"] = torch.get_num_threads()
-    (tmp / REPORT).write_text(json.dumps(report, indent=1) + "\n")  # its presence marks a complete folder
-
-    old = folder.parent / f".{folder.name}.old{os.getpid()}"
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    with replacing_dir(folder) as tmp:  # built beside `folder`, swapped in complete
+        with torch.random.fork_rng(devices=[]):  # seeded builds without disturbing the caller's RNG
+            torch.manual_seed(seed)
+            vae = AutoencoderKLWan(**VAE_CONFIG)
+            if videos:
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+                report.update(train_vae(vae, videos, seed, vae_steps, eval_clips, stats_clips, device=device))
+            else:
+                init_for_short_training(vae, torch.zeros(3))
+                report["vae_training"] = "skipped (clips_metadata=None): untrained VAE, latents_mean/std 0/1"
+                vae.register_to_config(latents_mean=[0.0] * vae.config.z_dim, latents_std=[1.0] * vae.config.z_dim)
+            vae.save_pretrained(tmp / "vae")
+            tokenizer = _save_tokenizer(tmp / "tokenizer")
+            torch.manual_seed(seed + 1)
+            text_encoder = _build_text_encoder(len(tokenizer))
+            text_encoder.save_pretrained(tmp / "text_encoder")
+        _write_model_index(tmp)
+        report["params_count"] = {name: sum(p.numel() for p in model.parameters())
+                                  for name, model in (("vae", vae), ("text_encoder", text_encoder))}
+        report["vocab_size"] = len(tokenizer)
+        report["seconds"] = round(time.perf_counter() - start, 2)
+        report["torch_threads"] = torch.get_num_threads()
+        (tmp / REPORT).write_text(json.dumps(report, indent=1) + "\n")  # its presence marks a complete folder
     return _with_paths(report, folder)
 
 

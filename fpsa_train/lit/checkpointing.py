@@ -19,7 +19,8 @@ The rules here:
 - **`keep` step checkpoints**, the newest by step number; step checkpoints above the current step are from a
   timeline this run abandoned (it resumed from an older checkpoint because the newer ones were unreadable, or was
   pointed at one by `trainer.resume`) and are removed when the run passes a save. Temporary leftovers of a killed
-  save (`*.tmp-<pid>`, `.stepNNNNNNN.ckpt.tmp`) are removed when training starts.
+  save (`.stepNNNNNNN.ckpt.tmp-<pid>`, DeepSpeed's `.stepNNNNNNN.ckpt.tmp-<host>-<pid>-<random>` folders) are
+  removed when training starts.
 - **Preemption**: SIGTERM, or under Slurm the requeue signal of Lightning's convention (SIGUSR1, sent ahead of
   the time limit by `#SBATCH --signal=SIGUSR1@90`), asks for a checkpoint at the next optimizer-step boundary.
   Any rank receiving it stops all of them (one all-reduce of a flag per step); the checkpoint is written, the run
@@ -43,15 +44,19 @@ from pathlib import Path
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
+from fpsa_train.atomic import symlink_atomic
+
 log = logging.getLogger(__name__)
 
 STEP_NAME = re.compile(r"^step(\d+)\.ckpt$")
 LAST = "last.ckpt"
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a process that SIGTERM ended
-# Temporary names of a save in progress: AtomicCheckpointIO's `.<name>.tmp-<pid>` (fpsa_train/atomic.py; before it,
-# `<name>.tmp-<pid>`), the DeepSpeed strategy's hidden `.<name>.tmp` / `.<name>.old` folders, and a `last.ckpt`
-# link being replaced.
-LEFTOVER = re.compile(r"^\.?(step\d+|last)\.ckpt\.tmp-\d+$|^\.step\d+\.ckpt\.(tmp|old)$")
+# Temporary names of a save in progress (fpsa_train/atomic.py): AtomicCheckpointIO's `.<name>.tmp-<pid>` (before
+# it, `<name>.tmp-<pid>`), a `last.ckpt` link being replaced (the same form), and the DeepSpeed strategy's hidden
+# folders `.<name>.tmp-<host>-<pid>-<random>` / `.<name>.old-...` (`temp_sibling`; before it, `.<name>.tmp` /
+# `.<name>.old`).
+LEFTOVER = re.compile(r"^\.?(step\d+|last)\.ckpt\.tmp-\d+$"
+                      r"|^\.step\d+\.ckpt\.(tmp|old)(-[A-Za-z0-9]+-\d+-[0-9a-f]{8})?$")
 
 
 def step_name(step: int) -> str:
@@ -160,13 +165,9 @@ class StepCheckpoint(L.Callback):
 
 def link_last(dirpath: Path, target: str) -> None:
     """Point `last.ckpt` at `target` (a name in the same folder) through a temporary link renamed over it."""
-    tmp = dirpath / f".{LAST}.tmp-{os.getpid()}"
-    if os.path.lexists(tmp):
-        os.remove(tmp)
-    os.symlink(target, tmp)
     if os.path.isdir(dirpath / LAST) and not os.path.islink(dirpath / LAST):
         shutil.rmtree(dirpath / LAST)  # a real folder of that name (an old DeepSpeed save) cannot be renamed over
-    os.replace(tmp, dirpath / LAST)
+    symlink_atomic(target, dirpath / LAST)
 
 
 def step_checkpoints(dirpath: Path) -> dict[int, Path]:

@@ -25,8 +25,6 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-PARTITIONED_KEY = "ema_partitioned"  # checkpoint key: True when `ema` holds this rank's ZeRO-3 slices
-
 
 def _tracked(model: nn.Module):
     for name, p in model.named_parameters():

@@ -30,6 +30,7 @@ import lightning as L
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from fpsa_train.atomic import write_text_atomic
 from fpsa_train.config import LoggerConfig
 
 log = logging.getLogger(__name__)
@@ -70,9 +71,7 @@ def wandb_run_id(run_dir: str | Path) -> str:
     run_id = hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
     if rank_zero_only.rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{RUN_ID_FILE}.tmp{os.getpid()}"
-        tmp.write_text(run_id + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(path, run_id + "\n")
     return run_id
 
 

@@ -38,10 +38,9 @@ from fpsa_train.config import ObjectiveConfig, OptimConfig
 from fpsa_train.flow import noisy_input, sample_sigma
 from fpsa_train.fps.schedule import Schedule
 from fpsa_train.fps.transform import fps_cores, realised_density, selector_loss
-from fpsa_train.lit.ema import EMA, PARTITIONED_KEY
+from fpsa_train.lit.ema import EMA
+from fpsa_train.lit.training_checkpoint import EMA_KEY, EMA_PARTITIONED_KEY, RUN_CONFIG_KEY
 from fpsa_train.sequence_parallel import apply_sequence_parallel, dp_coordinates, init_sp_groups
-
-RUN_CONFIG_KEY = "fpsa_run_config"  # where checkpoints carry `run_config` (read by export)
 
 
 def step_seed(*parts: int) -> int:
@@ -167,15 +166,15 @@ class FlowMatchingModule(L.LightningModule):
         if self.run_config is not None:
             checkpoint[RUN_CONFIG_KEY] = self.run_config
         if self.ema is not None and self.ema.shadow is not None:
-            checkpoint["ema"] = self.ema.state_dict()
-            checkpoint[PARTITIONED_KEY] = self.ema.partitioned
+            checkpoint[EMA_KEY] = self.ema.state_dict()
+            checkpoint[EMA_PARTITIONED_KEY] = self.ema.partitioned
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.ema is not None:
-            if "ema" not in checkpoint:
+            if EMA_KEY not in checkpoint:
                 raise KeyError("checkpoint has no `ema` state but optim.ema_decay > 0; resume with optim.ema_decay=0 "
                                "or from a checkpoint written with EMA")
-            self.ema.load_state_dict(checkpoint["ema"])
+            self.ema.load_state_dict(checkpoint[EMA_KEY])
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]

@@ -10,7 +10,8 @@ Integrity: every torch file (a Lightning checkpoint, each DeepSpeed shard) is a 
 stores a CRC-32 of every record. Before resuming, every record's CRC is recomputed (`trainer.verify_checksums`;
 about 1.7 GB/s on one core): a checkpoint whose bytes were zeroed or flipped in the middle (which `torch.load`
 reads without complaint: the weights simply change) is refused like a truncated one. Then a Lightning
-checkpoint must unpickle with `weights_only=True` (memory-mapped) and hold a `state_dict` and a `global_step`.
+checkpoint must unpickle with `weights_only=True` (memory-mapped) and hold a `state_dict` and a `global_step`
+(read, as the run config is, by lit/training_checkpoint.py, the reader export and calibrate use).
 
 A checkpoint must also belong to this run: one of another architecture or schedule is refused naming every field
 that differs, and a Lightning checkpoint that fpsa did not write is refused as such.
@@ -23,14 +24,13 @@ import os
 import zipfile
 from pathlib import Path
 
-import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from fpsa_train.config import RESUME_AUTO, RESUME_NEVER, ConfigError
 from fpsa_train.lit.checkpointing import STEP_NAME
+from fpsa_train.lit.training_checkpoint import DEEPSPEED_MODULE, GLOBAL_STEP, RUN_CONFIG_KEY, STATE_DICT, client_state
 
 log = logging.getLogger(__name__)
-
 
 
 def damaged_record(path: Path) -> str | None:
@@ -62,10 +62,10 @@ def unreadable_reason(path: Path, verify_checksums: bool = True) -> str | None:
     if verify_checksums and (bad := damaged_record(path)):
         return f"{bad} (damaged after it was written)"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = client_state(path)
     except Exception as err:  # noqa: BLE001  any failure to read means: do not resume from it
         return f"torch.load failed: {type(err).__name__}: {err}"
-    missing = [k for k in ("state_dict", "global_step") if k not in state]
+    missing = [k for k in (STATE_DICT, GLOBAL_STEP) if k not in state]
     return f"no {', '.join(missing)} in it" if missing else None
 
 
@@ -105,18 +105,9 @@ def resume_checkpoint(resume: str, ckpt_dir: str | Path, verify_checksums: bool 
     return None
 
 
-def client_state(path: str | Path) -> dict:
-    """The top-level dict of a checkpoint (tensors memory-mapped, not read): the Lightning file, or for a DeepSpeed
-    folder its model_states file (which carries Lightning's client state)."""
-    path = Path(path)
-    if path.is_dir():
-        path = min(path.rglob("*model_states.pt"))
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-
-
 def checkpoint_step(path: str | Path) -> int:
     """The optimizer steps a checkpoint has trained (Lightning's `global_step`)."""
-    return int(client_state(path).get("global_step", 0))
+    return int(client_state(path).get(GLOBAL_STEP, 0))
 
 
 def differences(saved, current, prefix: str = "") -> list[str]:
@@ -147,12 +138,10 @@ def check_same_run(path: str, current: dict | None, state: dict | None = None) -
     every field that differs, and a Lightning checkpoint that fpsa did not write. Returns the checkpoint's step
     (read from the same load). `state`: the checkpoint's `client_state`, when the caller has it open already."""
     state = client_state(path) if state is None else state
-    step = int(state.get("global_step", 0))
-    from fpsa_train.lit.module import RUN_CONFIG_KEY
-
+    step = int(state.get(GLOBAL_STEP, 0))
     saved = state.get(RUN_CONFIG_KEY)
     if saved is None:
-        weights = list(state.get("state_dict") or state.get("module") or {})
+        weights = list(state.get(STATE_DICT) or state.get(DEEPSPEED_MODULE) or {})
         if not weights or not all(k.startswith("model.") for k in weights):
             raise ConfigError(f"{path} is not an fpsa training checkpoint: it carries no run config "
                               f"({RUN_CONFIG_KEY}) and its weights are named like {weights[:2]} instead of "

@@ -3,10 +3,10 @@
 DeepSpeed ZeRO shards the optimizer state and gradients (stage 2) and also the parameters (stage 3) over the
 ranks; `offload_optimizer` / `offload_params` move them to CPU memory. Our DeepSpeed strategy changes Lightning's
 in two ways:
-- Checkpoints (a folder per checkpoint: every rank writes its shard) are written into a hidden sibling folder and
-  renamed into place by global rank 0 once every rank has finished, so a run killed while saving never leaves a
-  half-written `stepNNNNNNN.ckpt` (the run directory must be on a file system that all nodes share, as
-  DeepSpeed itself assumes).
+- Checkpoints (a folder per checkpoint: every rank writes its shard) are written into a hidden sibling folder
+  (named by global rank 0, fpsa_train/atomic.py `temp_sibling`) and swapped into place by global rank 0 once every
+  rank has finished (`replace_dir`), so a run killed while saving never leaves a half-written `stepNNNNNNN.ckpt`
+  (the run directory must be on a file system that all nodes share, as DeepSpeed itself assumes).
 - On CPU (tests, the 2-core CI machine) it works around the three places where Lightning's strategy assumes
   CUDA: its environment check, the device-index check, and the device rank it passes to `deepspeed.initialize`.
   Ranks talk over gloo there.
@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
+from pathlib import Path
 
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
+from fpsa_train.atomic import replace_dir, temp_sibling
 from fpsa_train.config import TrainerConfig
 
 
@@ -46,24 +47,17 @@ class FPSDeepSpeedStrategy(DeepSpeedStrategy):
     """Lightning's DeepSpeed strategy with atomic checkpoint folders (see the module docstring)."""
 
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
-        final = os.path.abspath(self.broadcast(os.fspath(filepath)))
-        parent, name = os.path.split(final)
-        tmp, old = os.path.join(parent, f".{name}.tmp"), os.path.join(parent, f".{name}.old")
+        final = Path(os.path.abspath(self.broadcast(os.fspath(filepath))))
+        tmp = Path(self.broadcast(os.fspath(temp_sibling(final, "tmp"))))  # rank 0's name: every rank writes there
         if self.is_global_zero:
-            os.makedirs(parent, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
+            final.parent.mkdir(parents=True, exist_ok=True)
         self.barrier("fpsa_ckpt_start")
         super().save_checkpoint(checkpoint, tmp, storage_options)
         self.barrier("fpsa_ckpt_written")
         if self.is_global_zero:
             for script in ("zero_to_fp32.py", "zero_to_torch.py"):  # DeepSpeed's converter (it unpickles fully)
-                if os.path.exists(os.path.join(tmp, script)):
-                    os.remove(os.path.join(tmp, script))
-            if os.path.lexists(final):
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+                (tmp / script).unlink(missing_ok=True)
+            replace_dir(tmp, final)
         self.barrier("fpsa_ckpt_renamed")
 
 

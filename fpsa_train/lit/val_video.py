@@ -32,7 +32,6 @@ to every logger `val_video/seconds`.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
 from contextlib import contextmanager
@@ -43,6 +42,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from fpsa_train.atomic import write_atomic
 from fpsa_train.config import DataConfig, ValVideoConfig
 from fpsa_train.fps.transform import fps_cores
 from fpsa_train.lit.loggers import log_metrics, logging_step
@@ -238,9 +238,7 @@ class ValidationVideo(Callback):
         mp4, png = self.out_dir / f"{stem}.mp4", self.out_dir / f"{stem}.png"
         write_mp4(mp4, video, fps)  # atomic
         sheet = contact_sheet(video, SHEET_FRAMES)
-        tmp = png.with_name(f".{png.name}.tmp{os.getpid()}")
-        sheet.save(tmp, format="PNG")
-        os.replace(tmp, png)
+        write_atomic(png, lambda f: sheet.save(f, format="PNG"))
         return mp4, png, sheet
 
     def _log(self, trainer: L.Trainer, mp4: Path, png: Path, sheet, seconds: float) -> None:

@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from fpsa_train.lit.ema import PARTITIONED_KEY, consolidate_partitions
+from fpsa_train.lit.ema import consolidate_partitions
+from fpsa_train.lit.training_checkpoint import EMA_KEY, EMA_PARTITIONED_KEY, MODULE_PREFIXES
 from fpsa_train.models.checkpoint_config import CheckpointError
 
 _DEEPSPEED_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
@@ -160,8 +161,8 @@ def read_zero_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
     for alias, source in (shared.items() if isinstance(shared, dict) else shared):
         if source in weights:
             weights[alias] = weights[source]
-    if client.get(PARTITIONED_KEY) and client.get("ema"):
-        client = {**client, "ema": _join_ema(states, shapes, where), PARTITIONED_KEY: False}
+    if client.get(EMA_PARTITIONED_KEY) and client.get(EMA_KEY):
+        client = {**client, EMA_KEY: _join_ema(states, shapes, where), EMA_PARTITIONED_KEY: False}
     return weights, client
 
 
@@ -169,12 +170,12 @@ def _join_ema(states: list[dict], shapes: list[dict], where: str) -> dict[str, t
     """The full EMA from the ranks' ZeRO-3 slices (EMA keys are the model's names, without Lightning's prefix)."""
     flat = {name: tuple(shape) for group in shapes for name, shape in group.items()}
     full_shapes = {}
-    for key in states[0]["ema"]:
-        match = next((flat[p + key] for p in ("model.", "_forward_module.model.", "") if p + key in flat), None)
+    for key in states[0][EMA_KEY]:
+        match = next((flat[p + key] for p in (*MODULE_PREFIXES, "") if p + key in flat), None)
         if match is None:
             raise CheckpointError(f"{where}: EMA entry {key!r} matches no parameter of the checkpoint")
         full_shapes[key] = match
     try:
-        return consolidate_partitions([s["ema"] for s in states], full_shapes)
+        return consolidate_partitions([s[EMA_KEY] for s in states], full_shapes)
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{where}: the ranks' EMA slices do not join up ({e})") from e

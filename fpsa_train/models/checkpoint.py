@@ -5,21 +5,16 @@ shape fails in a second with a message naming it, before gigabytes are read. Ten
 at a time, and a model built on the meta device receives them by assignment, so a 14B load never holds two full
 copies of the weights. Only safetensors and `torch.load(weights_only=True)` are used: nothing is unpickled.
 
-Saving writes into a temporary sibling folder and renames it into place, so a crash midway never leaves a
-half-written checkpoint under the final name, nor destroys the previous one. A killed write leaves its hidden
-sibling behind; the next replace of the same folder removes the leftovers whose writer process is gone.
+Saving writes into a temporary sibling folder and renames it into place (fpsa_train/atomic.py `replacing_dir`), so
+a crash midway never leaves a half-written checkpoint under the final name, nor destroys the previous one. A killed
+write leaves its hidden sibling behind; the next replace of the same folder removes the leftovers whose writer
+process is gone.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import os
 import pickle
-import re
-import shutil
-import socket
-import uuid
 import zipfile
 from collections.abc import Iterator, Mapping
 from itertools import chain
@@ -30,14 +25,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from fpsa_train.atomic import replacing_dir
 from fpsa_train.models.checkpoint_config import (CONFIG_NAME, CheckpointConfigError, CheckpointError, _config_file,
                                                  check_config, config_from_checkpoint, config_json)
 from fpsa_train.models.config import WanConfig
 from fpsa_train.models.state_dict import KEY_FORMATS, convert_state_dict, detect_key_format, to_diffusers
 from fpsa_train.models.wan import WanModel
 
-__all__ = ["load_wan_weights", "save_wan_weights", "config_from_checkpoint", "CheckpointError", "CheckpointKeyError",
-           "CheckpointShapeError", "CheckpointConfigError"]
+__all__ = ["load_wan_weights", "save_wan_weights", "write_wan_weights", "config_from_checkpoint", "CheckpointError",
+           "CheckpointKeyError", "CheckpointShapeError", "CheckpointConfigError"]
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
@@ -45,9 +41,6 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 ACCEPTED = (f"a .safetensors or {'/'.join(TORCH_SUFFIXES)} file, a folder with {WEIGHTS_NAME} (or shards plus "
             f"{INDEX_NAME}), or a diffusers pipeline folder with transformer/")
 _MAX_LISTED = 20
-_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"  # a name part without '-' or '.'
-
-log = logging.getLogger(__name__)
 
 
 class CheckpointKeyError(CheckpointError):
@@ -258,10 +251,33 @@ def save_wan_weights(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]
                      key_format: str = "original", cfg: WanConfig | None = None,
                      max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None) -> dict:
     """Write safetensors weights (one file, or shards plus an index above max_shard_bytes) and a config.json
-    in `key_format`, atomically. `cfg` defaults to the model's; a state dict (either key format) needs it.
+    in `key_format` into the folder `out_dir`, atomically (fpsa_train/atomic.py `replacing_dir`: an existing
+    `out_dir` is replaced once the new one is complete). `cfg` defaults to the model's; a state dict (either key
+    format) needs it.
 
     Returns {"out_dir", "files", "total_size"}.
     """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"out_dir {out_dir} exists and is not a folder")
+    sd, cfg = _to_save(model_or_state_dict, key_format, cfg)  # checked before anything is written
+    with replacing_dir(out_dir) as tmp:
+        written = _write_weights(sd, cfg, tmp, key_format, max_shard_bytes, dtype)
+    return {"out_dir": str(out_dir), **written}
+
+
+def write_wan_weights(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], folder: str | Path,
+                      key_format: str = "original", cfg: WanConfig | None = None,
+                      max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None) -> dict:
+    """`save_wan_weights` into an existing folder, not atomically: for a caller that fills a temporary folder of
+    its own with more files and swaps it in itself (export). Returns {"files", "total_size"}."""
+    sd, cfg = _to_save(model_or_state_dict, key_format, cfg)
+    return _write_weights(sd, cfg, Path(folder), key_format, max_shard_bytes, dtype)
+
+
+def _to_save(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], key_format: str,
+             cfg: WanConfig | None) -> tuple[dict[str, torch.Tensor], WanConfig]:
+    """(the state dict in `key_format`, its WanConfig), its keys and shapes checked against the architecture."""
     if key_format not in KEY_FORMATS:
         raise ValueError(f"key_format={key_format!r}: expected one of {KEY_FORMATS}")
     if isinstance(model_or_state_dict, nn.Module):
@@ -274,107 +290,22 @@ def save_wan_weights(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]
         expected = WanModel(cfg).state_dict()
     _check_keys(expected, {k: k for k in ours}, Path("<state dict to save>"), "original")
     _check_shapes(expected, {k: (k, tuple(v.shape)) for k, v in ours.items()}, Path("<state dict to save>"))
-    sd = ours if key_format == "original" else to_diffusers(ours)
+    return (ours if key_format == "original" else to_diffusers(ours)), cfg
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"out_dir {out_dir} exists and is not a folder")
+
+def _write_weights(sd: dict[str, torch.Tensor], cfg: WanConfig, folder: Path, key_format: str,
+                   max_shard_bytes: int, dtype: torch.dtype | None) -> dict:
     itemsize = {k: (dtype if dtype is not None and t.is_floating_point() else t.dtype).itemsize for k, t in sd.items()}
     nbytes = {k: t.numel() * itemsize[k] for k, t in sd.items()}
     shards = _shards(sd, nbytes, max_shard_bytes)
     names = [WEIGHTS_NAME] if len(shards) == 1 else \
         [f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(out_dir, "tmp")  # names its writer, so a killed save's leftover can be told apart
-    try:
-        tmp.mkdir()
-        seen: set[int] = set()
-        for name, keys in zip(names, shards):
-            save_file({k: _saveable(k, sd[k], dtype, seen) for k in keys}, str(tmp / name), metadata={"format": "pt"})
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(nbytes.values())},
-                     "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}}
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        (tmp / CONFIG_NAME).write_text(json.dumps(config_json(cfg, key_format), indent=2) + "\n")
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return {"out_dir": str(out_dir), "files": names, "total_size": sum(nbytes.values())}
-
-
-def temp_sibling(final: Path, kind: str) -> Path:
-    """A hidden sibling of `final` for an atomic replace, `.{name}.{kind}-{host}-{pid}-{random}`: kind `tmp` (the
-    new version being written) or `old` (the replaced version until it is deleted). Host and pid name the writer,
-    so that a later write can tell a killed writer's leftover from a running one's (`remove_stale_siblings`)."""
-    if kind not in ("tmp", "old"):
-        raise ValueError(f"temp_sibling kind={kind!r}: expected 'tmp' or 'old'")
-    return final.with_name(f".{final.name}.{kind}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
-
-
-def remove_stale_siblings(final: Path) -> list[Path]:
-    """Delete what killed writes of `final` left beside it; returns the deleted paths.
-
-    A leftover (`temp_sibling`; also `..{name}.tmp-...` of a nested save inside one) is deleted when its writer
-    ran on this host and that process is gone: a `tmp` always, an `old` only while `final` exists (a write killed
-    between its two renames leaves the previous version only there). Kept and logged: a live writer's (a
-    concurrent write to the same folder), another host's (its pid means nothing here), and names that carry no
-    writer (from an fpsa before writers were recorded; delete those by hand once no write is running).
-    By owner rather than by age: an export of a 14B model runs for minutes, so a leftover's age cannot say
-    whether its writer is still at work; its pid can (a recycled pid only keeps a leftover longer)."""
-    pattern = re.compile(rf"\.+{re.escape(final.name)}\.(?P<kind>tmp|old)-"
-                         rf"(?:(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)-)?[0-9a-f]{{8}}")
-    removed, kept = [], []
-    for path in sorted(final.parent.iterdir()) if final.parent.is_dir() else []:
-        match = pattern.match(path.name)
-        if match is None:
-            continue
-        host, pid = match["host"], match["pid"]
-        if host != _HOST or pid is None or _process_alive(int(pid)):
-            kept.append(path)
-        elif match["kind"] == "tmp" or final.exists():
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-            removed.append(path)
-    if removed:
-        log.info("removed %d leftover(s) of killed writes of %s: %s", len(removed), final,
-                 ", ".join(p.name for p in removed))
-    if kept:
-        log.warning("kept %s beside %s: written by a running process, another host, or an older fpsa that did not "
-                    "record its writer; delete by hand what no running write uses", ", ".join(p.name for p in kept),
-                    final)
-    return removed
-
-
-def _replace_dir(new: Path, final: Path) -> None:
-    """Rename `new` to `final`; an existing `final` is moved aside first and deleted only once `new` is in place.
-    Then the leftovers of earlier killed writes of `final` are removed (`remove_stale_siblings`)."""
-    old = None
-    if final.exists():
-        old = temp_sibling(final, "old")
-        final.rename(old)
-    try:
-        new.rename(final)
-    except BaseException:
-        if old is not None:
-            old.rename(final)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)  # the new folder is in place: never fail the save for this
-    try:
-        remove_stale_siblings(final)
-    except OSError as e:  # tidying up must not fail a complete save either
-        log.warning("could not look for leftovers beside %s: %s", final, e)
+    seen: set[int] = set()
+    for name, keys in zip(names, shards):
+        save_file({k: _saveable(k, sd[k], dtype, seen) for k in keys}, str(folder / name), metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(nbytes.values())},
+                 "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}}
+        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (folder / CONFIG_NAME).write_text(json.dumps(config_json(cfg, key_format), indent=2) + "\n")
+    return {"files": names, "total_size": sum(nbytes.values())}

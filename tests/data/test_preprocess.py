@@ -83,7 +83,7 @@ def test_resume_after_a_killed_run(video_root, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         preprocess(config(video_root, metadata, out, batch_size=2))  # 2 batches done → 4 ≥ 3: one shard written
     kept = json.loads((out / "index.json").read_text())["samples"]
-    assert len(kept) == 4 and not list(out.glob("*.tmp"))
+    assert len(kept) == 4 and not list(out.glob("*.tmp*"))
     monkeypatch.setattr(Encoders, "latents", original)
     report = preprocess(config(video_root, metadata, out, batch_size=2))
     assert report["cached"] == GOOD and report["encoded_now"] == GOOD - 4

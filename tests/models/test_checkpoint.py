@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from fpsa_train import atomic
 from fpsa_train.models import checkpoint as ckpt
 from fpsa_train.models.checkpoint import (CheckpointConfigError, CheckpointError, CheckpointKeyError,
                                           CheckpointShapeError, check_config, config_from_checkpoint,
@@ -354,7 +355,7 @@ def exited_pid() -> int:
     return proc.pid
 
 
-def leftover(final: Path, kind: str, pid: int, host: str = ckpt._HOST) -> Path:
+def leftover(final: Path, kind: str, pid: int, host: str = atomic._HOST) -> Path:
     """A hidden sibling as `temp_sibling` names it, for writer `host`/`pid`, holding a file."""
     path = final.with_name(f".{final.name}.{kind}-{host}-{pid}-0123abcd")
     path.mkdir()
@@ -363,8 +364,8 @@ def leftover(final: Path, kind: str, pid: int, host: str = ckpt._HOST) -> Path:
 
 
 def test_temp_sibling_names_its_writer(tmp_path):
-    name = ckpt.temp_sibling(tmp_path / "out", "tmp").name
-    assert re.fullmatch(rf"\.out\.tmp-{ckpt._HOST}-{os.getpid()}-[0-9a-f]{{8}}", name), name
+    name = atomic.temp_sibling(tmp_path / "out", "tmp").name
+    assert re.fullmatch(rf"\.out\.tmp-{atomic._HOST}-{os.getpid()}-[0-9a-f]{{8}}", name), name
 
 
 def test_replace_removes_leftovers_of_killed_writers_only(tmp_path):
@@ -381,7 +382,7 @@ def test_replace_removes_leftovers_of_killed_writers_only(tmp_path):
     other_folder = leftover(tmp_path / "out2", "tmp", dead)
     kept = {running, other_host, no_writer, other_folder}
 
-    assert ckpt.remove_stale_siblings(final) == [nested, dead_tmp]  # sorted by name
+    assert atomic.remove_stale_siblings(final) == [nested, dead_tmp]  # sorted by name
     assert set(tmp_path.iterdir()) == kept | {dead_old}  # `out` is missing: the previous version stays
     save_wan_weights(make_model(), final)  # a replace removes the rest once `out` is in place
     assert set(tmp_path.iterdir()) == kept | {final}
