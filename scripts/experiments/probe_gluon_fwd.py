@@ -1,0 +1,586 @@
+"""Experiment (issue 19): an explicit FA3-style Hopper forward of the FP8 attention, written in Gluon (Triton 3.6).
+
+docs/kernel_plan_gluon.md is the plan. This is a copy of the shipped forward's numerics (kernels/attention.py,
+`_fwd_kernel`: same inputs from `quantize_qkv`, same plan arrays, same arithmetic per score) with the schedule made
+explicit instead of left to Triton's pipeliner:
+
+- a **loader** partition (1 warp, few registers) decodes the plan item, loads Q once and streams K and Vᵀ tiles by
+  TMA into a ring of `STAGES` shared-memory buffers, with separate ready/empty mbarriers for K and for V, so that
+  Q·K_{i+1}ᵀ can start while P_i·V_i still holds V_i;
+- one or two **consumer** partitions (4 warps = one warpgroup each, or one 8-warp partition) do Q·Kᵀ by wgmma (both
+  operands in shared memory), the softmax in registers with explicit layouts (per-row s_q, per-key s_k vectors, the
+  448 cap, ℓ from the unquantized P), cast P to e4m3 with round-to-nearest-even and do P·V by wgmma with P in
+  registers (the "RS" form). With `OVERLAP` the loop is software-pipelined as FA3's is: chunk i's Q·Kᵀ and chunk
+  i−1's P·V are issued together, and the softmax of chunk i runs while P·V_{i−1} is on the tensor cores;
+- with two consumers and `PINGPONG`, two mbarriers (`turn`) make the warpgroups take turns issuing their GEMMs, so one
+  warpgroup's softmax runs under the other's GEMMs (FA3's ping-pong; 3.6 has no named barriers, see the plan).
+
+The key loop reads the plan's packed chunk list (`(start / 16) << 16 | lo << 8 | hi`, count from `chunk_count`), so
+sparse plans work the same way as the dense one (columns outside [lo, hi) get bias −∞; with `EDGE_MASK` the bias is
+only added on chunks that have masked columns, a uniform branch). Q, K are read through 2D descriptors over
+(B·H·L, D) and Vᵀ over (B·H·D, L) as scripts/experiments/probe_ws2d.py does: rows past a head's end belong to the next
+head (finite, never stored; their key columns get P = 0 exactly) or are zero-filled by TMA.
+
+Variants (`VARIANTS`, all constexpr-selected; `compile_check(name)` compiles one for sm_90 without a GPU):
+    ws1_m64_s{2,3}       1 consumer warpgroup of 64 rows + loader (8 warps in all), 2/3-stage ring
+    ws1_m64_s2_r128      the same under maxnreg 128 at launch (2 CTAs per SM fit; setmaxnreg moves registers)
+    coop_m128_s2         1 consumer partition of 8 warps (two warpgroups on 128 rows, in lockstep) + loader
+    two_m128_s2          2 consumer warpgroups of 64 rows sharing K/V, unordered
+    pingpong_m128_s{2,3} the same with the `turn` ping-pong
+    *_ov                 FA3's intra-warpgroup overlap (Q·K_iᵀ with P_{i−1}·V_{i−1}); these spill (see VARIANTS)
+The plain loop (no `_ov`) is the simplest schedule that can be correct: Q·Kᵀ, wait, softmax, P·V, wait.
+
+Run on the H200 (each configuration in its own subprocess with a timeout: a wrong mbarrier phase hangs, a fault
+poisons the CUDA context):
+
+    source scripts/device_env.sh; python scripts/experiments/probe_gluon_fwd.py --shape 480p [--timeout 120]
+    python scripts/experiments/probe_gluon_fwd.py --compile-only          # CPU: compile every variant for sm_90
+
+It prints one JSON line per configuration: TFLOP/s, speedup over the shipped kernel and over cuDNN bf16 timed in the
+same process, whether the output is finite, the SQNR of the output against the shipped kernel's (both quantize P
+against a running max, so they should differ by rounding only: expect > 40 dB), and the largest lse difference.
+
+Status (2026-12-02): compile-checked on CPU only (Triton 3.6.0: `triton.compile` for GPUTarget("cuda", 90, 32),
+then ptxas -v for sm_90a; tests/kernels/test_gluon_probe.py). Every variant compiles, with FP8 wgmma (P·V with P in
+registers), setmaxnreg and TMA in the PTX; no ptxas spills except the `_ov` variants (132 B / 452 B of spill stores).
+NOT run on a GPU: the numerics, the mbarrier phase bookkeeping (a mistake hangs) and the speed are untested; Gluon
+has no CPU interpreter. Run `--compile-only` without TRITON_INTERPRET set (the interpreter's helpers break Gluon).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_attention import SHAPES, TILE, bench  # noqa: E402
+from isolated import run_each  # noqa: E402
+
+from fpsa_kernels.numerics import LN2, LOG2_448  # noqa: E402
+
+LOG2_CAP = LOG2_448  # P' = 448 P is capped at 448, the e4m3 maximum
+
+
+# ---------------------------------------------------------------------------------------------------------- kernel
+@gluon.jit
+def _item(item_group, item_row, item_rows, chunk_count, H, mask_sb, mask_sh, mask_sg, C):
+    """This CTA's plan item, as the shipped kernel decodes it (`_program_item` / `program_item`): (bh, b, h, first row,
+    valid rows, offset of its chunk list, chunk count)."""
+    item = gl.program_id(0)
+    bh = gl.program_id(1)
+    b = bh // H
+    h = bh % H
+    g = gl.load(item_group + item)
+    mask_base = b * mask_sb + h * mask_sh + g * mask_sg
+    return bh, b, h, gl.load(item_row + item), gl.load(item_rows + item), mask_base, gl.load(
+        chunk_count + mask_base // C)
+
+
+@gluon.jit
+def _chunk(chunks, mask_base, i):
+    """(first key, first valid column, end of valid columns) of chunk i."""
+    packed = gl.load(chunks + mask_base + i)
+    return (packed >> 16) * 16, (packed >> 8) & 0xFF, packed & 0xFF
+
+
+@gluon.jit
+def _key_scales(sk_ptr, sk_base, start, lo, hi, BN: gl.constexpr, col_l: gl.constexpr):
+    """The chunk's s_k (0 outside [lo, hi)) and its bias (0 inside, −∞ outside), in the score columns' layout."""
+    cols = gl.arange(0, BN, layout=col_l)
+    valid = (cols >= lo) & (cols < hi)
+    sk = gl.load(sk_ptr + sk_base + start + cols, mask=valid, other=0.0)
+    bias = gl.where(valid, 0.0, float("-inf"))
+    return sk, bias
+
+
+@gluon.jit
+def _softmax(s, sk, bias, full, sq, m_i, l_i, EDGE_MASK: gl.constexpr, p_op: gl.constexpr):
+    """One chunk's online softmax in log2 units, exactly `_fwd_kernel`'s arithmetic: (e4m3 P' in the A-operand
+    layout of P·V, new row max, new ℓ', α = 2^(m_old − m_new))."""
+    if EDGE_MASK:
+        if full:  # no masked column in this chunk: + 0 would change nothing
+            t = s * sk[None, :]
+        else:
+            t = s * sk[None, :] + bias[None, :]
+    else:
+        t = s * sk[None, :] + bias[None, :]
+    m_new = gl.maximum(m_i, gl.max(t, axis=1) * sq)
+    x = t * sq[:, None] + (LOG2_CAP - m_new)[:, None]
+    p = gl.exp2(gl.minimum(x, LOG2_CAP))
+    alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + gl.sum(p, axis=1)
+    p8 = gl.convert_layout(p.to(gl.float8e4nv, fp_downcast_rounding="rtne"), p_op)
+    return p8, m_new, l_i, alpha
+
+
+@gluon.jit
+def _qk(q, k, s_l: gl.constexpr, QK_IMPRECISE: gl.constexpr):
+    """Issue S = Q·Kᵀ (async, both operands in shared memory; K is K-major, so Kᵀ is a permuted view).
+
+    QK_IMPRECISE = 0: no promotion inside the 128 products of a chunk, Triton's default for FP8 on sm_90. It is the
+    same arithmetic as the shipped kernel's max_num_imprecise_acc = 128 = D (one partial sum of all 128 products, then
+    added to a zero accumulator, which is exact) without the second 64-register accumulator that value costs."""
+    BM: gl.constexpr = q.shape[0]
+    BN: gl.constexpr = k.shape[0]
+    zero = gl.zeros([BM, BN], gl.float32, layout=s_l)
+    if QK_IMPRECISE == 0:
+        tok = warpgroup_mma(q, k.permute((1, 0)), zero, use_acc=False, is_async=True)
+    else:
+        tok = warpgroup_mma(q, k.permute((1, 0)), zero, use_acc=False, max_num_imprecise_acc=QK_IMPRECISE,
+                            is_async=True)
+    return tok
+
+
+@gluon.jit
+def _turn_wait(turn, WG: gl.constexpr, j, PINGPONG: gl.constexpr):
+    """Ping-pong: warpgroup WG's j-th GEMM issue waits for the other's (j − WG)-th. Warpgroup 0 goes first: its wait
+    on a fresh barrier is for the parity of the phase before the first, which counts as complete."""
+    if PINGPONG:
+        mbarrier.wait(turn.index(WG), (j & 1) ^ (1 - WG))
+
+
+@gluon.jit
+def _turn_pass(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
+    if PINGPONG:
+        mbarrier.arrive(turn.index(1 - WG), count=1)
+
+
+@gluon.jit
+def _consumer(WG: gl.constexpr, q_s, k_s, v_s, q_ready, k_ready, k_empty, v_ready, v_empty, turn,
+              sq_ptr, sk_ptr, sv_ptr, o_ptr, lse_ptr, chunks, bh, b, h, row0, nrows, mask_base, count, L,
+              stride_ob, stride_oh, stride_ol,
+              PINGPONG: gl.constexpr, QK_IMPRECISE: gl.constexpr, EDGE_MASK: gl.constexpr, OVERLAP: gl.constexpr):
+    """Rows [WG·BM, WG·BM + BM) of the item: Q·Kᵀ, softmax, P·V over the chunk list, then O = acc·s_v/ℓ' and lse."""
+    BM: gl.constexpr = q_s.type.shape[1]
+    D: gl.constexpr = q_s.type.shape[2]
+    ST: gl.constexpr = k_s.type.shape[0]
+    BN: gl.constexpr = k_s.type.shape[1]
+    NW: gl.constexpr = gl.num_warps()
+    s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, BN, 32])
+    o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, D, 32])
+    p_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=4)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_l)
+    col_s: gl.constexpr = gl.SliceLayout(0, s_l)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_l)
+    col_o: gl.constexpr = gl.SliceLayout(0, o_l)
+
+    base = bh.to(gl.int64) * L
+    rows = row0 + WG * BM + gl.arange(0, BM, layout=row_s)
+    sq = gl.load(sq_ptr + base + rows, mask=rows < L, other=1.0)  # incl. softmax scale · log2 e
+    m_i = gl.full([BM], float("-inf"), gl.float32, layout=row_s)
+    l_i = gl.full([BM], 0.0, gl.float32, layout=row_s)
+    acc = gl.zeros([BM, D], gl.float32, layout=o_l)
+    q = q_s.index(WG)
+    mbarrier.wait(q_ready.index(WG), 0)
+
+    if not OVERLAP:
+        # the simplest schedule: Q·Kᵀ, wait, softmax, P·V, wait (the loader still runs ahead by the ring)
+        for i in range(count):
+            st = i % ST
+            phase = (i // ST) & 1
+            start, lo, hi = _chunk(chunks, mask_base, i)
+            sk, bias = _key_scales(sk_ptr, base, start, lo, hi, BN, col_s)
+            _turn_wait(turn, WG, i, PINGPONG)
+            mbarrier.wait(k_ready.index(st), phase)
+            s_tok = _qk(q, k_s.index(st), s_l, QK_IMPRECISE)
+            _turn_pass(turn, WG, PINGPONG)
+            s = warpgroup_mma_wait(0, deps=(s_tok, ))
+            mbarrier.arrive(k_empty.index(st), count=1)
+            p8, m_i, l_i, alpha = _softmax(s, sk, bias, (lo == 0) & (hi == BN), sq, m_i, l_i, EDGE_MASK, p_op)
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            mbarrier.wait(v_ready.index(st), phase)
+            o_tok = warpgroup_mma(p8, v_s.index(st).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(0, deps=(o_tok, ))
+            mbarrier.arrive(v_empty.index(st), count=1)
+    elif count > 0:  # a forward plan has none empty; without the guard an empty item would wait forever
+        # FA3's intra-warpgroup overlap: chunk i's Q·Kᵀ and chunk i−1's P·V are in flight together
+        # chunk 0: Q·K₀ᵀ and its softmax; there is no P·V to issue yet
+        start, lo, hi = _chunk(chunks, mask_base, 0)
+        sk, bias = _key_scales(sk_ptr, base, start, lo, hi, BN, col_s)
+        _turn_wait(turn, WG, 0, PINGPONG)
+        mbarrier.wait(k_ready.index(0), 0)
+        s_tok = _qk(q, k_s.index(0), s_l, QK_IMPRECISE)
+        _turn_pass(turn, WG, PINGPONG)
+        s = warpgroup_mma_wait(0, deps=(s_tok, ))
+        mbarrier.arrive(k_empty.index(0), count=1)
+        p8, m_i, l_i, alpha = _softmax(s, sk, bias, (lo == 0) & (hi == BN), sq, m_i, l_i, EDGE_MASK, p_op)
+
+        for i in range(1, count):
+            st = i % ST
+            prev = (i - 1) % ST
+            start, lo, hi = _chunk(chunks, mask_base, i)
+            sk, bias = _key_scales(sk_ptr, base, start, lo, hi, BN, col_s)
+            _turn_wait(turn, WG, i, PINGPONG)
+            mbarrier.wait(k_ready.index(st), (i // ST) & 1)
+            s_tok = _qk(q, k_s.index(st), s_l, QK_IMPRECISE)
+            mbarrier.wait(v_ready.index(prev), ((i - 1) // ST) & 1)
+            # acc already carries α of chunk i−1, so this is `_fwd_kernel`'s acc·α + P·V for chunk i−1
+            o_tok = warpgroup_mma(p8, v_s.index(prev).permute((1, 0)), acc, is_async=True)
+            _turn_pass(turn, WG, PINGPONG)
+            s = warpgroup_mma_wait(1, deps=(s_tok, ))  # Q·K_iᵀ done; P·V_{i−1} may still run
+            mbarrier.arrive(k_empty.index(st), count=1)
+            p8_new, m_i, l_i, alpha = _softmax(s, sk, bias, (lo == 0) & (hi == BN), sq, m_i, l_i, EDGE_MASK, p_op)
+            # P_{i−1} (registers) cannot be a dep here (3.6's wait lowering takes no 8-bit values); ptxas keeps a
+            # wgmma's register operands until its wait_group (it serialises the wgmma, with a warning, otherwise)
+            acc = warpgroup_mma_wait(0, deps=(o_tok, ))
+            mbarrier.arrive(v_empty.index(prev), count=1)
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            p8 = p8_new
+
+        last = (count - 1) % ST
+        _turn_wait(turn, WG, count, PINGPONG)
+        mbarrier.wait(v_ready.index(last), ((count - 1) // ST) & 1)
+        o_tok = warpgroup_mma(p8, v_s.index(last).permute((1, 0)), acc, is_async=True)
+        _turn_pass(turn, WG, PINGPONG)
+        acc = warpgroup_mma_wait(0, deps=(o_tok, ))
+        mbarrier.arrive(v_empty.index(last), count=1)
+
+    sv = gl.load(sv_ptr + bh * D + gl.arange(0, D, layout=col_o))
+    out = acc * sv[None, :] / gl.convert_layout(l_i, row_o)[:, None]  # acc and ℓ' both carry the factor 448
+    local = WG * BM + gl.arange(0, BM, layout=row_o)
+    dst = o_ptr + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+    gl.store(dst + (row0 + local)[:, None].to(gl.int64) * stride_ol + gl.arange(0, D, layout=col_o)[None, :],
+             out.to(gl.bfloat16), mask=(local < nrows)[:, None])
+    lse = (m_i + gl.log2(l_i) - LOG2_CAP) * LN2
+    local_s = WG * BM + gl.arange(0, BM, layout=row_s)
+    gl.store(lse_ptr + base + row0 + local_s, lse, mask=local_s < nrows)
+
+
+@gluon.jit
+def _loader(q_desc, k_desc, v_desc, q_s, k_s, v_s, q_ready, k_ready, k_empty, v_ready, v_empty,
+            chunks, bh, row0, mask_base, count, L):
+    """One warp: Q once (a box per consumer), then per chunk K on k_ready and Vᵀ on v_ready of ring stage i % ST
+    once every consumer has released that stage (empties count one arrival per consumer)."""
+    NC: gl.constexpr = q_s.type.shape[0]
+    BM: gl.constexpr = q_s.type.shape[1]
+    D: gl.constexpr = q_s.type.shape[2]
+    ST: gl.constexpr = k_s.type.shape[0]
+    for w in gl.static_range(NC):
+        mbarrier.expect(q_ready.index(w), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [bh * L + row0 + w * BM, 0], q_ready.index(w), q_s.index(w))
+    for i in range(count):
+        st = i % ST
+        phase = ((i // ST) & 1) ^ 1  # the first pass over the ring waits on fresh barriers: passes at once
+        start = (gl.load(chunks + mask_base + i) >> 16) * 16
+        mbarrier.wait(k_empty.index(st), phase)
+        mbarrier.expect(k_ready.index(st), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [bh * L + start, 0], k_ready.index(st), k_s.index(st))
+        mbarrier.wait(v_empty.index(st), phase)
+        mbarrier.expect(v_ready.index(st), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [bh * D, start], v_ready.index(st), v_s.index(st))
+
+
+@gluon.jit
+def gluon_fwd_kernel(q_desc, k_desc, v_desc, sq_ptr, sk_ptr, sv_ptr, o_ptr, lse_ptr,
+                     item_group, item_row, item_rows, chunks, chunk_count,
+                     H, L, stride_ob, stride_oh, stride_ol, mask_sb, mask_sh, mask_sg, C,
+                     CONSUMERS: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
+                     QK_IMPRECISE: gl.constexpr, EDGE_MASK: gl.constexpr, OVERLAP: gl.constexpr,
+                     CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+    """One CTA per (plan item, batch·head). The item has CONSUMERS × (Q box rows) rows."""
+    bh, b, h, row0, nrows, mask_base, count = _item(item_group, item_row, item_rows, chunk_count, H,
+                                                    mask_sb, mask_sh, mask_sg, C)
+    q_s = gl.allocate_shared_memory(q_desc.dtype, [CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
+    k_s = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_s = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for w in gl.static_range(CONSUMERS):
+        mbarrier.init(q_ready.index(w), count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(s), count=1)
+        mbarrier.init(v_ready.index(s), count=1)
+        mbarrier.init(k_empty.index(s), count=CONSUMERS)
+        mbarrier.init(v_empty.index(s), count=CONSUMERS)
+    for w in gl.static_range(2):
+        mbarrier.init(turn.index(w), count=1)
+
+    # The partitions' argument tuples are written out in the call: a tuple bound to a name first turns its
+    # constexpr elements into runtime values (Triton 3.6), and WG, PINGPONG, ... must stay constexpr.
+    if CONSUMERS == 2:
+        gl.warp_specialize([
+            (_consumer, (0, q_s, k_s, v_s, q_ready, k_ready, k_empty, v_ready, v_empty, turn, sq_ptr, sk_ptr, sv_ptr,
+                         o_ptr, lse_ptr, chunks, bh, b, h, row0, nrows, mask_base, count, L, stride_ob, stride_oh,
+                         stride_ol, PINGPONG, QK_IMPRECISE, EDGE_MASK, OVERLAP)),
+            (_consumer, (1, q_s, k_s, v_s, q_ready, k_ready, k_empty, v_ready, v_empty, turn, sq_ptr, sk_ptr, sv_ptr,
+                         o_ptr, lse_ptr, chunks, bh, b, h, row0, nrows, mask_base, count, L, stride_ob, stride_oh,
+                         stride_ol, PINGPONG, QK_IMPRECISE, EDGE_MASK, OVERLAP)),
+            (_loader, (q_desc, k_desc, v_desc, q_s, k_s, v_s, q_ready, k_ready, k_empty, v_ready, v_empty, chunks, bh,
+                       row0, mask_base, count, L)),
+        ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+    else:
+        gl.warp_specialize([
+            (_consumer, (0, q_s, k_s, v_s, q_ready, k_ready, k_empty, v_ready, v_empty, turn, sq_ptr, sk_ptr, sv_ptr,
+                         o_ptr, lse_ptr, chunks, bh, b, h, row0, nrows, mask_base, count, L, stride_ob, stride_oh,
+                         stride_ol, PINGPONG, QK_IMPRECISE, EDGE_MASK, OVERLAP)),
+            (_loader, (q_desc, k_desc, v_desc, q_s, k_s, v_s, q_ready, k_ready, k_empty, v_ready, v_empty, chunks, bh,
+                       row0, mask_base, count, L)),
+        ], [1], [LOADER_REGS])
+
+# ----------------------------------------------------------------------------------------------------- variants
+VARIANTS = {
+    "ws1_m64_s2": dict(consumers=1, rows=64, warps=4, stages=2, pingpong=False, maxnreg=240),
+    "ws1_m64_s3": dict(consumers=1, rows=64, warps=4, stages=3, pingpong=False, maxnreg=240),
+    "ws1_m64_s2_r128": dict(consumers=1, rows=64, warps=4, stages=2, pingpong=False, maxnreg=128),
+    "coop_m128_s2": dict(consumers=1, rows=128, warps=8, stages=2, pingpong=False, maxnreg=168),
+    "two_m128_s2": dict(consumers=2, rows=64, warps=4, stages=2, pingpong=False, maxnreg=168),
+    "pingpong_m128_s2": dict(consumers=2, rows=64, warps=4, stages=2, pingpong=True, maxnreg=168),
+    "pingpong_m128_s3": dict(consumers=2, rows=64, warps=4, stages=3, pingpong=True, maxnreg=168),
+    "ws1_m64_s2_ov": dict(consumers=1, rows=64, warps=4, stages=2, pingpong=False, maxnreg=240, overlap=True,
+                          spills=True),
+    "pingpong_m128_s2_ov": dict(consumers=2, rows=64, warps=4, stages=2, pingpong=True, maxnreg=168, overlap=True,
+                                spills=True),
+}
+"""`rows`: query rows per consumer partition (its Q box); the plan item has consumers × rows. `warps`: warps of the
+default partition (consumer 0); a second consumer is a 4-warp worker, the loader a 1-warp worker (it still takes a
+warpgroup's registers). `maxnreg`: the register cap at launch (12 warps × 168 ≤ 64 K registers; setmaxnreg then
+moves the loader down to LOADER_REGS and the consumers up to ~232-240). `overlap`: FA3's intra-warpgroup overlap
+(Q·K_iᵀ and P_{i−1}·V_{i−1} in flight together). `spills`: ptxas spills are known (compile_check allows them): with
+overlap two e4m3 P tiles are live, and Triton 3.6 keeps each e4m3 value of P in its own 16/32-bit register around
+the accumulator → A-operand layout conversion (byte shuffles), 64 registers per P instead of 16."""
+LOADER_REGS = 32  # 24 (FA3's) spills 4 B in the loader that decodes chunks (two-consumer variants)
+CONSUMER_REGS = 240
+
+
+def block_m(variant: str) -> int:
+    v = VARIANTS[variant]
+    return v["consumers"] * v["rows"]
+
+
+def constexprs(variant: str, qk_imprecise: int = 128, edge_mask: bool = True) -> dict:
+    """`qk_imprecise`: as attention_forward's (promote Q·Kᵀ to fp32 every N products); N >= D = 128 is the default
+    and becomes QK_IMPRECISE = 0 (see `_qk`)."""
+    v = VARIANTS[variant]
+    return dict(CONSUMERS=v["consumers"], STAGES=v["stages"], PINGPONG=v["pingpong"],
+                QK_IMPRECISE=0 if qk_imprecise >= 128 else qk_imprecise,
+                EDGE_MASK=edge_mask, OVERLAP=v.get("overlap", False), CONSUMER_REGS=CONSUMER_REGS,
+                LOADER_REGS=LOADER_REGS)
+
+
+def launch_options(variant: str) -> dict:
+    v = VARIANTS[variant]
+    return dict(num_warps=v["warps"], **({"maxnreg": v["maxnreg"]} if v.get("maxnreg") else {}))
+
+
+def _smem_layout(block):
+    return gl.NVMMASharedLayout.get_default_for(block, gl.float8e4nv)
+
+
+def descriptors(q8, k8, vt8, seq: int, rows: int, block_n: int = 128):
+    """Gluon TMA descriptors: Q and K as (B·H·L, D) with boxes of `rows` / `block_n` rows, Vᵀ as (B·H·D, L) (row
+    stride L_pad, TMA zero-fills columns ≥ L) with boxes of D × block_n."""
+    bh, _, d = q8.shape
+    seq_pad = vt8.shape[-1]
+    flat = lambda x, r: TensorDescriptor(x.reshape(bh * seq, d), [bh * seq, d], [d, 1], [r, d],  # noqa: E731
+                                         _smem_layout([r, d]))
+    v_desc = TensorDescriptor(vt8.reshape(bh * d, seq_pad), [bh * d, seq], [seq_pad, 1], [d, block_n],
+                              _smem_layout([d, block_n]))
+    return flat(q8, rows), flat(k8, block_n), v_desc
+
+
+def run_gluon(qkv, plan, out, lse, variant: str, qk_imprecise: int = 128, edge_mask: bool = True) -> None:
+    """The forward of `variant` on quantized inputs and a plan of block_m = block_m(variant), block_n = 128, into
+    out (B, H, L, D) bf16 and lse (B·H·L) fp32."""
+    bh, seq, d = qkv.q8.shape
+    v = VARIANTS[variant]
+    if plan.block_m != block_m(variant) or plan.block_n != 128 or d != 128:
+        raise ValueError(f"{variant} needs a plan of {block_m(variant)}×128 and D = 128")
+    q_desc, k_desc, v_desc = descriptors(qkv.q8, qkv.k8, qkv.vt8, seq, v["rows"])
+    mb, mh, ng, c = plan.chunks.shape
+    sb, sh = (0 if mb == 1 else mh * ng * c), (0 if mh == 1 else ng * c)
+    gluon_fwd_kernel[(plan.item_group.numel(), bh)](
+        q_desc, k_desc, v_desc, qkv.sq, qkv.sk, qkv.sv, out, lse,
+        plan.item_group, plan.item_row, plan.item_rows, plan.chunks, plan.chunk_count,
+        qkv.heads, seq, out.stride(0), out.stride(1), out.stride(2), sb, sh, c, c,
+        **constexprs(variant, qk_imprecise, edge_mask), **launch_options(variant))
+
+
+# ------------------------------------------------------------------------------------------------ compile check
+PTX_WGMMA = "wgmma.mma_async"
+PTX_SETMAXNREG = "setmaxnreg"
+
+
+def compile_variant(variant: str, qk_imprecise: int = 128, edge_mask: bool = True):
+    """Compile `variant` for sm_90 (no GPU needed): the CompiledKernel (asm: ttgir, ptx, cubin; metadata)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    v = VARIANTS[variant]
+    f8 = torch.float8_e4m3fn
+    seq, d, bh = 256, 128, 2
+    q8, k8 = torch.zeros(bh, seq, d, dtype=f8), torch.zeros(bh, seq, d, dtype=f8)
+    vt8 = torch.zeros(bh, d, seq, dtype=f8)
+    q_desc, k_desc, v_desc = descriptors(q8, k8, vt8, seq, v["rows"])
+    sig = dict(q_desc=mangle_type(q_desc), k_desc=mangle_type(k_desc), v_desc=mangle_type(v_desc),
+               sq_ptr="*fp32", sk_ptr="*fp32", sv_ptr="*fp32", o_ptr="*bf16", lse_ptr="*fp32",
+               item_group="*i32", item_row="*i32", item_rows="*i32", chunks="*i32", chunk_count="*i32")
+    sig.update({name: "i32" for name in ("H", "L", "stride_ob", "stride_oh", "stride_ol", "mask_sb", "mask_sh",
+                                         "mask_sg", "C")})
+    consts = constexprs(variant, qk_imprecise, edge_mask)
+    sig.update({name: "constexpr" for name in consts})
+    src = GluonASTSource(gluon_fwd_kernel, sig, constexprs=consts)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=launch_options(variant))
+
+
+def ptxas_report(ptx: str) -> dict:
+    """ptxas -v for sm_90a on the kernel's PTX: registers, spill bytes, shared memory, and any wgmma warnings."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.ptx"
+        path.write_text(ptx)
+        r = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(path), "-o", str(Path(tmp) / "k.cubin")],
+                           capture_output=True, text=True)
+    text = r.stdout + r.stderr
+    num = lambda pat: int(m.group(1)) if (m := re.search(pat, text)) else None  # noqa: E731
+    return dict(ptxas_rc=r.returncode, registers=num(r"Used (\d+) registers"),
+                spill_stores=num(r"(\d+) bytes spill stores"), spill_loads=num(r"(\d+) bytes spill loads"),
+                warnings=[line.strip() for line in text.splitlines() if "warning" in line.lower()])
+
+
+def compile_check(variant: str, **kw) -> dict:
+    """Compile `variant` for sm_90 on the CPU and check the result: a warp_specialize region with the expected warps,
+    FP8 wgmma for both products with P·V taking P from registers (4 A registers, the "RS" form), the e4m3 cast with
+    round-to-nearest-even, setmaxnreg for the partitions (the loader's budget among them), TMA loads and mbarrier
+    waits, and what ptxas -v says for sm_90a (no spills unless the variant is known to spill, shared memory under
+    the 227 KB limit). Raises AssertionError on a missing property; returns the facts."""
+    v = VARIANTS[variant]
+    k = compile_variant(variant, **kw)
+    ptx, ttgir = k.asm["ptx"], k.asm["ttgir"]
+    wgmma = sorted(set(re.findall(r"wgmma\.mma_async[\w.]*", ptx)))
+    maxnreg = sorted(set(" ".join(m.split()) for m in re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+\d+",
+                                                                  ptx)))
+    rs = len(re.findall(r"wgmma\.mma_async[\w.]*\s*\{[^}]*\},\s*\{%r\d+,\s*%r\d+,\s*%r\d+,\s*%r\d+\}", ptx))
+    info = dict(variant=variant, num_warps=k.metadata.num_warps, shared=k.metadata.shared, wgmma=wgmma,
+                wgmma_count=ptx.count(PTX_WGMMA), wgmma_p_in_registers=rs, setmaxnreg=maxnreg,
+                tma=ptx.count("cp.async.bulk.tensor"), mbarrier_waits=ptx.count("mbarrier.try_wait"),
+                **ptxas_report(ptx))
+    partitions = v["consumers"] * (2 if v.get("overlap") else 1)  # code paths with one Q·Kᵀ and one P·V each
+    assert "ttg.warp_specialize" in ttgir, f"{variant}: no warp_specialize region"
+    assert info["num_warps"] == v["warps"] + 4 * (v["consumers"] - 1) + 4, f"{variant}: {info['num_warps']} warps"
+    assert any(w.endswith(".f32.e4m3.e4m3") for w in wgmma), f"{variant}: no FP8 wgmma in the PTX: {wgmma}"
+    assert info["wgmma_count"] >= 8 * partitions, f"{variant}: {info['wgmma_count']} wgmma (4 per product)"
+    assert rs >= 4 * partitions, f"{variant}: P·V does not take P from registers ({rs} RS wgmma)"
+    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx, f"{variant}: P is not cast to e4m3 with round-to-nearest-even"
+    assert PTX_SETMAXNREG in ptx, f"{variant}: no setmaxnreg (not warp-specialised?)"
+    assert any(m.endswith(f" {LOADER_REGS}") for m in maxnreg), f"{variant}: no loader budget in {maxnreg}"
+    assert info["tma"] >= 2 + v["consumers"] and info["mbarrier_waits"] > 0, f"{variant}: TMA/mbarrier missing"
+    assert info["ptxas_rc"] == 0, f"{variant}: ptxas failed: {info['warnings']}"
+    if not v.get("spills"):
+        assert not info["spill_stores"] and not info["spill_loads"], f"{variant}: ptxas spills: {info}"
+    assert info["shared"] <= 232448, f"{variant}: {info['shared']} B of shared memory (H100/H200 max 227 KB)"
+    return info
+
+
+# ------------------------------------------------------------------------------------------------------- runner
+def shipped_api():
+    """(quantize(q, k, v, layout, granularity, q_mult), plan_for, attention_forward, LOG2E) of the shipped kernel."""
+    from fpsa_kernels import quantize_qkv
+    from fpsa_kernels.attention import attention_forward
+    from fpsa_kernels.numerics import LOG2E
+    from fpsa_train.fps.kernel import plan_for, quant_groups
+
+    def quantize(q, k, v, layout, granularity, q_mult):
+        return quantize_qkv(q, k, v, quant_groups(layout, granularity, q.device), q_mult=q_mult)
+
+    return quantize, plan_for, attention_forward, LOG2E
+
+
+def plans(q, k, layout, cfg: dict, plan_for):
+    """(shipped plan 64×128, probe plan block_m(variant)×128): dense, or the top-k tile-aligned plan of a `keep`
+    share of the tiles, as probe_ws2d.py builds them."""
+    from fpsa_kernels.plan import dense_plan
+    from fpsa_train.fps.masks import select_keep
+
+    bm = block_m(cfg["variant"])
+    if cfg.get("keep") is None:
+        return dense_plan(q.shape[2], 64, 128, "cuda"), dense_plan(q.shape[2], bm, 128, "cuda")
+    mask = select_keep(q, k, layout, max(1, round(cfg["keep"] * len(layout.tile_sizes()))))
+    return plan_for(mask, layout, None, 64, 128, q.device), plan_for(mask, layout, None, bm, 128, q.device)
+
+
+def one(shape: str, cfg: dict) -> dict:
+    from fpsa_train.fps.fp8 import QuantGranularity
+    from fpsa_train.models.token_order import TokenLayout
+
+    quantize, plan_for, attention_forward, LOG2E = shipped_api()
+    name, heads, grid = SHAPES[shape]
+    layout = TokenLayout(grid, "tile", TILE)
+    seq, d = layout.seq_len, 128
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, heads, seq, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    qkv = quantize(q, k, v, layout, QuantGranularity(cfg.get("quant", "tile")), LOG2E / math.sqrt(d))
+    shipped, plan = plans(q, k, layout, cfg, plan_for)
+    dense = cfg.get("keep") is None
+    flops = 4.0 * heads * seq * seq * d * (1.0 if dense else shipped.useful / (heads * seq * seq))
+    res = {"shape": name, **cfg}
+    ref, ref_lse = attention_forward(qkv, shipped, qk_imprecise_acc=None)  # = D: QK_IMPRECISE = 0's arithmetic
+    res["shipped_ms"] = bench(lambda: attention_forward(qkv, shipped, qk_imprecise_acc=None))
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
+        res["cudnn_ms"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((heads * seq, ), float("nan"), device="cuda")
+    run = lambda: run_gluon(qkv, plan, out, lse, cfg["variant"], edge_mask=cfg.get("edge_mask", True))  # noqa: E731
+    run()
+    torch.cuda.synchronize()
+    err = (out.float() - ref.float()).norm() / ref.float().norm()
+    res.update(finite=bool(torch.isfinite(out).all()), rel_err_vs_shipped=float(err),
+               sqnr_db_vs_shipped=float(-20 * math.log10(max(float(err), 1e-12))),
+               lse_max_abs_diff=float((lse.view(heads, seq) - ref_lse.view(heads, seq)).abs().max()))
+    res["ms"] = bench(run)
+    res.update(tflops=flops / res["ms"] / 1e9, vs_shipped=res["shipped_ms"] / res["ms"],
+               vs_cudnn=res["cudnn_ms"] / res["ms"])
+    return res
+
+
+CONFIGS = [dict(variant="ws1_m64_s2"), dict(variant="ws1_m64_s3"), dict(variant="ws1_m64_s2_r128"),
+           dict(variant="ws1_m64_s2", edge_mask=False), dict(variant="coop_m128_s2"), dict(variant="two_m128_s2"),
+           dict(variant="pingpong_m128_s2"), dict(variant="pingpong_m128_s3"),
+           dict(variant="ws1_m64_s2", quant="token"), dict(variant="pingpong_m128_s2", keep=0.25),
+           dict(variant="ws1_m64_s2", keep=0.25), dict(variant="ws1_m64_s2_ov"), dict(variant="pingpong_m128_s2_ov")]
+"""Dense plans first (the bring-up order of the plan: one consumer, then two, then ping-pong), then per-token scales
+and sparse top-k plans (`keep`: share of key tiles; flops then count the kept pairs only)."""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="480p", choices=sorted(SHAPES))
+    parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--variants", help="comma-separated variant names (default: CONFIGS)")
+    parser.add_argument("--compile-only", action="store_true", help="compile every variant for sm_90 (CPU) and exit")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.compile_only:
+        for name in (args.variants.split(",") if args.variants else VARIANTS):
+            try:
+                print(json.dumps(compile_check(name)), flush=True)
+            except Exception as e:  # noqa: BLE001 (report every variant)
+                print(json.dumps({"variant": name, "failed": f"{type(e).__name__}: {e}"[:2000]}), flush=True)
+        return
+    if args.one:
+        print(json.dumps(one(args.shape, json.loads(args.one))), flush=True)
+        return
+    configs = [dict(variant=n) for n in args.variants.split(",")] if args.variants else CONFIGS
+    run_each(__file__, args.shape, configs, args.timeout)
+
+
+if __name__ == "__main__":
+    main()

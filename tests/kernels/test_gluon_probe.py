@@ -1,0 +1,100 @@
+"""Compile-only checks, on the CPU, of the Gluon FA3-style Hopper forward (scripts/experiments/probe_gluon_fwd.py).
+
+Gluon has no interpreter, so nothing here runs the kernel: each variant is compiled for sm_90 (`triton.compile` with
+a GPUTarget, then ptxas for sm_90a) and its PTX is checked for the structure the plan asks for (warp-specialised
+partitions with setmaxnreg, FP8 wgmma with P in registers, TMA + mbarriers, no spills). The numerics are checked by
+the probe's GPU runner (SQNR against the shipped kernel).
+
+The compiles run in a subprocess without TRITON_INTERPRET: tests/conftest.py sets it on CPU hosts before Triton is
+imported, and then `triton.language.standard`'s helpers (which `gl.sum`/`gl.max` call) are interpreter functions
+that a Gluon compile rejects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+
+PROBE = Path(__file__).resolve().parents[2] / "scripts" / "experiments" / "probe_gluon_fwd.py"
+FAST = ("ws1_m64_s2", "two_m128_s2", "pingpong_m128_s2")
+"""One consumer warpgroup, two unordered, two in ping-pong: ~2 s each to compile; the rest of the sweep is `slow`."""
+ALL = ("ws1_m64_s2", "ws1_m64_s3", "ws1_m64_s2_r128", "coop_m128_s2", "two_m128_s2", "pingpong_m128_s2",
+       "pingpong_m128_s3", "ws1_m64_s2_ov", "pingpong_m128_s2_ov")
+"""probe_gluon_fwd.VARIANTS (not imported here: the probe imports Gluon, see the module docstring)."""
+# (consumer partitions, Q rows per consumer, warps of the default partition, ring stages, overlap, maxnreg)
+SHAPE = {"ws1_m64_s2": (1, 64, 4, 2, False, 240), "ws1_m64_s3": (1, 64, 4, 3, False, 240),
+         "ws1_m64_s2_r128": (1, 64, 4, 2, False, 128), "coop_m128_s2": (1, 128, 8, 2, False, 168),
+         "two_m128_s2": (2, 64, 4, 2, False, 168), "pingpong_m128_s2": (2, 64, 4, 2, False, 168),
+         "pingpong_m128_s3": (2, 64, 4, 3, False, 168), "ws1_m64_s2_ov": (1, 64, 4, 2, True, 240),
+         "pingpong_m128_s2_ov": (2, 64, 4, 2, True, 168)}
+
+
+def compile_checks(names) -> dict[str, dict]:
+    """probe_gluon_fwd.compile_check of each variant (it asserts the PTX properties itself and reports a failure as
+    {"failed": ...}), in a clean subprocess."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, str(PROBE), "--compile-only", "--variants", ",".join(names)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    out = {}
+    for line in r.stdout.splitlines():
+        if line.startswith("{"):
+            info = json.loads(line)
+            out[info["variant"]] = info
+    assert set(out) == set(names), f"exit {r.returncode}: {r.stderr[-3000:]}"
+    return out
+
+
+def check(info: dict) -> None:
+    name = info["variant"]
+    assert "failed" not in info, f"{name}: {info['failed']}"
+    consumers, rows, warps, stages, overlap, maxnreg = SHAPE[name]
+    assert info["num_warps"] == warps + 4 * (consumers - 1) + 4  # + the 1-warp loader, padded to a warpgroup
+    assert info["wgmma"] == ["wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3"]
+    assert info["tma"] == consumers + 2  # a Q box per consumer, then one K and one Vᵀ load per chunk
+    # 4 m64n128k32 wgmma per product (K = 128), two products per consumer code path, P·V's 4 from registers
+    paths = consumers * (2 if overlap else 1)
+    assert info["wgmma_count"] == 8 * paths and info["wgmma_p_in_registers"] == 4 * paths
+    assert any(m.startswith("setmaxnreg.dec") for m in info["setmaxnreg"])
+    assert any(m.startswith("setmaxnreg.inc") for m in info["setmaxnreg"])
+    assert info["ptxas_rc"] == 0 and info["registers"] is not None and info["registers"] <= maxnreg
+    if not overlap:  # the overlapped variants are known to spill (probe_gluon_fwd.VARIANTS)
+        assert info["spill_stores"] == 0 and info["spill_loads"] == 0
+    # shared memory holds at least Q (consumers × rows × D) and the ring (stages × (K + Vᵀ) tiles), all e4m3
+    assert consumers * rows * 128 + stages * 2 * 128 * 128 <= info["shared"] <= 232448
+
+
+@pytest.fixture(scope="module")
+def fast() -> dict[str, dict]:
+    return compile_checks(FAST)
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_gluon_forward_compiles_for_sm90(fast, name):
+    check(fast[name])
+
+
+def test_pingpong_orders_the_warpgroups(fast):
+    """The ping-pong variant waits on the `turn` barriers around its GEMM issues, the unordered two-consumer variant
+    does not; the code is otherwise the same, so the ping-pong one has more mbarrier waits."""
+    assert fast["pingpong_m128_s2"]["mbarrier_waits"] > fast["two_m128_s2"]["mbarrier_waits"]
+
+
+@pytest.mark.slow
+def test_gluon_forward_every_variant_compiles_for_sm90():
+    infos = compile_checks([n for n in ALL if n not in FAST])
+    for info in infos.values():
+        check(info)
+
+
+def test_every_variant_is_covered():
+    """ALL and SHAPE list exactly the probe's VARIANTS (read from its source: importing it needs Gluon unbroken)."""
+    names = re.findall(r'^    "(\w+)": dict\(consumers=', PROBE.read_text(), flags=re.M)
+    assert names and sorted(names) == sorted(ALL) == sorted(SHAPE)
