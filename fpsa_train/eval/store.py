@@ -7,8 +7,9 @@ the per-step trace of σ, regime, density and seconds, which attention ran, the 
 
 A video is reused only when every input that decides its pixels is the same: the deploy folder's content (the
 manifest's own sha256, which covers every file's sha256), which attention (exported schedule, one forced regime, or
-dense), whether the Linears ran in FP8 (part of the inputs only when on, so older videos keep their keys), prompt, negative prompt, seed, steps, guidance, shift, size, the components folder, the device type and the
-attention backend. Anything else is sampled again and overwrites the old files. The npy is written first and the
+dense), whether the Linears ran in FP8 (part of the inputs only when on, so older videos keep their keys), prompt,
+negative prompt, seed, steps, guidance, shift, size, the components folder, the device type and the attention
+backend. Anything else is sampled again and overwrites the old files. The npy is written first and the
 json last, both atomically, so a json always describes a complete npy.
 """
 
