@@ -18,8 +18,8 @@ Which Linears (`FP8_LINEARS`, `fp8_linear_names`): in every transformer block, t
 tokens: self_attn.q/k/v/o, cross_attn.q/o, ffn.0 and ffn.2, when both their dims are multiples of 16 (what
 `_scaled_mm` takes; every Wan size is). Left as they are: cross_attn.k/v (their input is the 512 text tokens:
 GEMMs too small for FP8 to pay for its activation quantization), text_embedding (once per step on the text), and
-the model's declared fp32 modules, time_embedding, time_projection (per sample, not per token) and the head. Share of
-the DiT's linear FLOPs (multiply-adds of all its Linears) in FP8 (`linear_flops`):
+the parts the model computes in fp32 (models/wan.py), time_embedding, time_projection (per sample, not per token) and
+the head. Share of the DiT's linear FLOPs (multiply-adds of all its Linears) in FP8 (`linear_flops`):
 
     Wan-1.3B 480p (32,760 tokens)   99.80%   (cross_attn.k/v 0.18%, embeddings and head 0.02%)
     Wan-14B 720p (75,600 tokens)    99.88%   (cross_attn.k/v 0.12%, embeddings and head 0.01%)

@@ -99,7 +99,7 @@ def run_shape(key: str, configs: list[dict], log, schedules: dict[str, Schedule]
         ms = bench(lambda: attention_forward(qkv, plan, out, **forward_opts(cfg)))
         return ms, plan
 
-    dense = Regime("dense", 0.0, 1.0, QuantGranularity("tile"), "dense", None, None, None, 1.0)
+    dense = Regime(name="dense", quant=QuantGranularity("tile"))  # σ ∈ [0, 1], dense
     res["dense"] = {}
     for cfg in configs:
         try:

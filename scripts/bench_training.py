@@ -96,7 +96,7 @@ def run_shape(key: str, log) -> dict:
         log(f"{name} {label} fwd+bwd: {ms:.2f} ms ({flops / ms / 1e9:.0f} TFLOP/s), peak +{mem:.2f} GiB")
     cudnn = res["sdpa_cudnn"]["ms"]
 
-    dense = Regime("dense", 0, 1, QuantGranularity("tile"), "dense", None, None, None, 1.0)
+    dense = Regime(name="dense", quant=QuantGranularity("tile"))  # σ ∈ [0, 1], dense
     res["bwd_configs"] = {}
     for text in BWD_CONFIGS:
         opts = parse_bwd(text)

@@ -16,7 +16,7 @@ from fpsa_train.models.token_order import TokenLayout
 
 layout = TokenLayout((21, 30, 52), "tile", (6, 8, 8))
 q, k, v = (torch.randn(1, 12, layout.seq_len, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-dense = Regime("dense", 0.0, 1.0, QuantGranularity("tile"), "dense", None, None, None, 1.0)
+dense = Regime(name="dense", quant=QuantGranularity("tile"))  # σ ∈ [0, 1], dense
 for _ in range(2):
     fps_attention(q, k, v, layout, dense)
 torch.cuda.synchronize()

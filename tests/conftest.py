@@ -27,6 +27,20 @@ def compose_train(overrides: list[str], run_dir: str | Path = "/tmp/fpsa-test-ru
         return compose(config_name="train", overrides=[*overrides, f"run_dir={run_dir}"])
 
 
+def make_regime(pattern: str = "dense", quant: str | None = "tile", *, factor: tuple[int, int, int] | None = None,
+                name: str = "r", **fields):
+    """A Regime for the tests over σ ∈ [0, 1]: `pattern`, Q/K scales grouped by `quant` (None: no quantization)
+    with `factor` (default 2 per axis for `tiles` and `subtile`, the smallest that differs from `tile`; 1 for the
+    others, which ignore it), and any other Regime field by keyword (window=, topk=, target_density=, ...)."""
+    from fpsa_train.fps.fp8 import QuantGranularity
+    from fpsa_train.fps.schedule import Regime
+
+    if factor is None:
+        factor = (2, 2, 2) if quant in ("tiles", "subtile") else (1, 1, 1)
+    q = None if quant is None else QuantGranularity(quant, tuple(factor))
+    return Regime(name=name, quant=q, pattern=pattern, **fields)
+
+
 @pytest.fixture
 def tiny_overrides() -> list[str]:
     return ["+experiment=tiny"]

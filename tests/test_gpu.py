@@ -8,7 +8,7 @@ import torch
 from fpsa_train.models.config import WanConfig
 from fpsa_train.models.wan import WanModel
 from fpsa_train.train import train
-from tests.conftest import compose_train
+from tests.conftest import compose_train, make_regime
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -37,16 +37,14 @@ def test_bf16_autocast_close_to_fp32_on_gpu():
 
 
 def test_fps_reference_on_gpu_matches_cpu():
-    from fpsa_train.fps.fp8 import QuantGranularity
     from fpsa_train.fps.reference import attention_tiles
-    from fpsa_train.fps.schedule import Regime
     from fpsa_train.models.token_order import TokenLayout
 
     layout = TokenLayout((5, 6, 9), "tile", (2, 4, 4))
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, layout.seq_len, 64, generator=g) for _ in range(3))
-    for regime in (Regime("a", 0, 1, QuantGranularity("tile"), "window_topk", (1, 1, 1), 2, None, 1.0),
-                   Regime("b", 0, 1, QuantGranularity("subtile", (2, 2, 2)), "dense", None, None, None, 1.0)):
+    for regime in (make_regime("window_topk", window=(1, 1, 1), topk=2, name="a"),
+                   make_regime("dense", "subtile", name="b")):
         cpu, _ = attention_tiles(q, k, v, layout, regime)
         gpu, _ = attention_tiles(q.cuda(), k.cuda(), v.cuda(), layout, regime)
         sqnr = 20 * torch.log10(cpu.norm() / (cpu - gpu.cpu()).norm())

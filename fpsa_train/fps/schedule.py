@@ -86,24 +86,42 @@ class FPSConfig:
     materialize: bool = False
     """Use the fully materialised reference (tiny shapes only) instead of the tile loop."""
     backend: str = "auto"
-    """auto: the Hopper FP8 kernel (fpsa_kernels) for forward-only calls on H100/H200, the reference otherwise;
-    reference: always the PyTorch reference; kernel: the kernel for every call (error where it cannot run; on CPU it
-    needs TRITON_INTERPRET=1, for tests). Training runs the kernel's forward and backward for the regimes it
-    implements (FP8 ones at its head dims) and the reference for the others."""
+    """Which implementation runs each regime (fps/transform.py `reference_reason`). auto: the Hopper FP8 kernel
+    (fpsa_kernels: its forward, and its Triton backward when training) on a CUDA device where it runs (H100/H200),
+    for the regimes it implements (FP8-quantized ones, at its head dims), the PyTorch reference for the
+    other regimes and on other devices; reference: always the PyTorch reference; kernel: as auto, but an error
+    where the kernel cannot run instead of the fallback (on CPU it runs under TRITON_INTERPRET=1, for tests);
+    regimes it does not implement still run in the reference. `materialize` overrides both with the reference."""
 
 
 @dataclass(frozen=True)
 class Regime:
+    """One validated regime, the runtime form of a RegimeConfig (`regime_from_config` builds and checks it;
+    `regime_config` is the inverse). Constructed directly (tests, benchmarks) it is not validated: name the fields
+    by keyword, e.g. `Regime(name="late", quant=QuantGranularity("tile"), pattern="window_topk", window=(6, 6, 3),
+    topk=4)`; the defaults are RegimeConfig's: σ ∈ [0, 1], no quantization, dense. The field order is positional API
+    (`regime_from_config`)."""
+
     name: str
-    lo: float
-    hi: float
-    quant: Optional[QuantGranularity]
-    pattern: str
-    window: Optional[tuple[int, int, int]]
-    topk: Optional[int]
-    target_density: Optional[float]
-    temperature: float
+    """As RegimeConfig.name."""
+    lo: float = 0.0
+    """Lower end of the σ interval it owns, [lo, hi)."""
+    hi: float = 1.0
+    """Upper end (owned too when it is 1)."""
+    quant: Optional[QuantGranularity] = None
+    """Q/K scale group; None (the default, as RegimeConfig's `quant: null`): no quantization."""
+    pattern: str = "dense"
+    """One of PATTERNS."""
+    window: Optional[tuple[int, int, int]] = None
+    """Window extent in tiles (t, h, w) for `window`, `window_topk` and optionally `learned`; None otherwise."""
+    topk: Optional[int] = None
+    """Key tiles kept per query tile for `topk` and `window_topk` (or None with `topk_fraction`)."""
+    target_density: Optional[float] = None
+    """The learned selector's target density (`learned` only)."""
+    temperature: float = 1.0
+    """The learned selector's sigmoid temperature (SparsityConfig.temperature)."""
     topk_fraction: Optional[float] = None
+    """Instead of `topk`: the share of the key tiles kept (`topk_of`)."""
 
     @property
     def quantized(self) -> bool:
@@ -217,7 +235,8 @@ class Schedule:
         return self.regimes[int(self.regime_index(torch.tensor([sigma]))[0])]
 
     def validate_grid(self, tile_grid: tuple[int, int, int], grid: tuple[int, int, int]) -> None:
-        """Checks that need the token grid: every tile shape fits inside it."""
+        """The check that needs the token grid (`grid`, split into `tile_grid` tiles): a regime's top-k count
+        (`topk` > 1; a `topk_fraction` always fits) may not exceed the number of tiles. Raises ScheduleError."""
         for r in self.regimes:
             if r.pattern in ("topk", "window_topk") and r.topk and r.topk > 1 and r.topk > _prod(tile_grid):
                 raise ScheduleError(f"regime {r.name!r}: topk={r.topk} exceeds the {_prod(tile_grid)} tiles of the "

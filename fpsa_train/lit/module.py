@@ -98,7 +98,7 @@ class FlowMatchingModule(L.LightningModule):
 
     def _low_precision(self, device: torch.device):
         """Autocast to the parameters' dtype when they are bf16/fp16 and nothing autocasts yet: DeepSpeed keeps
-        bf16 parameters and feeds them without autocast, while the model computes its declared fp32 parts in fp32
+        bf16 parameters and feeds them without autocast, while the model computes its fp32 parts (models/wan.py) in fp32
         and expects autocast for the rest (as Lightning's bf16-mixed gives under DDP)."""
         dtype = next(self.model.parameters()).dtype  # a ZeRO-3 partitioned parameter keeps its dtype
         if dtype in (torch.bfloat16, torch.float16) and not torch.is_autocast_enabled(device.type):

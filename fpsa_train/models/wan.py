@@ -162,10 +162,6 @@ class WanModel(nn.Module):
     """Wan2.1 T2V DiT. `forward(x, t, context)`: latents (B, C, F, H, W), timesteps (B,) on 0..1000, text
     (B, ≤text_len, text_dim) or a list of unpadded (L_i, text_dim) → velocity (B, C_out, F, H, W) in fp32."""
 
-    # Declared exceptions (read by precision and sharding code): modules whose math stays in fp32.
-    fp32_modules = ("time_embedding", "time_projection", "head", "modulation", "norm1", "norm2", "norm3")
-    block_class = WanBlock
-
     def __init__(self, cfg: WanConfig):
         super().__init__()
         self.cfg = cfg

@@ -7,18 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fpsa_train.fps.fp8 import QuantGranularity, sqnr_db
+from fpsa_train.fps.fp8 import sqnr_db
 from fpsa_train.fps.masks import LearnedSelector
 from fpsa_train.fps.reference import attention_materialized, attention_tiles
-from fpsa_train.fps.schedule import Regime
 from fpsa_train.models.token_order import TokenLayout
+from tests.conftest import make_regime
 
 LAYOUT = TokenLayout((5, 6, 9), "tile", (2, 4, 4))  # 270 tokens, 3×2×3 tiles, partial at every far edge
-
-
-def regime(pattern="dense", quant="tile", window=None, topk=None, density=None, name="r") -> Regime:
-    q = None if quant is None else QuantGranularity(quant, (2, 2, 2) if quant in ("tiles", "subtile") else (1, 1, 1))
-    return Regime(name, 0.0, 1.0, q, pattern, window, topk, density, 1.0)
 
 
 def qkv(b=2, h=3, d=16, seed=0, requires_grad=False):
@@ -27,9 +22,10 @@ def qkv(b=2, h=3, d=16, seed=0, requires_grad=False):
 
 
 REGIMES = [
-    regime("dense", None), regime("dense", "tile"), regime("dense", "subtile"), regime("dense", "tiles"),
-    regime("dense", "token"), regime("window", None, window=(1, 1, 1)), regime("window", "tile", window=(3, 1, 2)),
-    regime("topk", "tile", topk=3), regime("window_topk", "subtile", window=(1, 1, 1), topk=2),
+    make_regime("dense", None), make_regime("dense", "tile"), make_regime("dense", "subtile"),
+    make_regime("dense", "tiles"), make_regime("dense", "token"), make_regime("window", None, window=(1, 1, 1)),
+    make_regime("window", "tile", window=(3, 1, 2)), make_regime("topk", "tile", topk=3),
+    make_regime("window_topk", "subtile", window=(1, 1, 1), topk=2),
 ]
 
 
@@ -44,7 +40,7 @@ def test_tile_loop_equals_materialized(reg):
 
 def test_dense_unquantized_is_plain_attention():
     q, k, v = qkv()
-    out, _ = attention_tiles(q, k, v, LAYOUT, regime("dense", None))
+    out, _ = attention_tiles(q, k, v, LAYOUT, make_regime("dense", None))
     ref = F.scaled_dot_product_attention(q, k, v)
     assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
 
@@ -52,7 +48,7 @@ def test_dense_unquantized_is_plain_attention():
 def test_window_masks_out_far_keys():
     """With a (1,1,1) window each query tile sees only its own tile: changing other tiles' values does nothing."""
     q, k, v = qkv(b=1, h=1)
-    reg = regime("window", None, window=(1, 1, 1))
+    reg = make_regime("window", None, window=(1, 1, 1))
     out, _ = attention_tiles(q, k, v, LAYOUT, reg)
     v2 = v.clone()
     v2[..., 32:, :] += 100.0  # tiles after the first
@@ -63,12 +59,13 @@ def test_window_masks_out_far_keys():
 @pytest.mark.parametrize("group, floor", [("token", 25.0), ("subtile", 25.0), ("tile", 25.0)])
 def test_quantized_attention_sqnr_floor(group, floor):
     q, k, v = qkv(b=1, h=2, d=64, seed=3)
-    ref, _ = attention_tiles(q, k, v, LAYOUT, regime("dense", None))
-    out, _ = attention_tiles(q, k, v, LAYOUT, regime("dense", group))
+    ref, _ = attention_tiles(q, k, v, LAYOUT, make_regime("dense", None))
+    out, _ = attention_tiles(q, k, v, LAYOUT, make_regime("dense", group))
     assert sqnr_db(ref, out) > floor, f"{group}: {sqnr_db(ref, out):.1f} dB"
 
 
-@pytest.mark.parametrize("reg", [regime("dense", "tile"), regime("window_topk", "subtile", window=(1, 1, 1), topk=2)],
+@pytest.mark.parametrize("reg", [make_regime("dense", "tile"),
+                                 make_regime("window_topk", "subtile", window=(1, 1, 1), topk=2)],
                          ids=["dense", "window_topk"])
 def test_gradients_flow_and_match_materialized(reg):
     grads = []
@@ -85,7 +82,7 @@ def test_gradients_flow_and_match_materialized(reg):
 def test_learned_selector_gets_gradient_and_keeps_output_unchanged():
     q, k, v = qkv(b=2, h=3, seed=7, requires_grad=True)
     selector = LearnedSelector(num_heads=3, target_density=0.5)
-    reg = regime("learned", "tile", window=(1, 1, 1), density=0.5)
+    reg = make_regime("learned", "tile", window=(1, 1, 1), target_density=0.5)
     out, sel = attention_tiles(q, k, v, LAYOUT, reg, selector)
     out_m, _ = attention_materialized(q, k, v, LAYOUT, reg, selector)
     assert torch.allclose(out, out_m, rtol=1e-5, atol=1e-6)
@@ -99,9 +96,9 @@ def test_nonfinite_input_is_an_error():
     q, k, v = qkv(b=1, h=1)
     q[0, 0, 5, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
-        attention_tiles(q, k, v, LAYOUT, regime("dense", "tile"))
+        attention_tiles(q, k, v, LAYOUT, make_regime("dense", "tile"))
     with pytest.raises(ValueError, match="non-finite"):
-        attention_tiles(q, k, v, LAYOUT, regime("dense", None))
+        attention_tiles(q, k, v, LAYOUT, make_regime("dense", None))
 
 
 @pytest.mark.parametrize("quant", [None, "tile"])
@@ -112,13 +109,13 @@ def test_huge_finite_input_is_an_error_not_silent_nan(fn, quant):
     q[0, 0, 3] = 1e20
     k[0, 0, 7] = 1e20
     with pytest.raises(ValueError, match=r"scores overflow fp32.*\|q\| = 1e\+20"):
-        fn(q, k, v, LAYOUT, regime("dense", quant))
+        fn(q, k, v, LAYOUT, make_regime("dense", quant))
     q[0, 0, 3] = 1e15  # large but representable: a finite result
-    out, _ = fn(q, k, v, LAYOUT, regime("dense", quant))
+    out, _ = fn(q, k, v, LAYOUT, make_regime("dense", quant))
     assert torch.isfinite(out).all()
 
 
 def test_raster_layout_is_refused():
     q, k, v = qkv(b=1, h=1)
     with pytest.raises(ValueError, match="token_order=tile"):
-        attention_tiles(q, k, v, TokenLayout((5, 6, 9), "raster", (2, 4, 4)), regime())
+        attention_tiles(q, k, v, TokenLayout((5, 6, 9), "raster", (2, 4, 4)), make_regime())

@@ -8,12 +8,11 @@ import math
 import pytest
 import torch
 
-from fpsa_train.fps.fp8 import QuantGranularity
 from fpsa_train.fps.masks import (pooled_tile_scores, select_keep, token_ranges, topk_keep, topk_mask,
                                   union_mask, window_keep, window_mask)
 from fpsa_train.fps.reference import select_tiles
-from fpsa_train.fps.schedule import Regime
 from fpsa_train.models.token_order import TokenLayout
+from tests.conftest import make_regime
 
 LAYOUT = TokenLayout((5, 9, 11), "tile", (2, 4, 4))  # 3×3×3 tiles, partial on every axis
 
@@ -53,7 +52,7 @@ def test_select_keep_is_topk_mask_union_window(k, window, batch_heads):
     assert mask.max_kept >= int(mask.keep.sum(-1).max())
     assert torch.allclose(mask.density(), expect.density())
     pattern = "topk" if window is None else "window_topk"
-    regime = Regime("r", 0.0, 1.0, QuantGranularity("tile"), pattern, window, k, None, 1.0)
+    regime = make_regime(pattern, window=window, topk=k)
     assert torch.equal(select_tiles(q, k_in, LAYOUT, regime).mask.to_dense(), mask.keep)
 
 

@@ -15,21 +15,16 @@ import torch
 
 from fpsa_kernels import unsupported_reason
 from fpsa_train.fps.kernel import fps_attention
-from fpsa_train.fps.fp8 import QuantGranularity
 from fpsa_train.fps.masks import topk_mask, window_mask
 from fpsa_train.fps.reference import quantize_inputs
-from fpsa_train.fps.schedule import Regime
 from fpsa_train.models.token_order import TokenLayout
+from tests.conftest import make_regime
 
 from .helpers import BF16_ULP, KINDS, elementwise_bound, make_inputs, reference_and_budget, token_mask
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter tests (GPU: test_attention_gpu)")
 
 LAYOUT = TokenLayout((3, 6, 10), "tile", (2, 4, 4))  # 2×2×3 tiles, partial on t and w; L = 180
-
-
-def regime(pattern="dense", group="tile", window=None, topk=None, factor=(1, 1, 1)) -> Regime:
-    return Regime("r", 0.0, 1.0, QuantGranularity(group, factor), pattern, window, topk, None, 1.0)
 
 
 def run(q, k, v, reg, mask=None, blocks=(32, 16), layout=LAYOUT):
@@ -45,8 +40,8 @@ def the_mask(reg, q, k, layout=LAYOUT):
     return select_tiles(q, k, layout, reg).mask
 
 
-@pytest.mark.parametrize("reg", [regime(), regime("window", window=(1, 1, 1)), regime("topk", topk=3),
-                                 regime("window_topk", "subtile", (1, 1, 1), 2, (2, 2, 2))],
+@pytest.mark.parametrize("reg", [make_regime(), make_regime("window", window=(1, 1, 1)), make_regime("topk", topk=3),
+                                 make_regime("window_topk", "subtile", window=(1, 1, 1), topk=2)],
                          ids=["dense", "window", "topk", "window_topk-subtile"])
 def test_kernel_within_the_elementwise_worst_case(reg):
     q, k, v = make_inputs("normal", 1, 2, LAYOUT, 64, seed=2)
@@ -66,7 +61,7 @@ def test_one_chunk_per_row_equals_the_reference():
     """All keys in one chunk: P is quantized against the exact row max, as in the reference."""
     layout = TokenLayout((2, 4, 6), "tile", (2, 4, 4))  # L = 48
     q, k, v = make_inputs("peaked", 2, 2, layout, 64, seed=3)
-    reg = regime()
+    reg = make_regime()
     out, _ = run(q, k, v, reg, blocks=(16, 64), layout=layout)
     ref, budget = reference_and_budget(q, k, v, layout, reg, None)
     within = (out - ref).abs() <= BF16_ULP * ref.abs() + 1e-6
@@ -78,7 +73,7 @@ def test_one_chunk_per_row_equals_the_reference():
 @pytest.mark.parametrize("kind", KINDS)
 def test_inputs_that_stress_fp8(kind):
     q, k, v = make_inputs(kind, 1, 2, LAYOUT, 64, seed=4)
-    reg = regime("window_topk", "tiles", (1, 3, 1), 2, (2, 2, 2))
+    reg = make_regime("window_topk", "tiles", window=(1, 3, 1), topk=2)
     mask = the_mask(reg, q, k)
     out, _ = run(q, k, v, reg, mask)
     ref, budget = reference_and_budget(q, k, v, LAYOUT, reg, mask)
@@ -90,7 +85,7 @@ def test_batch_with_per_head_masks_and_head_dim_128():
     n = len(LAYOUT.tile_sizes())
     scores = torch.randn(2, 2, n, n, generator=torch.Generator().manual_seed(0))
     mask = topk_mask(scores, 4)  # a different mask for every (batch, head)
-    reg = regime("topk", topk=4)
+    reg = make_regime("topk", topk=4)
     out, _ = run(q, k, v, reg, mask, blocks=(16, 32))
     ref, budget = reference_and_budget(q, k, v, LAYOUT, reg, mask)
     assert torch.linalg.vector_norm(out - ref) <= budget
@@ -98,7 +93,7 @@ def test_batch_with_per_head_masks_and_head_dim_128():
 
 def test_static_mask_broadcast_over_batch_and_heads():
     q, k, v = make_inputs("normal", 2, 3, LAYOUT, 64, seed=6)
-    reg = regime("window", window=(1, 3, 1))
+    reg = make_regime("window", window=(1, 3, 1))
     mask = window_mask(LAYOUT.tile_grid, (1, 3, 1))  # (1, 1, N, K)
     out, _ = run(q, k, v, reg, mask)
     ref, budget = reference_and_budget(q, k, v, LAYOUT, reg, mask)
@@ -110,10 +105,10 @@ def test_static_mask_broadcast_over_batch_and_heads():
 def test_refuses_what_it_does_not_support():
     q = torch.zeros(1, 1, LAYOUT.seq_len, 64)
     with pytest.raises(ValueError, match="does not quantize"):
-        fps_attention(q, q, q, LAYOUT, dataclasses.replace(regime(), quant=None))
+        fps_attention(q, q, q, LAYOUT, dataclasses.replace(make_regime(), quant=None))
     with pytest.raises(ValueError, match="D in"):
-        fps_attention(q[..., :48], q[..., :48], q[..., :48], LAYOUT, regime())
+        fps_attention(q[..., :48], q[..., :48], q[..., :48], LAYOUT, make_regime())
     with pytest.raises(ValueError, match="learned"):
-        fps_attention(q, q, q, LAYOUT, regime("learned"))
+        fps_attention(q, q, q, LAYOUT, make_regime("learned"))
     assert unsupported_reason(q) is None
     assert "CPU tensors only" in unsupported_reason(torch.zeros(1, device="meta"))

@@ -15,10 +15,10 @@ import triton.language as tl
 
 from fpsa_kernels import unsupported_reason
 from fpsa_train.fps.kernel import fps_attention
-from fpsa_train.fps.fp8 import QuantGranularity, round_e4m3
+from fpsa_train.fps.fp8 import round_e4m3
 from fpsa_train.fps.reference import select_tiles
-from fpsa_train.fps.schedule import Regime
 from fpsa_train.models.token_order import TokenLayout
+from tests.conftest import make_regime
 
 from .helpers import KINDS, make_inputs, reference_and_budget
 
@@ -28,11 +28,11 @@ pytestmark = [pytest.mark.gpu,
 
 TILE = (6, 8, 8)
 REGIMES = {
-    "dense": Regime("dense", 0, 1, QuantGranularity("tile"), "dense", None, None, None, 1.0),
-    "early": Regime("early", 0, 1, QuantGranularity("tiles", (2, 2, 2)), "window", (6, 6, 1), None, None, 1.0),
-    "middle": Regime("middle", 0, 1, QuantGranularity("subtile", (2, 2, 2)), "dense", None, None, None, 1.0),
-    "late": Regime("late", 0, 1, QuantGranularity("tile"), "window_topk", (6, 6, 3), 4, None, 1.0),
-    "token": Regime("token", 0, 1, QuantGranularity("token"), "topk", None, 8, None, 1.0),
+    "dense": make_regime("dense", name="dense"),
+    "early": make_regime("window", "tiles", window=(6, 6, 1), name="early"),
+    "middle": make_regime("dense", "subtile", name="middle"),
+    "late": make_regime("window_topk", window=(6, 6, 3), topk=4, name="late"),
+    "token": make_regime("topk", "token", topk=8, name="token"),
 }
 
 

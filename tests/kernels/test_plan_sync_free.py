@@ -9,11 +9,10 @@ import pytest
 import torch
 
 from fpsa_kernels.plan import sparse_plan, tile_plan, tile_spans
-from fpsa_train.fps.fp8 import QuantGranularity
 from fpsa_train.fps.kernel import plan_for
 from fpsa_train.fps.masks import KeepMask, select_keep, token_ranges, topk_keep, window_keep
-from fpsa_train.fps.schedule import Regime
 from fpsa_train.models.token_order import TokenLayout
+from tests.conftest import make_regime
 
 LAYOUTS = {
     "partial": TokenLayout((5, 9, 11), "tile", (2, 4, 4)),  # partial tiles on every axis, unaligned starts
@@ -97,7 +96,7 @@ def test_window_topk_selection_plan(topk, window):
     q, k = (torch.randn(2, 2, lay.seq_len, 16, generator=g) for _ in range(2))
     mask = select_keep(q, k, lay, topk, window)
     assert mask.max_kept >= int(mask.keep.sum(-1).max())
-    reg = Regime("late", 0.0, 1.0, QuantGranularity("tile"), "window_topk", window, topk, None, 1.0)
+    reg = make_regime("window_topk", window=window, topk=topk, name="late")
     plan = plan_for(mask, lay, reg, 32, 64, "cpu")
     spans = tile_spans(tuple(token_ranges(lay).tolist()), 32, 64, "cpu")
     check_plan(plan, mask.keep, token_ranges(lay).tolist(), spans.max_chunks(mask.max_kept))
@@ -174,7 +173,7 @@ def test_selection_and_plan_make_no_host_reads(pattern):
     A Wan 480p shape, so the bounds are the deployed ones."""
     lay = TokenLayout((21, 30, 52), "tile", (6, 8, 8))
     window = (6, 6, 3) if pattern == "window_topk" else None
-    reg = Regime("late", 0.0, 1.0, QuantGranularity("tile"), pattern, window, 4, None, 1.0)
+    reg = make_regime(pattern, window=window, topk=4, name="late")
     q = torch.empty(1, 12, lay.seq_len, 128, dtype=torch.bfloat16, device="meta")
     mask = select_keep(q, torch.empty_like(q), lay, reg.topk_of(112), reg.window)
     assert isinstance(mask, KeepMask) and mask.keep.device.type == "meta"

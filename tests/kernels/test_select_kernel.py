@@ -15,14 +15,16 @@ from fpsa_kernels.numerics import LOG2E
 from fpsa_train.fps.kernel import fps_attention, plan_for, quant_groups
 from fpsa_train.fps.masks import select_keep, token_ranges
 from fpsa_train.fps.reference import select_tiles
+from tests.conftest import make_regime
 
 from .helpers import make_inputs
-from .test_attention import LAYOUT, regime
+from .test_attention import LAYOUT
 from .test_training import BLOCKS, kernel_grads
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter tests (GPU: test_select_gpu)")
 
-REGIMES = {"topk": regime("topk", topk=2), "window_topk": regime("window_topk", "subtile", (1, 1, 1), 2, (2, 2, 2))}
+REGIMES = {"topk": make_regime("topk", topk=2),
+           "window_topk": make_regime("window_topk", "subtile", window=(1, 1, 1), topk=2)}
 
 
 @pytest.mark.parametrize("name", list(REGIMES))

@@ -11,9 +11,10 @@ import torch
 
 from fpsa_kernels import KernelConfig, QuantGroups, dense_plan, fp8_attention
 from fpsa_train.fps.kernel import fps_attention
+from tests.conftest import make_regime
 
 from .helpers import make_inputs
-from .test_attention import LAYOUT, regime
+from .test_attention import LAYOUT
 
 
 def device() -> str:
@@ -31,7 +32,7 @@ def test_a_plan_and_groups_without_the_framework_give_the_frameworks_output():
     q, k, v = make_inputs("normal", 1, 2, LAYOUT, 64, seed=3, device=device())
     seq = LAYOUT.seq_len
     out, lse = fp8_attention(q, k, v, QuantGroups(seq), dense_plan(seq, 32, 16, q.device))  # one scale per token
-    want, want_lse = fps_attention(q, k, v, LAYOUT, regime(group="token"), block_m=32, block_n=16)
+    want, want_lse = fps_attention(q, k, v, LAYOUT, make_regime(quant="token"), block_m=32, block_n=16)
     assert torch.equal(out, want) and torch.equal(lse, want_lse)
 
 

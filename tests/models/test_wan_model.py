@@ -105,14 +105,24 @@ def test_too_long_text_and_bad_latent_shape_are_errors():
 
 
 def test_bf16_autocast_keeps_fp32_where_the_original_does():
+    """The module docstring's fp32 list: time MLP (e, e0), the residual stream and the head."""
     model = randomised(CFG).eval()
     x, t, c = inputs()
     captured = {}
+
+    def second_argument(name):  # of a block (x, e0, context, ...) or the head (x, e)
+        def hook(module, args):
+            captured.setdefault(name, args[1])  # returns None: a pre-hook's return value would replace the args
+        return hook
+
     model.blocks[1].register_forward_hook(lambda m, a, out: captured.setdefault("residual", out))
+    model.blocks[0].register_forward_pre_hook(second_argument("e0"))
+    model.head.register_forward_pre_hook(second_argument("e"))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x, t, c)
     ref = model(x, t, c).detach()
-    assert out.dtype == torch.float32 and captured["residual"].dtype == torch.float32
+    dtypes = {name: v.dtype for name, v in captured.items()}
+    assert out.dtype == torch.float32 and dtypes == dict.fromkeys(("residual", "e0", "e"), torch.float32), dtypes
     assert ((out - ref).norm() / ref.norm()).item() < 5e-2  # bf16 matmuls, fp32 residual and head
 
 
