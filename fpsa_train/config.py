@@ -16,6 +16,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
+from fpsa_train.errors import ConfigError
 from fpsa_train.fps.schedule import FPSConfig, fps_enabled
 from fpsa_train.models.config import WanConfig
 
@@ -24,10 +25,6 @@ log = logging.getLogger(__name__)
 TIMESTEP_SAMPLINGS = ("logit_normal", "uniform")
 TEACHERS = ("none", "dense")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "bf16-true", "16-mixed")
-
-
-class ConfigError(ValueError):
-    """A config value is missing or invalid; the message names the key and the fix."""
 
 
 @dataclass

@@ -39,7 +39,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -49,6 +49,7 @@ from fpsa_train.fps.fp8 import GROUPS
 from fpsa_train.fps.schedule import BACKENDS, PATTERNS, Schedule, schedule_from_data
 from fpsa_train.models.config import WanConfig
 from fpsa_train.models.wan import WanModel
+from fpsa_train.sampling import mean_realised_density, velocity
 
 log = logging.getLogger(__name__)
 
@@ -226,32 +227,15 @@ class Deployed:
     @torch.no_grad()
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor | float, context,
                 timestep: torch.Tensor | float | None = None) -> torch.Tensor:
-        """The velocity (fp32) for latents x (B, C, F, H, W) at noise level σ (scalar or (B,)); the regime of each
-        sample is the one that owns its σ. The model's timestep is `timestep` when given (a sampler's, which may be
-        rounded to an integer as Wan's are), else num_train_timesteps·σ. bf16 autocast on CUDA, fp32 on CPU.
-        The regime is chosen here, once per call, from σ on the host (a float costs no device read), and handed to
-        every layer by name, so no layer reads σ: no sync per layer, no graph break per layer when compiled."""
-        from fpsa_train.fps.transform import batch_regime
-
-        regime = None if self.schedule is None else batch_regime(self.schedule, sigma)  # None: mixed, or dense SDPA
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
-        sigma = sigma.repeat(x.shape[0]) if sigma.numel() == 1 else sigma  # (B,)
-        t = sigma * self.num_train_timesteps if timestep is None else \
-            torch.as_tensor(timestep, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
-        kwargs = {"sigma": sigma, "regime": regime} if self.schedule is not None else {}
-        stance = nullcontext()
-        if self.compiled and self.schedule is not None and regime is None:
-            stance = torch.compiler.set_stance("force_eager")  # mixed regimes: split by σ in every block, eagerly
-        with stance, torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-            return self.model(x, t, context, attn_kwargs=kwargs).float()
+        """The velocity (fp32) for latents x (B, C, F, H, W) at noise level σ (scalar or (B,)), the regime of each
+        sample the one of the current schedule that owns its σ (`sampling.velocity`, which says how)."""
+        return velocity(self.model, self.schedule, x, sigma, context, timestep, self.num_train_timesteps,
+                        self.compiled)
 
     def realised_density(self) -> float:
         """Fraction of (query tile, key tile) pairs the last forward's self-attention computed, mean over layers
         (and over the regimes of the batch); 1.0 when attention is dense SDPA."""
-        from fpsa_train.fps.transform import realised_density
-
-        per_regime = realised_density(self.model) if self.schedule is not None else {}
-        return sum(per_regime.values()) / len(per_regime) if per_regime else 1.0
+        return mean_realised_density(self.model, self.schedule)
 
     @contextmanager
     def only_regime(self, name: str):

@@ -14,18 +14,17 @@ and frames default to the clip size the model was trained on (manifest), else Wa
 
 The pieces are library functions so that `python -m fpsa_train.evaluate` samples exactly as this command does:
 `initial_noise` (seeded on the CPU, so a seed means the same noise on every device and for every model),
-`denoise_loop` (optionally tracing σ, regime, realised attention density and seconds per step) and `generate`
-(noise → decoded uint8 frames with a loaded deploy folder and encoders).
+`denoise_loop` (sampling.py, shared with the training run's validation videos; optionally tracing σ, regime,
+realised attention density and seconds per step) and `generate` (noise → decoded uint8 frames with a loaded deploy
+folder and encoders). The encoders and the negative prompt live in encoders.py, the mp4 and the contact sheet in
+media.py; their old names here (`denoise_loop`, `flow_unipc`, `negative_prompt`, `contact_sheet`, ...) still import.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import re
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -35,19 +34,17 @@ import numpy as np
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
-from tqdm import tqdm
 
 from fpsa_train.atomic import write_atomic
 from fpsa_train.config import ConfigError
+from fpsa_train.encoders import (  # noqa: F401  WAN_NEGATIVE_PROMPT, default_negative_prompt: re-exported
+    WAN_NEGATIVE_PROMPT, Encoders, default_negative_prompt, negative_prompt)
 from fpsa_train.fps.schedule import BACKENDS
+from fpsa_train.media import contact_sheet, write_mp4
+from fpsa_train.sampling import denoise_loop, flow_unipc  # noqa: F401  flow_unipc: re-exported
 
 log = logging.getLogger(__name__)
 
-# Wan2.1's default negative prompt (wan/configs/shared_config.py; reference/wan.md §4), for exact reproduction.
-WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰"
-                       "，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部"
-                       "，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱"
-                       "的背景，三条腿，背景人很多，倒着走")
 WAN_VIDEO = {"height": 480, "width": 832, "frames": 81}
 
 
@@ -133,39 +130,6 @@ def components_folder(components: str | None, manifest: dict) -> str:
     return folder
 
 
-def default_negative_prompt(components: str | Path) -> str:
-    """The negative prompt the models of `components` were trained against: its model_index.json's
-    `_fpsa_negative_prompt` when present, else Wan's default (real Wan2.1 folders). The synthetic world's components
-    name "": the empty caption, which caption dropout taught their models as unconditional; Wan's negative prompt
-    is all unknown words to their tokenizer."""
-    from fpsa_train.data.tiny_models import NEGATIVE_PROMPT_KEY
-
-    try:
-        index = json.loads((Path(components) / "model_index.json").read_text())
-    except (OSError, ValueError):
-        index = {}
-    value = index.get(NEGATIVE_PROMPT_KEY)
-    return WAN_NEGATIVE_PROMPT if value is None else str(value)
-
-
-def negative_prompt(given: str | None, components: str | Path, tokenizer=None) -> str:
-    """`given`, else the components' default; warns when most of its words are unknown to the tokenizer (loaded
-    from `components` when not given): an unconditional branch the model never saw makes guidance push towards
-    nothing (the synthetic world's models drew empty videos for 9 of 24 held-out prompts with Wan's)."""
-    text = default_negative_prompt(components) if given is None else given
-    if tokenizer is None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(Path(components) / "tokenizer")
-    ids = tokenizer(text, add_special_tokens=False).input_ids
-    unknown = sum(i == tokenizer.unk_token_id for i in ids) if tokenizer.unk_token_id is not None else 0
-    if unknown > len(ids) / 2:
-        log.warning("negative_prompt %r is %d of %d unknown tokens for %s's tokenizer: its guidance branch is out of "
-                    "the model's distribution; pass negative_prompt='' (the caption-dropout prompt) or one in the "
-                    "tokenizer's vocabulary", text[:40], unknown, len(ids), components)
-    return text
-
-
 def video_size(cfg: SampleConfig, manifest: dict) -> tuple[int, int, int]:
     """(height, width, frames): the config's, else the training clips' from the manifest, else Wan's."""
     trained = manifest.get("sampling", {}).get("video") or WAN_VIDEO
@@ -176,63 +140,6 @@ def video_size(cfg: SampleConfig, manifest: dict) -> tuple[int, int, int]:
     if f < 1 or (f - 1) % 4:
         raise ConfigError(f"frames={f} must be 4n+1 (e.g. 17, 49, 81)")
     return h, w, f
-
-
-def flow_unipc(steps: int, shift: float, num_train_timesteps: int, device: torch.device):
-    from diffusers import UniPCMultistepScheduler
-
-    scheduler = UniPCMultistepScheduler(num_train_timesteps=num_train_timesteps, prediction_type="flow_prediction",
-                                        use_flow_sigmas=True, flow_shift=shift, solver_order=2, solver_type="bh2",
-                                        lower_order_final=True, final_sigmas_type="zero")
-    scheduler.set_timesteps(steps, device=device)
-    return scheduler
-
-
-def contact_sheet(video: np.ndarray, n: int, columns: int = 4):
-    """A PIL image of n evenly spaced frames of a (T, H, W, 3) uint8 video, `columns` per row."""
-    from PIL import Image
-
-    t, h, w, _ = video.shape
-    picks = np.unique(np.linspace(0, t - 1, min(n, t)).round().astype(int))
-    cols = min(columns, len(picks))
-    rows = math.ceil(len(picks) / cols)
-    sheet = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
-    for i, frame in enumerate(picks):
-        r, c = divmod(i, cols)
-        sheet[r * h:(r + 1) * h, c * w:(c + 1) * w] = video[frame]
-    return Image.fromarray(sheet)
-
-
-def denoise_loop(deployed, x: torch.Tensor, texts: list, steps: int, shift: float, guidance: float,
-                 trace: list | None = None, leave: bool = True):
-    """Noise x (N, C, T, H, W) → latents, by flow UniPC with guidance; `texts` = the N prompts' embeddings, then
-    (guidance) the N negative ones: [prompt] or [prompt, negative] for one video. One model call per step for all.
-    Returns (latents, steps per regime). `deployed.denoise(x, σ, context, timestep)` gives the velocity.
-
-    With a `trace` list, one record per step is appended: {step, sigma, timestep, regime, density, seconds}, where
-    density is the fraction of tile pairs the step's attention computed (`Deployed.realised_density`) and seconds
-    its wall time (the device synchronised, so a CUDA step is not under-counted). `leave`: keep the progress bar."""
-    n, branches = x.shape[0], len(texts) // x.shape[0]
-    if branches not in (1, 2) or len(texts) != n * branches:
-        raise ValueError(f"denoise_loop: {len(texts)} text embeddings for {n} videos (expected {n} or {2 * n})")
-    scheduler = flow_unipc(steps, shift, deployed.num_train_timesteps, x.device)
-    regimes: Counter = Counter()
-    for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", unit="step", leave=leave)):
-        started = time.perf_counter()
-        sigma = float(scheduler.sigmas[i])
-        regime = deployed.schedule.regime_for(sigma).name if deployed.schedule is not None else None
-        if regime is not None:
-            regimes[regime] += 1
-        v = deployed.denoise(x.repeat(branches, 1, 1, 1, 1), sigma, texts, timestep=t)  # (n·branches, C, T, H, W)
-        if branches == 2:
-            v = v[n:] + guidance * (v[:n] - v[n:])  # v_neg + g·(v_pos − v_neg)
-        x = scheduler.step(v, t, x).prev_sample
-        if trace is not None:
-            if x.device.type == "cuda":
-                torch.cuda.synchronize(x.device)
-            trace.append({"step": i, "sigma": sigma, "timestep": int(t), "regime": regime,
-                          "density": deployed.realised_density(), "seconds": time.perf_counter() - started})
-    return x, dict(regimes)
 
 
 def initial_noise(seed: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -252,7 +159,7 @@ def latent_shape(in_dim: int, vae, height: int, width: int, frames: int) -> tupl
 @torch.no_grad()
 def decode(enc, latents: torch.Tensor) -> np.ndarray:
     """Normalised latents (1, C, T, H, W) → (F, H, W, 3) uint8 frames, by the Wan VAE of `enc`
-    (preprocess.Encoders)."""
+    (encoders.Encoders)."""
     pixels = enc.vae.decode(latents * enc.std + enc.mean).sample  # (1, 3, F, H, W) in [-1, 1]
     return ((pixels[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
 
@@ -309,9 +216,7 @@ def sample(cfg: SampleConfig) -> dict:
     """Generate one video; returns {mp4, png, seconds, seconds_per_step, steps_per_regime, backend, size,
     prompt_check}: for a prompt of the synthetic world, whether the analyzer finds what it states
     (eval/following.py)."""
-    from fpsa_train.data.synthetic_video import write_mp4
     from fpsa_train.deploy import load_deploy
-    from fpsa_train.preprocess import Encoders
 
     started = time.perf_counter()
     device = resolve_device(cfg.device)

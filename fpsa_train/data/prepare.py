@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from fpsa_train.config import ConfigError, DataConfig
+from fpsa_train.config import DataConfig
+from fpsa_train.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def prepare_video_data(cfg: DataConfig, text_len: int) -> Path:
         report = build_tiny_wan_components(cfg.components, metadata if cfg.tiny_vae_steps > 0 else None,
                                            seed=cfg.seed, vae_steps=max(cfg.tiny_vae_steps, 1))
         log.info("tiny encoders in %s (VAE reconstruction PSNR %s dB)", cfg.components, report.get("psnr_db"))
-    from fpsa_train.preprocess import PreprocessConfig, preprocess
+    from fpsa_train.data.cache_writer import PreprocessConfig, preprocess
 
     preprocess(PreprocessConfig(
         metadata=str(metadata), components=str(cfg.components), out=str(cfg.cache_dir), num_frames=cfg.num_frames,

@@ -35,12 +35,12 @@ import csv
 import io
 import json
 import re
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
-from fpsa_train.atomic import atomic_path, write_text_atomic
+from fpsa_train.atomic import write_text_atomic
+from fpsa_train.media import X264_DETERMINISTIC, write_mp4  # noqa: F401  re-exported: their old home
 
 PALETTE = {  # shape colours, RGB
     "red": (230, 40, 40), "green": (40, 210, 60), "blue": (50, 90, 240), "yellow": (240, 220, 40),
@@ -210,32 +210,6 @@ def _distance(kind: str, oy: np.ndarray, ox: np.ndarray) -> np.ndarray:
 def _wrap(d: np.ndarray, n: float) -> np.ndarray:
     """Signed distance on a ring of length n, in [-n/2, n/2)."""
     return np.remainder(d + n / 2, n) - n / 2
-
-
-X264_DETERMINISTIC = "threads=1:mbtree=0:rc-lookahead=0"  # write_mp4: identical frames give identical bytes
-
-
-def write_mp4(path: Path, video: np.ndarray, fps: float) -> None:
-    """H.264 (libx264, yuv420p, crf 18) mp4 of (T, H, W, 3) uint8 frames, written to a temp name then renamed.
-
-    Deterministic bytes: with libx264's defaults (PyAV 18.1, x264 core 165) the same frames encoded repeatedly in one
-    process gave different files, up to 37 grey levels apart once decoded, with one encoder thread as well. The
-    variation comes from the macroblock-tree lookahead: with `mbtree=0:rc-lookahead=0` (and one thread, so that no
-    scheduling can matter) 25 encodes of each of 8 clips were byte-identical, against up to 12 distinct files per
-    clip before. A clip is then a pure function of its frames, which the data cache and the tests rely on.
-    Its cost: files 20-45% larger at crf 18 on 128x128 clips (PSNR to the rendered frames 0.3-1 dB higher)."""
-    import av  # here, so that importing the vocabulary needs no PyAV
-
-    with atomic_path(path) as tmp, av.open(tmp, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-        stream.height, stream.width = video.shape[1:3]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "18", "preset": "fast", "x264-params": X264_DETERMINISTIC}  # see the docstring
-        for t, rgb in enumerate(video):
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-            frame.pts = t
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))  # flush the encoder's delayed frames
 
 
 def generate_clips(out_dir: str | Path, num_clips: int, *, frames: int = 25, fps: float = 24.0,

@@ -40,7 +40,7 @@ TINY_TEXT_DIM = 64  # must equal configs/model/tiny.yaml text_dim
 VAE_CONFIG = dict(base_dim=16, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
                   temperal_downsample=[False, True, True])  # Wan's layout: 4× time, 8× space
 # model_index.json's key naming the negative prompt the folder's models were trained against (underscored, so
-# diffusers ignores it; read by fpsa_train.sample.default_negative_prompt)
+# diffusers ignores it; read by fpsa_train.encoders.default_negative_prompt)
 NEGATIVE_PROMPT_KEY = "_fpsa_negative_prompt"
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as in T5
 BUILD_FORMAT = 2  # bump when the build changes, so cached folders are rebuilt
@@ -160,7 +160,7 @@ def _build_text_encoder(vocab_size: int):
 
 def _write_model_index(folder: Path) -> None:
     """As in a diffusers WanPipeline folder; the transformer is this project's own DiT, so it is left empty. Names
-    the empty prompt as the models' negative prompt (fpsa_train.sample.default_negative_prompt): caption dropout
+    the empty prompt as the models' negative prompt (fpsa_train.encoders.default_negative_prompt): caption dropout
     trains them on it, and Wan's is unknown words to this tokenizer."""
     import diffusers
 

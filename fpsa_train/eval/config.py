@@ -12,7 +12,7 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from fpsa_train.config import ConfigError
+from fpsa_train.errors import ConfigError
 from fpsa_train.sample import check_sampling_options
 
 DENSE = "dense"

@@ -12,7 +12,7 @@ import csv
 import hashlib
 from pathlib import Path
 
-from fpsa_train.config import ConfigError
+from fpsa_train.errors import ConfigError
 from fpsa_train.eval.config import HELDOUT, EvaluateConfig
 
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fpsa_train.config import ConfigError
+from fpsa_train.errors import ConfigError
 from fpsa_train.deploy import load_schedule, model_config, read_manifest
 from fpsa_train.eval import following, metrics
 from fpsa_train.eval.config import DENSE, EvaluateConfig
@@ -204,7 +204,7 @@ def _batch_of(batch: int, prompts: list[str], prompt: str, seed: int) -> list[st
 def _sample_missing(cfg: EvaluateConfig, jobs: list[Job], device: torch.device, size, components: str,
                     store: VideoStore) -> None:
     from fpsa_train.deploy import load_deploy
-    from fpsa_train.preprocess import Encoders
+    from fpsa_train.encoders import Encoders
     from fpsa_train.sample import generate_batch, initial_noise, latent_shape
 
     pending = [j for j in jobs if j.record is None]

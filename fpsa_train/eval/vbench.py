@@ -54,7 +54,7 @@ def run_vbench(videos: list, folder: Path, name: str, dimensions: list[str], dev
     from vbench import VBench
 
     import vbench as package
-    from fpsa_train.data.synthetic_video import write_mp4
+    from fpsa_train.media import write_mp4
 
     clips = folder / "videos"
     clips.mkdir(parents=True, exist_ok=True)

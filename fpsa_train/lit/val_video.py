@@ -1,7 +1,7 @@
 """`ValidationVideo`: every `val_video.every_n_steps` optimizer steps, sample one short clip with the model being
 trained, and write and log it, so a run shows how its videos evolve instead of only a loss curve.
 
-The clip is sampled as `python -m fpsa_train.sample` samples an exported model (`sample.denoise_loop`: flow UniPC,
+The clip is sampled as `python -m fpsa_train.sample` samples an exported model (`sampling.denoise_loop`: flow UniPC,
 classifier-free guidance with both branches in one batch, the FPS regime picked per step from σ), with the model
 in eval mode and under no_grad (bf16 autocast on CUDA), from a fixed seed and prompt so clips from different
 steps are comparable. Then the model's train/eval modes are restored exactly. The weights are the EMA's
@@ -118,8 +118,7 @@ class ValidationVideo(Callback):
 
     def _encode(self, device: torch.device) -> list[torch.Tensor]:
         """Rank 0: the prompt embeddings from data.components' UMT5; keeps only the VAE (on the CPU)."""
-        from fpsa_train.preprocess import Encoders
-        from fpsa_train.sample import negative_prompt
+        from fpsa_train.encoders import Encoders, negative_prompt
 
         enc = Encoders(self.data.components, device, self.text_len)
         prompts = [self.cfg.prompt] + ([negative_prompt(None, self.data.components, enc.tokenizer)]
@@ -191,15 +190,13 @@ class ValidationVideo(Callback):
     def sample(self, model: torch.nn.Module, schedule, device: torch.device) -> tuple[torch.Tensor, dict]:
         """Latents (1, C, T, H, W) fp32 of the fixed seed and prompt, with the model's current weights; its modes, FP8
         statistics switches and the global RNG are as they were afterwards."""
-        from fpsa_train.deploy import Deployed
-        from fpsa_train.sample import denoise_loop
+        from fpsa_train.sampling import Denoiser, denoise_loop
 
         t_scale, s_scale = self._scales
         shape = (1, model.cfg.in_dim, (self.frames - 1) // t_scale + 1, self.height // s_scale,
                  self.width // s_scale)
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(self.cfg.seed)).to(device)
-        live = Deployed(model=model, schedule=schedule, folder=self.out_dir, device=device, backend="live model",
-                        manifest={"sampling": {"num_train_timesteps": self.num_train_timesteps}})
+        live = Denoiser(model, schedule, self.num_train_timesteps)
         texts = [t.to(device) for t in self._texts]
         modes = {m: m.training for m in model.modules()}
         stats = {c: c.collect_stats for c in fps_cores(model) if hasattr(c, "collect_stats")}
@@ -230,8 +227,7 @@ class ValidationVideo(Callback):
         return video, self.cfg.fps
 
     def _write(self, video: np.ndarray, fps: float, step: int):
-        from fpsa_train.data.synthetic_video import write_mp4
-        from fpsa_train.sample import contact_sheet
+        from fpsa_train.media import contact_sheet, write_mp4
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
         stem = f"step{step:07d}" + ("_latent_preview" if self.preview else "")

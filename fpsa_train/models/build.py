@@ -1,5 +1,8 @@
-"""Build a Wan DiT from its config: random init, or on the meta device and filled from a checkpoint, in fp32 or in
-the dtype the trainer keeps the weights in (`dtype`, see train.weight_dtype)."""
+"""Build a Wan DiT from its architecture (`WanConfig`) and a weights path: random init, or on the meta device and
+filled from the weights, in fp32 or in the dtype the trainer keeps the weights in (`dtype`, see train.weight_dtype).
+
+`build_wan` is the builder and knows nothing of the training schema; `build_model` and `architecture_of` adapt a
+`model:` config (`config.ModelConfig`, read by attribute, not imported) to it, for the CLIs and the tests."""
 
 from __future__ import annotations
 
@@ -8,13 +11,13 @@ import os
 
 import torch
 
-from fpsa_train.config import ConfigError, ModelConfig
+from fpsa_train.errors import ConfigError
 from fpsa_train.models.config import WanConfig
 from fpsa_train.models.wan import WanModel
 
 
-def architecture_of(cfg: ModelConfig) -> WanConfig:
-    """The WanConfig part of a ModelConfig (drops loading options)."""
+def architecture_of(cfg: WanConfig) -> WanConfig:
+    """The WanConfig part of a ModelConfig, or of any WanConfig subclass (drops loading options)."""
     fields = WanConfig.__dataclass_fields__
     return WanConfig(**{k: getattr(cfg, k) for k in fields})
 
@@ -31,22 +34,34 @@ def default_dtype(dtype: torch.dtype | None):
         torch.set_default_dtype(previous)
 
 
-def build_model(cfg: ModelConfig, device: torch.device | str | None = None, load_weights: bool = True,
-                dtype: torch.dtype | None = None) -> WanModel:
-    """A WanModel for `cfg`. With `cfg.checkpoint` it is built on the meta device and the weights are assigned
-    from the checkpoint (one copy in memory, even for 14B); with `device="meta"` and `load_weights=False` only
-    the skeleton is built. `dtype` (default fp32) is the parameters' dtype: the checkpoint is cast to it, or the
-    random initialisation is drawn in it, so no fp32 copy of the model is ever made."""
-    arch = architecture_of(cfg)
-    if cfg.checkpoint and load_weights:
-        if not os.path.exists(cfg.checkpoint):
-            raise ConfigError(f"model.checkpoint={cfg.checkpoint!r} does not exist: give the local folder of the "
-                              "Wan2.1 weights (nothing is downloaded)")
+def build_wan(arch: WanConfig, weights: str | os.PathLike | None = None, key_format: str = "auto",
+              device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> WanModel:
+    """A WanModel of architecture `arch`. With `weights` (a folder or file of Wan2.1 weights in `key_format`: auto,
+    original or diffusers) it is built on the meta device and the weights are assigned (one copy in memory, even
+    for 14B); without, it is randomly initialised (on the meta device, `device="meta"`: only the skeleton).
+    `dtype` (default fp32) is the parameters' dtype: the weights are cast to it, or the random initialisation is
+    drawn in it, so no fp32 copy of the model is ever made."""
+    if weights is not None:
+        if not os.path.exists(weights):
+            raise FileNotFoundError(f"weights={str(weights)!r} do not exist: give the local folder or file of the "
+                                    "Wan2.1 weights (nothing is downloaded)")
         from fpsa_train.models.checkpoint import load_wan_weights
 
         with torch.device("meta"):
             model = WanModel(arch)
-        load_wan_weights(model, cfg.checkpoint, key_format=cfg.key_format, dtype=dtype or torch.float32)
+        load_wan_weights(model, weights, key_format=key_format, dtype=dtype or torch.float32)
         return model.to(device) if device is not None else model
     with default_dtype(dtype), torch.device(device) if device is not None else contextlib.nullcontext():
         return WanModel(arch)
+
+
+def build_model(cfg: WanConfig, device: torch.device | str | None = None, load_weights: bool = True,
+                dtype: torch.dtype | None = None) -> WanModel:
+    """`build_wan` for a `model:` config (`config.ModelConfig`: a WanConfig with `checkpoint` and `key_format`):
+    the weights are `cfg.checkpoint` unless `load_weights=False` or it is null (random init). A checkpoint that is
+    not there is a ConfigError naming `model.checkpoint`."""
+    weights = cfg.checkpoint if load_weights else None
+    if weights and not os.path.exists(weights):
+        raise ConfigError(f"model.checkpoint={weights!r} does not exist: give the local folder of the "
+                          "Wan2.1 weights (nothing is downloaded)")
+    return build_wan(architecture_of(cfg), weights or None, cfg.key_format, device=device, dtype=dtype)
