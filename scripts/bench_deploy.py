@@ -138,7 +138,7 @@ def step_breakdown(fn, cuda: bool) -> dict[str, float]:
     it, on CPU every op owns its self time; either goes to the outermost component op above it in the call tree,
     else to "other"; GPU time that no op launched is "unattributed". (Summing the profiler's per-op totals
     instead counts a kernel once as a kernel and again under its op, and an op twice where autocast re-dispatches
-    it under its own name: the first H200 run of this split reported 2.5 times the step's time.) `total` is the
+    it under its own name: the first H200 run of this split reported 2.5 to 3.5 times the step's time.) `total` is the
     sum of the parts."""
     from torch.profiler import ProfilerActivity, profile
 

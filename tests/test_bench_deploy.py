@@ -58,7 +58,7 @@ def test_the_in_memory_runtime_is_what_load_deploy_builds(kernel_deploy):  # noq
 
 def test_the_breakdown_counts_each_op_once_under_autocast():
     """Autocast re-dispatches linear under its own name (aten::linear inside aten::linear): summing per-op totals
-    counted such ops twice, and the H200's first split came out at 2.5 times the step. Each op's own time counts
+    counted such ops twice, and the H200's first split came out at 2.5 to 3.5 times the step. Each op's own time counts
     once: the parts add up to the profiled ops' own times, and the linears cannot exceed the whole."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
