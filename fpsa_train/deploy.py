@@ -323,7 +323,6 @@ def load_deploy(folder: str | Path, device: str | torch.device = "cpu", backend:
     `compile=True` compiles the DiT with torch.compile (`Deployed.compile`): opt-in, its first step per regime
     compiles.
     """
-    from fpsa_train.fps.transform import apply_fps_attention
     from fpsa_train.models.checkpoint import load_wan_weights
 
     folder, device = Path(folder), torch.device(device)
@@ -342,16 +341,32 @@ def load_deploy(folder: str | Path, device: str | torch.device = "cpu", backend:
         model = WanModel(cfg)
     load_wan_weights(model, folder, key_format=manifest["key_format"], dtype=dtype)
     model = model.to(device).eval()
+    described = None if fps else "dense SDPA (fps=False: the exported schedule is not applied)"
+    deployed = assemble(model, schedule, manifest, folder, device, backend=backend, fp8_linears=fp8_linears,
+                        compile=compile, selectors=True, described=described)
+    log.info("deploy %s: %s weights (%s), attention: %s", folder, manifest["key_format"], dtype, deployed.backend)
+    return deployed
+
+
+def assemble(model: WanModel, schedule: Schedule | None, manifest: dict, folder: Path, device: torch.device, *,
+             backend: str = "auto", fp8_linears: bool = False, compile: bool = False, selectors: bool = False,
+             described: str | None = None) -> Deployed:
+    """The runtime around a DiT whose weights are in place, in the order `load_deploy` uses: FPS attention with
+    `schedule` (None: dense SDPA) and, with `selectors`, the learned selectors from `folder`, then FP8 linears, then
+    torch.compile. `described` replaces `describe_backend`'s words. Also for a model built in memory
+    (scripts/bench_deploy.py --no-export), so what is timed there is what load_deploy returns."""
+    from fpsa_train.fps.transform import apply_fps_attention
+
     if schedule is not None:
         apply_fps_attention(model, schedule, backend=backend)
-        _load_selectors(model, folder, device)
+        if selectors:
+            _load_selectors(model, folder, device)
     if fp8_linears:
         from fpsa_train.fp8_linears import apply_fp8_linears
 
         apply_fp8_linears(model)
-    described = describe_backend(schedule, device, backend, cfg.head_dim) if fps else \
-        "dense SDPA (fps=False: the exported schedule is not applied)"
-    log.info("deploy %s: %s weights (%s), attention: %s", folder, manifest["key_format"], dtype, described)
+    if described is None:
+        described = describe_backend(schedule, device, backend, model.cfg.head_dim)
     deployed = Deployed(model, schedule, manifest, folder, device, described)
     return deployed.compile() if compile else deployed
 

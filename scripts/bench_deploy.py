@@ -66,7 +66,7 @@ def random_dit(conf, dtype: torch.dtype | None = None):
 def training_checkpoint(model: str, latent: tuple[int, int, int], path: Path) -> None:
     """A checkpoint shaped as training writes it: `model.*` state dict, run config, global step (random weights)."""
     from fpsa_train.fps.schedule import Schedule
-    from fpsa_train.lit.module import RUN_CONFIG_KEY
+    from fpsa_train.lit.training_checkpoint import RUN_CONFIG_KEY
     from fpsa_train.train import run_config
 
     conf = train_config(model, latent)
@@ -77,25 +77,17 @@ def training_checkpoint(model: str, latent: tuple[int, int, int], path: Path) ->
 
 
 def in_memory_deploy(dense, schedule_file: str, compile: bool, fp8_linears: bool):
-    """The deploy runtime as `load_deploy` builds it (FPS attention with the schedule, then FP8 linears, then
-    compile) on a copy of `dense`'s random weights, without the export and load round trip (`--no-export`)."""
+    """The deploy runtime as `load_deploy` assembles it (`deploy.assemble`) on a copy of `dense`'s random weights,
+    without the export and load round trip (`--no-export`)."""
     import copy
 
-    from fpsa_train.deploy import Deployed, describe_backend
+    from fpsa_train.deploy import assemble
     from fpsa_train.fps.schedule import FPSConfig, Schedule
-    from fpsa_train.fps.transform import apply_fps_attention
 
     model = copy.deepcopy(dense)
     schedule = Schedule.from_config(FPSConfig(schedule_file=schedule_file), tuple(model.cfg.tile_shape))
-    apply_fps_attention(model, schedule)
-    if fp8_linears:
-        from fpsa_train.fp8_linears import apply_fp8_linears
-
-        apply_fp8_linears(model)
-    device = next(model.parameters()).device
-    deployed = Deployed(model, schedule, {}, Path(f"<in memory: {schedule_file}>"), device,
-                        describe_backend(schedule, device, "auto", model.cfg.head_dim))
-    return deployed.compile() if compile else deployed
+    return assemble(model, schedule, {}, Path(f"<in memory: {schedule_file}>"), next(model.parameters()).device,
+                    fp8_linears=fp8_linears, compile=compile)
 
 
 def median_ms(fn, reps: int, warmup: int = 2) -> float:
@@ -174,7 +166,7 @@ def attribute(events, cuda: bool) -> dict[str, float]:
 def sample_seconds(deployed, x: torch.Tensor, text: torch.Tensor, steps: int) -> float:
     """Wall seconds of `steps` sampling steps of one video (x[:1]; text[0] as the prompt, text[1] as the negative),
     after a 2-step warm-up (kernel autotuning and, compiled, the regimes' first graphs outside the timing)."""
-    from fpsa_train.sample import denoise_loop
+    from fpsa_train.sampling import denoise_loop
 
     texts = [text[0], text[1]]
     with torch.no_grad():
@@ -187,11 +179,11 @@ def sample_seconds(deployed, x: torch.Tensor, text: torch.Tensor, steps: int) ->
 
 
 def main() -> None:
-    from fpsa_train.deploy import Deployed, load_deploy
+    from fpsa_train.deploy import load_deploy
     from fpsa_train.export import ExportConfig, export
     from fpsa_train.models.checkpoint import load_wan_weights
     from fpsa_train.models.wan import WanModel
-    from fpsa_train.sample import flow_unipc
+    from fpsa_train.sampling import Denoiser, flow_unipc
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="wan1_3b")
@@ -265,8 +257,7 @@ def main() -> None:
             if args.breakdown:
                 results["dense_breakdown_ms"] = step_breakdown(dense_step, cuda=True)
             if args.sample_steps:  # bf16 linears, dense SDPA, eager: before FP8 linears touch the baseline
-                plain = Deployed(dense, None, deployed.manifest, Path("dense"), x.device, "dense SDPA")
-                results["dense_sample_seconds"] = sample_seconds(plain, x, text, args.sample_steps)
+                results["dense_sample_seconds"] = sample_seconds(Denoiser(dense, None), x, text, args.sample_steps)
             if args.fp8_linears:  # the same dense model with FP8 linears: what the linears alone gain
                 from fpsa_train.fp8_linears import apply_fp8_linears
 
