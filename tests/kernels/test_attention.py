@@ -112,3 +112,15 @@ def test_refuses_what_it_does_not_support():
         fps_attention(q, q, q, LAYOUT, make_regime("learned"))
     assert unsupported_reason(q) is None
     assert "CPU tensors only" in unsupported_reason(torch.zeros(1, device="meta"))
+
+
+def test_knobs_given_as_none_take_their_defaults():
+    """`block_m=None` is "no preference" (the GPU tests pass their parametrised blocks straight through): the call
+    runs the KernelConfig defaults, bit for bit; an unknown knob is refused."""
+    q, k, v = make_inputs("normal", 1, 1, LAYOUT, 64, seed=7)
+    reg = make_regime()
+    default, _ = fps_attention(q, k, v, LAYOUT, reg)
+    none, _ = fps_attention(q, k, v, LAYOUT, reg, block_m=None, block_n=None, qk_imprecise_acc=None, bwd_blocks=None)
+    assert torch.equal(none, default)
+    with pytest.raises(TypeError, match="block_size"):
+        fps_attention(q, k, v, LAYOUT, reg, block_size=64)
