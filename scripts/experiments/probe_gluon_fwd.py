@@ -25,7 +25,7 @@ Variants (`VARIANTS`, all constexpr-selected; `compile_check(name)` compiles one
     ws1_m64_s{2,3}       1 consumer warpgroup of 64 rows + loader (8 warps in all), 2/3-stage ring
     ws1_m64_s2_r128      the same under maxnreg 128 at launch (2 CTAs per SM fit; setmaxnreg moves registers)
     coop_m128_s2         1 consumer partition of 8 warps (two warpgroups on 128 rows, in lockstep) + loader
-    two_m128_s2          2 consumer warpgroups of 64 rows sharing K/V, unordered
+    two_m128_s{2,3}      2 consumer warpgroups of 64 rows sharing K/V, unordered
     pingpong_m128_s{2,3} the same with the `turn` ping-pong
     *_ov                 FA3's intra-warpgroup overlap (Q·K_iᵀ with P_{i−1}·V_{i−1}); these spill (see VARIANTS)
 The plain loop (no `_ov`) is the simplest schedule that can be correct: Q·Kᵀ, wait, softmax, P·V, wait.
@@ -90,33 +90,37 @@ def _item(item_group, item_row, item_rows, chunk_count, H, mask_sb, mask_sh, mas
 
 
 @gluon.jit
-def _chunk(chunks, mask_base, i):
-    """(first key, first valid column, end of valid columns) of chunk i."""
-    packed = gl.load(chunks + mask_base + i)
+def _decode(packed):
+    """(first key, first valid column, end of valid columns) of a packed chunk entry."""
     return (packed >> 16) * 16, (packed >> 8) & 0xFF, packed & 0xFF
 
 
 @gluon.jit
-def _key_scales(sk_ptr, sk_base, start, lo, hi, BN: gl.constexpr, col_l: gl.constexpr):
-    """The chunk's s_k (0 outside [lo, hi)) and its bias (0 inside, −∞ outside), in the score columns' layout."""
-    cols = gl.arange(0, BN, layout=col_l)
-    valid = (cols >= lo) & (cols < hi)
-    sk = gl.load(sk_ptr + sk_base + start + cols, mask=valid, other=0.0)
-    bias = gl.where(valid, 0.0, float("-inf"))
-    return sk, bias
+def _next_entry(chunks, mask_base, i, count):
+    """Chunk i's packed entry, clamped to the last one: loaded an iteration ahead of its use, so its latency hides
+    under the current chunk's work (a load in the chunk's own iteration put ~1 µs of latency on every chunk)."""
+    return gl.load(chunks + mask_base + gl.minimum(i, count - 1))
 
 
 @gluon.jit
-def _softmax(s, sk, bias, full, sq, m_i, l_i, EDGE_MASK: gl.constexpr, p_op: gl.constexpr):
+def _masked(s, sk, lo, hi, col_l: gl.constexpr):
+    """S·s_k + bias: bias 0 on the valid columns [lo, hi), −∞ elsewhere."""
+    cols = gl.arange(0, s.shape[1], layout=col_l)
+    return s * sk[None, :] + gl.where((cols >= lo) & (cols < hi), 0.0, float("-inf"))[None, :]
+
+
+@gluon.jit
+def _softmax(s, sk, lo, hi, sq, m_i, l_i, EDGE_MASK: gl.constexpr, p_op: gl.constexpr, col_l: gl.constexpr):
     """One chunk's online softmax in log2 units, exactly `_fwd_kernel`'s arithmetic: (e4m3 P' in the A-operand
-    layout of P·V, new row max, new ℓ', α = 2^(m_old − m_new))."""
+    layout of P·V, new row max, new ℓ', α = 2^(m_old − m_new)). `sk` is 0 outside the chunk's valid columns
+    [lo, hi) (the loader zero-fills it); there the bias is −∞."""
     if EDGE_MASK:
-        if full:  # no masked column in this chunk: + 0 would change nothing
+        if (lo == 0) & (hi == s.shape[1]):  # no masked column in this chunk: + 0 would change nothing
             t = s * sk[None, :]
         else:
-            t = s * sk[None, :] + bias[None, :]
+            t = _masked(s, sk, lo, hi, col_l)
     else:
-        t = s * sk[None, :] + bias[None, :]
+        t = _masked(s, sk, lo, hi, col_l)
     m_new = gl.maximum(m_i, gl.max(t, axis=1) * sq)
     x = t * sq[:, None] + (LOG2_CAP - m_new)[:, None]
     p = gl.exp2(gl.minimum(x, LOG2_CAP))
@@ -159,11 +163,13 @@ def _turn_pass(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
 
 
 @gluon.jit
-def _consumer(WG: gl.constexpr, q_s, k_s, v_s, q_ready, k_ready, k_empty, v_ready, v_empty, turn,
-              sq_ptr, sk_ptr, sv_ptr, o_ptr, lse_ptr, chunks, bh, b, h, row0, nrows, mask_base, count, L,
+def _consumer(WG: gl.constexpr, q_s, k_s, v_s, sk_s, q_ready, k_ready, k_empty, v_ready, v_empty, turn,
+              sq_ptr, sv_ptr, o_ptr, lse_ptr, chunks, bh, b, h, row0, nrows, mask_base, count, L,
               stride_ob, stride_oh, stride_ol,
               PINGPONG: gl.constexpr, QK_IMPRECISE: gl.constexpr, EDGE_MASK: gl.constexpr, OVERLAP: gl.constexpr):
-    """Rows [WG·BM, WG·BM + BM) of the item: Q·Kᵀ, softmax, P·V over the chunk list, then O = acc·s_v/ℓ' and lse."""
+    """Rows [WG·BM, WG·BM + BM) of the item: Q·Kᵀ, softmax, P·V over the chunk list, then O = acc·s_v/ℓ' and lse.
+    The loop does no global load of its own but the next chunk's packed entry (for lo, hi): K, Vᵀ and the chunk's
+    s_k come through shared memory from the loader."""
     BM: gl.constexpr = q_s.type.shape[1]
     D: gl.constexpr = q_s.type.shape[2]
     ST: gl.constexpr = k_s.type.shape[0]
@@ -186,20 +192,22 @@ def _consumer(WG: gl.constexpr, q_s, k_s, v_s, q_ready, k_ready, k_empty, v_read
     q = q_s.index(WG)
     mbarrier.wait(q_ready.index(WG), 0)
 
+    packed = _next_entry(chunks, mask_base, 0, count)
     if not OVERLAP:
         # the simplest schedule: Q·Kᵀ, wait, softmax, P·V, wait (the loader still runs ahead by the ring)
         for i in range(count):
             st = i % ST
             phase = (i // ST) & 1
-            start, lo, hi = _chunk(chunks, mask_base, i)
-            sk, bias = _key_scales(sk_ptr, base, start, lo, hi, BN, col_s)
+            _, lo, hi = _decode(packed)
+            packed = _next_entry(chunks, mask_base, i + 1, count)
             _turn_wait(turn, WG, i, PINGPONG)
             mbarrier.wait(k_ready.index(st), phase)
             s_tok = _qk(q, k_s.index(st), s_l, QK_IMPRECISE)
             _turn_pass(turn, WG, PINGPONG)
+            sk = sk_s.index(st).load(col_s)
             s = warpgroup_mma_wait(0, deps=(s_tok, ))
-            mbarrier.arrive(k_empty.index(st), count=1)
-            p8, m_i, l_i, alpha = _softmax(s, sk, bias, (lo == 0) & (hi == BN), sq, m_i, l_i, EDGE_MASK, p_op)
+            mbarrier.arrive(k_empty.index(st), count=1)  # K and s_k of this stage are read
+            p8, m_i, l_i, alpha = _softmax(s, sk, lo, hi, sq, m_i, l_i, EDGE_MASK, p_op, col_s)
             acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             mbarrier.wait(v_ready.index(st), phase)
             o_tok = warpgroup_mma(p8, v_s.index(st).permute((1, 0)), acc, is_async=True)
@@ -208,31 +216,33 @@ def _consumer(WG: gl.constexpr, q_s, k_s, v_s, q_ready, k_ready, k_empty, v_read
     elif count > 0:  # a forward plan has none empty; without the guard an empty item would wait forever
         # FA3's intra-warpgroup overlap: chunk i's Q·Kᵀ and chunk i−1's P·V are in flight together
         # chunk 0: Q·K₀ᵀ and its softmax; there is no P·V to issue yet
-        start, lo, hi = _chunk(chunks, mask_base, 0)
-        sk, bias = _key_scales(sk_ptr, base, start, lo, hi, BN, col_s)
+        _, lo, hi = _decode(packed)
+        packed = _next_entry(chunks, mask_base, 1, count)
         _turn_wait(turn, WG, 0, PINGPONG)
         mbarrier.wait(k_ready.index(0), 0)
         s_tok = _qk(q, k_s.index(0), s_l, QK_IMPRECISE)
         _turn_pass(turn, WG, PINGPONG)
+        sk = sk_s.index(0).load(col_s)
         s = warpgroup_mma_wait(0, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(0), count=1)
-        p8, m_i, l_i, alpha = _softmax(s, sk, bias, (lo == 0) & (hi == BN), sq, m_i, l_i, EDGE_MASK, p_op)
+        p8, m_i, l_i, alpha = _softmax(s, sk, lo, hi, sq, m_i, l_i, EDGE_MASK, p_op, col_s)
 
         for i in range(1, count):
             st = i % ST
             prev = (i - 1) % ST
-            start, lo, hi = _chunk(chunks, mask_base, i)
-            sk, bias = _key_scales(sk_ptr, base, start, lo, hi, BN, col_s)
+            _, lo, hi = _decode(packed)
+            packed = _next_entry(chunks, mask_base, i + 1, count)
             _turn_wait(turn, WG, i, PINGPONG)
             mbarrier.wait(k_ready.index(st), (i // ST) & 1)
             s_tok = _qk(q, k_s.index(st), s_l, QK_IMPRECISE)
+            sk = sk_s.index(st).load(col_s)
             mbarrier.wait(v_ready.index(prev), ((i - 1) // ST) & 1)
             # acc already carries α of chunk i−1, so this is `_fwd_kernel`'s acc·α + P·V for chunk i−1
             o_tok = warpgroup_mma(p8, v_s.index(prev).permute((1, 0)), acc, is_async=True)
             _turn_pass(turn, WG, PINGPONG)
             s = warpgroup_mma_wait(1, deps=(s_tok, ))  # Q·K_iᵀ done; P·V_{i−1} may still run
             mbarrier.arrive(k_empty.index(st), count=1)
-            p8_new, m_i, l_i, alpha = _softmax(s, sk, bias, (lo == 0) & (hi == BN), sq, m_i, l_i, EDGE_MASK, p_op)
+            p8_new, m_i, l_i, alpha = _softmax(s, sk, lo, hi, sq, m_i, l_i, EDGE_MASK, p_op, col_s)
             # P_{i−1} (registers) cannot be a dep here (3.6's wait lowering takes no 8-bit values); ptxas keeps a
             # wgmma's register operands until its wait_group (it serialises the wgmma, with a warning, otherwise)
             acc = warpgroup_mma_wait(0, deps=(o_tok, ))
@@ -260,24 +270,35 @@ def _consumer(WG: gl.constexpr, q_s, k_s, v_s, q_ready, k_ready, k_empty, v_read
 
 
 @gluon.jit
-def _loader(q_desc, k_desc, v_desc, q_s, k_s, v_s, q_ready, k_ready, k_empty, v_ready, v_empty,
-            chunks, bh, row0, mask_base, count, L):
-    """One warp: Q once (a box per consumer), then per chunk K on k_ready and Vᵀ on v_ready of ring stage i % ST
-    once every consumer has released that stage (empties count one arrival per consumer)."""
+def _loader(q_desc, k_desc, v_desc, q_s, k_s, v_s, sk_s, q_ready, k_ready, k_empty, v_ready, v_empty,
+            sk_ptr, chunks, bh, row0, mask_base, count, L):
+    """One warp: Q once (a box per consumer), then per chunk K and its s_k (0 outside the chunk's valid columns) on
+    k_ready and Vᵀ on v_ready of ring stage i % ST, once every consumer has released that stage (empties count one
+    arrival per consumer). k_ready completes on two arrivals: the TMA's expect (with its bytes) and the loader's
+    own after it stored s_k (the compiler syncs the warp before a partition's mbarrier arrive). The next entry and
+    the s_k of this chunk are loaded before the waits, so their latency hides under them."""
     NC: gl.constexpr = q_s.type.shape[0]
     BM: gl.constexpr = q_s.type.shape[1]
     D: gl.constexpr = q_s.type.shape[2]
     ST: gl.constexpr = k_s.type.shape[0]
+    BN: gl.constexpr = k_s.type.shape[1]
+    cols = gl.arange(0, BN, layout=gl.BlockedLayout([BN // 32], [32], [1], [0]))
+    base = bh.to(gl.int64) * L
+    packed = _next_entry(chunks, mask_base, 0, count)
     for w in gl.static_range(NC):
         mbarrier.expect(q_ready.index(w), q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [bh * L + row0 + w * BM, 0], q_ready.index(w), q_s.index(w))
     for i in range(count):
         st = i % ST
         phase = ((i // ST) & 1) ^ 1  # the first pass over the ring waits on fresh barriers: passes at once
-        start = (gl.load(chunks + mask_base + i) >> 16) * 16
+        start, lo, hi = _decode(packed)
+        packed = _next_entry(chunks, mask_base, i + 1, count)
+        sk = gl.load(sk_ptr + base + start + cols, mask=(cols >= lo) & (cols < hi), other=0.0)
         mbarrier.wait(k_empty.index(st), phase)
         mbarrier.expect(k_ready.index(st), k_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, [bh * L + start, 0], k_ready.index(st), k_s.index(st))
+        sk_s.index(st).store(sk)
+        mbarrier.arrive(k_ready.index(st), count=1)
         mbarrier.wait(v_empty.index(st), phase)
         mbarrier.expect(v_ready.index(st), v_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(v_desc, [bh * D, start], v_ready.index(st), v_s.index(st))
@@ -296,6 +317,8 @@ def gluon_fwd_kernel(q_desc, k_desc, v_desc, sq_ptr, sk_ptr, sv_ptr, o_ptr, lse_
     q_s = gl.allocate_shared_memory(q_desc.dtype, [CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
     k_s = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_s = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    sk_s = gl.allocate_shared_memory(gl.float32, [STAGES, k_desc.block_type.shape[0]],
+                                     gl.SwizzledSharedLayout(1, 1, 1, [0]))
     q_ready = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -305,7 +328,7 @@ def gluon_fwd_kernel(q_desc, k_desc, v_desc, sq_ptr, sk_ptr, sv_ptr, o_ptr, lse_
     for w in gl.static_range(CONSUMERS):
         mbarrier.init(q_ready.index(w), count=1)
     for s in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(s), count=1)
+        mbarrier.init(k_ready.index(s), count=2)  # the TMA's expect + the loader's s_k
         mbarrier.init(v_ready.index(s), count=1)
         mbarrier.init(k_empty.index(s), count=CONSUMERS)
         mbarrier.init(v_empty.index(s), count=CONSUMERS)
@@ -316,22 +339,22 @@ def gluon_fwd_kernel(q_desc, k_desc, v_desc, sq_ptr, sk_ptr, sv_ptr, o_ptr, lse_
     # constexpr elements into runtime values (Triton 3.6), and WG, PINGPONG, ... must stay constexpr.
     if CONSUMERS == 2:
         gl.warp_specialize([
-            (_consumer, (0, q_s, k_s, v_s, q_ready, k_ready, k_empty, v_ready, v_empty, turn, sq_ptr, sk_ptr, sv_ptr,
+            (_consumer, (0, q_s, k_s, v_s, sk_s, q_ready, k_ready, k_empty, v_ready, v_empty, turn, sq_ptr, sv_ptr,
                          o_ptr, lse_ptr, chunks, bh, b, h, row0, nrows, mask_base, count, L, stride_ob, stride_oh,
                          stride_ol, PINGPONG, QK_IMPRECISE, EDGE_MASK, OVERLAP)),
-            (_consumer, (1, q_s, k_s, v_s, q_ready, k_ready, k_empty, v_ready, v_empty, turn, sq_ptr, sk_ptr, sv_ptr,
+            (_consumer, (1, q_s, k_s, v_s, sk_s, q_ready, k_ready, k_empty, v_ready, v_empty, turn, sq_ptr, sv_ptr,
                          o_ptr, lse_ptr, chunks, bh, b, h, row0, nrows, mask_base, count, L, stride_ob, stride_oh,
                          stride_ol, PINGPONG, QK_IMPRECISE, EDGE_MASK, OVERLAP)),
-            (_loader, (q_desc, k_desc, v_desc, q_s, k_s, v_s, q_ready, k_ready, k_empty, v_ready, v_empty, chunks, bh,
-                       row0, mask_base, count, L)),
+            (_loader, (q_desc, k_desc, v_desc, q_s, k_s, v_s, sk_s, q_ready, k_ready, k_empty, v_ready, v_empty, sk_ptr,
+                       chunks, bh, row0, mask_base, count, L)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
     else:
         gl.warp_specialize([
-            (_consumer, (0, q_s, k_s, v_s, q_ready, k_ready, k_empty, v_ready, v_empty, turn, sq_ptr, sk_ptr, sv_ptr,
+            (_consumer, (0, q_s, k_s, v_s, sk_s, q_ready, k_ready, k_empty, v_ready, v_empty, turn, sq_ptr, sv_ptr,
                          o_ptr, lse_ptr, chunks, bh, b, h, row0, nrows, mask_base, count, L, stride_ob, stride_oh,
                          stride_ol, PINGPONG, QK_IMPRECISE, EDGE_MASK, OVERLAP)),
-            (_loader, (q_desc, k_desc, v_desc, q_s, k_s, v_s, q_ready, k_ready, k_empty, v_ready, v_empty, chunks, bh,
-                       row0, mask_base, count, L)),
+            (_loader, (q_desc, k_desc, v_desc, q_s, k_s, v_s, sk_s, q_ready, k_ready, k_empty, v_ready, v_empty, sk_ptr,
+                       chunks, bh, row0, mask_base, count, L)),
         ], [1], [LOADER_REGS])
 
 # ----------------------------------------------------------------------------------------------------- variants
@@ -341,6 +364,9 @@ VARIANTS = {
     "ws1_m64_s2_r128": dict(consumers=1, rows=64, warps=4, stages=2, pingpong=False, maxnreg=128),
     "coop_m128_s2": dict(consumers=1, rows=128, warps=8, stages=2, pingpong=False, maxnreg=168),
     "two_m128_s2": dict(consumers=2, rows=64, warps=4, stages=2, pingpong=False, maxnreg=168),
+    "two_m128_s3": dict(consumers=2, rows=64, warps=4, stages=3, pingpong=False, maxnreg=168),
+    "two_m128_s2_ov": dict(consumers=2, rows=64, warps=4, stages=2, pingpong=False, maxnreg=168, overlap=True,
+                           spills=True),
     "pingpong_m128_s2": dict(consumers=2, rows=64, warps=4, stages=2, pingpong=True, maxnreg=168),
     "pingpong_m128_s3": dict(consumers=2, rows=64, warps=4, stages=3, pingpong=True, maxnreg=168),
     "ws1_m64_s2_ov": dict(consumers=1, rows=64, warps=4, stages=2, pingpong=False, maxnreg=240, overlap=True,
@@ -560,11 +586,24 @@ CONFIGS = [dict(variant="ws1_m64_s2"), dict(variant="ws1_m64_s3"), dict(variant=
 and sparse top-k plans (`keep`: share of key tiles; flops then count the kept pairs only)."""
 
 
+def parse_config(text: str) -> dict:
+    """`name[:key=value[;key=value]]`, e.g. `two_m128_s2:keep=0.25;quant="token"` (values are JSON)."""
+    name, _, rest = text.partition(":")
+    if name not in VARIANTS:
+        raise SystemExit(f"unknown variant {name!r}; choose from {sorted(VARIANTS)}")
+    cfg = dict(variant=name)
+    for item in filter(None, rest.split(";")):
+        key, _, value = item.partition("=")
+        cfg[key] = json.loads(value)
+    return cfg
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="480p", choices=sorted(SHAPES))
     parser.add_argument("--timeout", type=float, default=120.0)
-    parser.add_argument("--variants", help="comma-separated variant names (default: CONFIGS)")
+    parser.add_argument("--variants", help="comma-separated configurations, `name[:key=value;...]` (keys of a "
+                                           "CONFIGS entry: keep, quant, edge_mask; default: CONFIGS)")
     parser.add_argument("--compile-only", action="store_true", help="compile every variant for sm_90 (CPU) and exit")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -578,7 +617,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(one(args.shape, json.loads(args.one))), flush=True)
         return
-    configs = [dict(variant=n) for n in args.variants.split(",")] if args.variants else CONFIGS
+    configs = [parse_config(text) for text in args.variants.split(",")] if args.variants else CONFIGS
     run_each(__file__, args.shape, configs, args.timeout)
 
 

@@ -26,13 +26,14 @@ pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
 PROBE = Path(__file__).resolve().parents[2] / "scripts" / "experiments" / "probe_gluon_fwd.py"
 FAST = ("ws1_m64_s2", "two_m128_s2", "pingpong_m128_s2")
 """One consumer warpgroup, two unordered, two in ping-pong: ~2 s each to compile; the rest of the sweep is `slow`."""
-ALL = ("ws1_m64_s2", "ws1_m64_s3", "ws1_m64_s2_r128", "coop_m128_s2", "two_m128_s2", "pingpong_m128_s2",
-       "pingpong_m128_s3", "ws1_m64_s2_ov", "pingpong_m128_s2_ov")
+ALL = ("ws1_m64_s2", "ws1_m64_s3", "ws1_m64_s2_r128", "coop_m128_s2", "two_m128_s2", "two_m128_s3", "pingpong_m128_s2",
+       "pingpong_m128_s3", "ws1_m64_s2_ov", "two_m128_s2_ov", "pingpong_m128_s2_ov")
 """probe_gluon_fwd.VARIANTS (not imported here: the probe imports Gluon, see the module docstring)."""
 # (consumer partitions, Q rows per consumer, warps of the default partition, ring stages, overlap, maxnreg)
 SHAPE = {"ws1_m64_s2": (1, 64, 4, 2, False, 240), "ws1_m64_s3": (1, 64, 4, 3, False, 240),
          "ws1_m64_s2_r128": (1, 64, 4, 2, False, 128), "coop_m128_s2": (1, 128, 8, 2, False, 168),
-         "two_m128_s2": (2, 64, 4, 2, False, 168), "pingpong_m128_s2": (2, 64, 4, 2, False, 168),
+         "two_m128_s2": (2, 64, 4, 2, False, 168), "two_m128_s3": (2, 64, 4, 3, False, 168),
+         "two_m128_s2_ov": (2, 64, 4, 2, True, 168), "pingpong_m128_s2": (2, 64, 4, 2, False, 168),
          "pingpong_m128_s3": (2, 64, 4, 3, False, 168), "ws1_m64_s2_ov": (1, 64, 4, 2, True, 240),
          "pingpong_m128_s2_ov": (2, 64, 4, 2, True, 168)}
 
