@@ -11,7 +11,8 @@ the schedule into these inputs (`fps_attention` there).
 - `quantize_qkv(q, k, v, groups, q_mult=1.0)`: its quantization pre-pass alone (quant.py), with `QuantGroups`, the
   tokens that share a Q/K scale;
 - `Plan`, `dense_plan`, `sparse_plan`: which tile pairs the kernel computes (plan.py);
-- `KernelConfig`: block shapes, warps and stages (config.py);
+- `KernelConfig`: block shapes, warps and stages, and which forward runs inference calls (config.py): the Triton
+  one (attention.py) or the warp-specialised Gluon one (gluon_forward.py; Hopper, D = 128, not imported until used);
 - `unsupported_reason(tensor)`: None where the kernel runs (Hopper GPUs; CPU tensors under TRITON_INTERPRET=1),
   otherwise why not.
 On CPU, set TRITON_INTERPRET=1 before importing this package to run the kernels in Triton's interpreter (tests).

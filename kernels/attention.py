@@ -178,6 +178,23 @@ def check_supported(q: torch.Tensor) -> None:
         raise ValueError(f"q must be (B, H, L, D) with D in {HEAD_DIMS}; got shape {tuple(q.shape)}")
 
 
+GLUON_BLOCK = 128
+"""The Gluon forward's plan blocks (block_m = block_n; gluon_forward.DEFAULT_VARIANT's two warpgroups of 64 rows)."""
+
+
+def _gluon_call(q, k, v, groups: QuantGroups, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inference forward by the Gluon kernel (KernelConfig.forward = "gluon"), after checking what it needs."""
+    if interpreted():
+        raise ValueError("forward='gluon' needs a Hopper GPU: Gluon has no CPU interpreter (use forward='triton' "
+                         "under TRITON_INTERPRET=1)")
+    if q.shape[-1] != 128:
+        raise ValueError(f"forward='gluon' supports head dim 128 only; got {q.shape[-1]} (use forward='triton')")
+    from fpsa_kernels.gluon_forward import gluon_forward
+
+    qkv = quantize_qkv(q, k, v, groups, q_mult=LOG2E / math.sqrt(q.shape[-1]))
+    return gluon_forward(qkv, plan)
+
+
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: QuantGroups, plan: Plan | Planner,
                   gate: torch.Tensor | None = None, gate_tiles: torch.Tensor | None = None,
                   config: KernelConfig = KernelConfig()) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,15 +212,19 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: Qua
     (pre-pass, `quantize_qkv`); S = Q8·K8ᵀ·s_q·s_k/√D in fp32; online softmax in base 2; P → e4m3 with the fixed
     scale 448; P·V in fp32; O = acc·s_v/ℓ. When grad is enabled and q, k, v or gate require it, the call is an
     autograd op whose backward runs the Triton backward (backward.py) over the same tile lists: the gradients of the
-    reference's straight-through definition; that needs a Planner. Raises ValueError for unsupported devices, head
+    reference's straight-through definition; that needs a Planner. An inference call runs the forward that
+    `config.forward` names (the Gluon one plans at 128 × 128). Raises ValueError for unsupported devices, head
     dims, or a training call without a Planner or without gate_tiles for its gate.
     """
     check_supported(q)
     if gate is not None and gate_tiles is None:
         raise ValueError("a gate needs gate_tiles, the tile of every token, to sum its gradient per tile pair")
     planner = None if isinstance(plan, Plan) else plan
+    training = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, gate))
+    if config.forward == "gluon" and not training:
+        return _gluon_call(q, k, v, groups, plan if planner is None else planner(GLUON_BLOCK, GLUON_BLOCK, False))
     forward_plan = plan if planner is None else planner(config.block_m, config.block_n, False)
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, gate)):
+    if training:
         if planner is None:
             raise ValueError("training needs a Planner, not a Plan: the backward plans the transposed mask (and its "
                              "own blocks, config.bwd_blocks)")
@@ -211,3 +232,4 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: Qua
     qkv = quantize_qkv(q, k, v, groups, q_mult=LOG2E / math.sqrt(q.shape[-1]))
     return attention_forward(qkv, forward_plan, num_warps=config.num_warps, num_stages=config.num_stages,
                              qk_imprecise_acc=config.qk_imprecise_acc)
+

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+FORWARDS = ("triton", "gluon")
+
 
 @dataclass(frozen=True)
 class KernelConfig:
@@ -29,6 +31,11 @@ class KernelConfig:
     32 promotes it to fp32 after every 32 products: 16% slower in the forward at 480p (docs/benchmarks.md). That
     reduced precision is most of the backward's error at video-like inputs' large logits ("Precision" there); the
     promotion was not measured in the backward."""
+    forward: str = "triton"
+    """Which forward runs an inference call (no gradient): "triton" (attention.py, at block_m × block_n) or "gluon"
+    (gluon_forward.py: warp-specialised, its own 128 × 128 blocks, D = 128 on Hopper only; 1.16× the Triton forward
+    dense at 1.3B-480p on the H200, docs/benchmarks.md "Gluon forward"). A call that needs gradients always runs
+    the Triton forward, which saves the statistics the backward needs."""
     bwd_blocks: tuple[int, int, int, int] = (64, 128, 64, 32)
     """(dQ kernel query rows, its key chunk, dK/dV kernel key rows, its query chunk); chunks are multiples of 16.
     The fastest of a sweep at dense 480p forward + backward on the H100: 122.3 ms against 142.0 for 64×64×64×64;
@@ -39,6 +46,8 @@ class KernelConfig:
     """Pipeline stages of the backward kernels; from the bwd_blocks sweep."""
 
     def __post_init__(self) -> None:
+        if self.forward not in FORWARDS:
+            raise ValueError(f"forward={self.forward!r}: expected one of {FORWARDS}")
         if len(self.bwd_blocks) != 4:
             raise ValueError(f"bwd_blocks must be (dQ rows, dQ key chunk, dK/dV rows, dK/dV query chunk), got "
                              f"{self.bwd_blocks!r}")

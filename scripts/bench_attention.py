@@ -1,12 +1,13 @@
 """Benchmark the FP8 tile-sparse attention forward against PyTorch SDPA (FLASH, cuDNN) at Wan2.1 shapes, on one GPU.
 
-    python scripts/bench_attention.py [--shapes 480p,720p] [--configs 128x128w4s2,...] [--out DIR]
+    python scripts/bench_attention.py [--shapes 480p,720p] [--configs 128x128w4s2,...,gluon] [--out DIR]
                                       [--schedules configs/fps/default.yaml,configs/fps/sparse.yaml]
 
 Per shape (wan1.3B-480p: B=1, H=12, grid 21×30×52 = 32,760 tokens; wan14B-720p: B=1, H=40, grid 21×45×80 = 75,600;
 D = 128, tiles 6×8×8), median times from `triton.testing.do_bench`, random normal bf16 inputs:
 - SDPA FLASH_ATTENTION and CUDNN_ATTENTION in bf16 (the baselines, timed in the same run);
-- our kernel, dense with per-tile scales, for each block config (the best is used for the rest);
+- our kernel, dense with per-tile scales, for each block config (`gluon`: the Gluon forward; the best is used for
+  the rest);
 - each regime of each schedule in --schedules (default: configs/fps/default.yaml): the forward kernel alone, and
   the whole call (pre-pass + mask selection + plan for dynamic masks + forward), each with its best block config;
 - the pre-pass alone (Q, K, V quantization);
@@ -32,7 +33,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fpsa_kernels import quantize_qkv, sparse_plan
-from fpsa_kernels.attention import attention_forward
+from fpsa_kernels.attention import GLUON_BLOCK, attention_forward
 from fpsa_kernels.numerics import LOG2E
 from fpsa_train.flow import sampling_sigmas
 from fpsa_train.fps.fp8 import QuantGranularity
@@ -53,7 +54,11 @@ def bench(fn) -> float:
 
 
 def parse_config(text: str) -> dict:
-    """BMxBNwWARPSsSTAGES[aN]: aN promotes Q·Kᵀ's FP8 accumulation to fp32 every N products."""
+    """BMxBNwWARPSsSTAGES[aN]: aN promotes Q·Kᵀ's FP8 accumulation to fp32 every N products; `gluon`: the Gluon
+    forward (kernels/gluon_forward.py, its default variant, 128 × 128 plans)."""
+    if text == "gluon":
+        return {"block_m": GLUON_BLOCK, "block_n": GLUON_BLOCK, "num_warps": None, "num_stages": None, "name": text,
+                "qk_imprecise_acc": None, "forward": "gluon"}
     blocks, rest = text.split("w")
     rest, _, acc = rest.partition("a")
     bm, bn = (int(x) for x in blocks.split("x"))
@@ -65,6 +70,15 @@ def parse_config(text: str) -> dict:
 def forward_opts(cfg: dict) -> dict:
     """attention_forward's keyword arguments for a parsed config."""
     return {key: cfg[key] for key in ("num_warps", "num_stages", "qk_imprecise_acc")}
+
+
+def run_forward(qkv, plan, cfg: dict, out=None):
+    """The forward kernel alone, as the config names it (Triton's attention_forward or the Gluon forward)."""
+    if cfg.get("forward") == "gluon":
+        from fpsa_kernels.gluon_forward import gluon_forward
+
+        return gluon_forward(qkv, plan, out)
+    return attention_forward(qkv, plan, out, **forward_opts(cfg))
 
 
 def load_schedule(path: str | Path = REPO / "configs/fps/default.yaml") -> Schedule:
@@ -96,7 +110,7 @@ def run_shape(key: str, configs: list[dict], log, schedules: dict[str, Schedule]
         plan = plan_for(mask, layout, regime, cfg["block_m"], cfg["block_n"], q.device)
         qkv = qkv or quantize_qkv(q, k, v, quant_groups(layout, regime.quant, q.device), q_mult=LOG2E / math.sqrt(d))
         out = torch.empty_like(q)
-        ms = bench(lambda: attention_forward(qkv, plan, out, **forward_opts(cfg)))
+        ms = bench(lambda: run_forward(qkv, plan, cfg, out))
         return ms, plan
 
     dense = Regime(name="dense", quant=QuantGranularity("tile"))  # σ ∈ [0, 1], dense
@@ -136,7 +150,7 @@ def run_shape(key: str, configs: list[dict], log, schedules: dict[str, Schedule]
         ms, cfg, plan = best
         call = bench(lambda: fps_attention(q, k, v, layout, regime, block_m=cfg["block_m"], block_n=cfg["block_n"],
                                            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                                           qk_imprecise_acc=cfg["qk_imprecise_acc"]))
+                                           qk_imprecise_acc=cfg["qk_imprecise_acc"], forward=cfg.get("forward")))
         density = plan.useful / (seq * seq * (plan.chunk_count.shape[0] * plan.chunk_count.shape[1]))
         entry = {"describe": regime.describe(), "config": cfg["name"], "kernel_ms": ms, "call_ms": call,
                  "density": density, "waste": plan.waste, "actual_tflops": density * dense_flops / ms / 1e9,
@@ -156,7 +170,7 @@ def run_shape(key: str, configs: list[dict], log, schedules: dict[str, Schedule]
         for cfg in configs:  # the same block config as dense, and the best one for this density
             plan = sparse_plan(mask.to_dense(), token_ranges(layout), cfg["block_m"], cfg["block_n"])
             try:
-                ms = bench(lambda: attention_forward(qkv_tile, plan, **forward_opts(cfg)))
+                ms = bench(lambda: run_forward(qkv_tile, plan, cfg))
             except Exception:  # noqa: BLE001
                 continue
             rows.append((ms, cfg["name"], plan))

@@ -90,7 +90,8 @@ def fps_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Tok
     and planned with no host read, so the call does not wait for the GPU; a `learned` regime needs its mask given,
     and its selector's `gate` (B, H, N, N), forward value 1, to receive the gate's gradient). `knobs`: fields of
     fpsa_kernels.KernelConfig (block_m, block_n, num_warps, num_stages, qk_imprecise_acc, bwd_blocks = (dQ rows,
-    dQ key chunk, dK/dV key rows, dK/dV query chunk), bwd_warps, bwd_stages); an unknown one is a TypeError, and
+    dQ key chunk, dK/dV key rows, dK/dV query chunk), bwd_warps, bwd_stages, forward = "triton" | "gluon" for
+    inference calls); an unknown one is a TypeError, and
     one given as None takes its default (so callers can pass "no preference" through).
 
     Returns (out bf16 (B, H, L, D) contiguous, lse fp32 (B, H, L)), as `fpsa_kernels.fp8_attention`, which runs it:

@@ -124,3 +124,19 @@ def test_knobs_given_as_none_take_their_defaults():
     assert torch.equal(none, default)
     with pytest.raises(TypeError, match="block_size"):
         fps_attention(q, k, v, LAYOUT, reg, block_size=64)
+
+
+def test_gluon_forward_is_refused_where_it_cannot_run_and_skipped_by_training():
+    """forward="gluon" names a GPU-only inference kernel: on the CPU interpreter an inference call says so and how to
+    fix it; a training call runs the Triton forward (which saves the backward's statistics) whatever `forward` says;
+    an unknown forward is refused when the config is built."""
+    q, k, v = make_inputs("normal", 1, 1, LAYOUT, 64, seed=8)
+    reg = make_regime()
+    with pytest.raises(ValueError, match="no CPU interpreter"):
+        fps_attention(q, k, v, LAYOUT, reg, forward="gluon")
+    with pytest.raises(ValueError, match="forward='cuda'"):
+        fps_attention(q, k, v, LAYOUT, reg, forward="cuda")
+    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+    trained, _ = fps_attention(qg, kg, vg, LAYOUT, reg, forward="gluon")
+    trained.float().sum().backward()
+    assert qg.grad is not None and torch.equal(trained, fps_attention(q, k, v, LAYOUT, reg)[0])

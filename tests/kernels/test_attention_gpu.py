@@ -36,12 +36,12 @@ REGIMES = {
 }
 
 
-def check(kind, heads, grid, regime, seed=0, blocks=(None, None), qk_imprecise_acc=None):
+def check(kind, heads, grid, regime, seed=0, blocks=(None, None), qk_imprecise_acc=None, forward=None):
     layout = TokenLayout(grid, "tile", TILE)
     q, k, v = make_inputs(kind, 1, heads, layout, 128, seed=seed, device="cuda")
     mask = None if regime.pattern == "dense" else select_tiles(q, k, layout, regime).mask
     out, lse = fps_attention(q, k, v, layout, regime, mask, block_m=blocks[0], block_n=blocks[1],
-                             qk_imprecise_acc=qk_imprecise_acc)
+                             qk_imprecise_acc=qk_imprecise_acc, forward=forward)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     with torch.no_grad():
         ref, budget = reference_and_budget(q, k, v, layout, regime, mask)
@@ -71,6 +71,27 @@ def test_stress_inputs_and_block_shapes(kind, regime, blocks):
 @pytest.mark.parametrize("kind", KINDS)
 def test_promoted_qk_accumulation(kind):
     check(kind, 4, (7, 16, 24), REGIMES["late"], seed=2, qk_imprecise_acc=32)
+
+
+@pytest.mark.parametrize("regime", ["dense", "early", "middle", "late", "token"])
+@pytest.mark.parametrize("kind", ["normal", "peaked"])
+def test_gluon_forward_480p(kind, regime):
+    """The Gluon forward (KernelConfig.forward = "gluon") within the same budgets as the Triton one."""
+    check(kind, 12, (21, 30, 52), REGIMES[regime], forward="gluon")
+
+
+@pytest.mark.parametrize("regime", ["dense", "late"])
+def test_gluon_forward_720p(regime):
+    check("normal", 40, (21, 45, 80), REGIMES[regime], forward="gluon")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("regime", ["dense", "late", "token"])
+@pytest.mark.parametrize("grid", [(7, 16, 24), (7, 15, 23)], ids=["L2688", "L2415"])
+def test_gluon_forward_stress_inputs(kind, regime, grid):
+    """Stress inputs, partial plan items, and a sequence that is not a multiple of 16 tokens (TMA zero-fill at the
+    last head's end, Vᵀ's padded rows)."""
+    check(kind, 4, grid, REGIMES[regime], seed=1, forward="gluon")
 
 
 @triton.jit

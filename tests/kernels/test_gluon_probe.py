@@ -1,9 +1,10 @@
-"""Compile-only checks, on the CPU, of the Gluon FA3-style Hopper forward (scripts/experiments/probe_gluon_fwd.py).
+"""Compile-only checks, on the CPU, of the Gluon forward's variants (kernels/gluon_forward.py), through
+scripts/experiments/probe_gluon_fwd.py's compile check.
 
 Gluon has no interpreter, so nothing here runs the kernel: each variant is compiled for sm_90 (`triton.compile` with
 a GPUTarget, then ptxas for sm_90a) and its PTX is checked for the structure the plan asks for (warp-specialised
-partitions with setmaxnreg, FP8 wgmma with P in registers, TMA + mbarriers, no spills). The numerics are checked by
-the probe's GPU runner (SQNR against the shipped kernel).
+partitions with setmaxnreg, FP8 wgmma with P in registers, TMA + mbarriers, no spills). The numerics
+are checked on the GPU: tests/kernels/test_attention_gpu.py (`test_gluon_*`, against the reference) and the probe.
 
 The compiles run in a subprocess without TRITON_INTERPRET: tests/conftest.py sets it on CPU hosts before Triton is
 imported, and then `triton.language.standard`'s helpers (which `gl.sum`/`gl.max` call) are interpreter functions
@@ -24,15 +25,18 @@ import pytest
 pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
 
 PROBE = Path(__file__).resolve().parents[2] / "scripts" / "experiments" / "probe_gluon_fwd.py"
+KERNEL = Path(__file__).resolve().parents[2] / "kernels" / "gluon_forward.py"
 FAST = ("ws1_m64_s2", "two_m128_s2", "pingpong_m128_s2")
 """One consumer warpgroup, two unordered, two in ping-pong: ~2 s each to compile; the rest of the sweep is `slow`."""
-ALL = ("ws1_m64_s2", "ws1_m64_s3", "ws1_m64_s2_r128", "coop_m128_s2", "two_m128_s2", "two_m128_s3", "pingpong_m128_s2",
+ALL = ("ws1_m64_s2", "ws1_m64_s3", "ws1_m64_s2_r128", "coop_m128_s2", "two_m128_s2", "two_m128_s3", "two_m128_s4",
+       "pingpong_m128_s2",
        "pingpong_m128_s3", "ws1_m64_s2_ov", "two_m128_s2_ov", "pingpong_m128_s2_ov")
-"""probe_gluon_fwd.VARIANTS (not imported here: the probe imports Gluon, see the module docstring)."""
+"""gluon_forward.VARIANTS (not imported here: the probe imports Gluon, see the module docstring)."""
 # (consumer partitions, Q rows per consumer, warps of the default partition, ring stages, overlap, maxnreg)
 SHAPE = {"ws1_m64_s2": (1, 64, 4, 2, False, 240), "ws1_m64_s3": (1, 64, 4, 3, False, 240),
          "ws1_m64_s2_r128": (1, 64, 4, 2, False, 128), "coop_m128_s2": (1, 128, 8, 2, False, 168),
          "two_m128_s2": (2, 64, 4, 2, False, 168), "two_m128_s3": (2, 64, 4, 3, False, 168),
+         "two_m128_s4": (2, 64, 4, 4, False, 168),
          "two_m128_s2_ov": (2, 64, 4, 2, True, 168), "pingpong_m128_s2": (2, 64, 4, 2, False, 168),
          "pingpong_m128_s3": (2, 64, 4, 3, False, 168), "ws1_m64_s2_ov": (1, 64, 4, 2, True, 240),
          "pingpong_m128_s2_ov": (2, 64, 4, 2, True, 168)}
@@ -96,6 +100,6 @@ def test_gluon_forward_every_variant_compiles_for_sm90():
 
 
 def test_every_variant_is_covered():
-    """ALL and SHAPE list exactly the probe's VARIANTS (read from its source: importing it needs Gluon unbroken)."""
-    names = re.findall(r'^    "(\w+)": dict\(consumers=', PROBE.read_text(), flags=re.M)
+    """ALL and SHAPE list exactly gluon_forward.VARIANTS (read from its source: importing it needs Gluon unbroken)."""
+    names = re.findall(r'^    "(\w+)": dict\(consumers=', KERNEL.read_text(), flags=re.M)
     assert names and sorted(names) == sorted(ALL) == sorted(SHAPE)
