@@ -34,10 +34,10 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import grad_norm
 from torch import nn
 
-from fpsa_train.config import ObjectiveConfig, OptimConfig
-from fpsa_train.flow import noisy_input, sample_sigma
+from fpsa_train.flow import ObjectiveConfig, noisy_input, sample_sigma
 from fpsa_train.fps.schedule import Schedule
 from fpsa_train.fps.transform import fps_cores, realised_density, selector_loss
+from fpsa_train.lit.config import OptimConfig
 from fpsa_train.lit.ema import EMA
 from fpsa_train.lit.training_checkpoint import EMA_KEY, EMA_PARTITIONED_KEY, RUN_CONFIG_KEY
 from fpsa_train.sequence_parallel import apply_sequence_parallel, dp_coordinates, init_sp_groups

@@ -26,9 +26,9 @@ from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_warn
 
-from fpsa_train.config import RESUME_AUTO, RESUME_NEVER
 from fpsa_train.errors import ConfigError
 from fpsa_train.lit.checkpointing import STEP_NAME
+from fpsa_train.lit.config import RESUME_AUTO, RESUME_NEVER
 from fpsa_train.lit.training_checkpoint import DEEPSPEED_MODULE, GLOBAL_STEP, RUN_CONFIG_KEY, STATE_DICT, client_state
 
 log = logging.getLogger(__name__)

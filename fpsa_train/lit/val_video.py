@@ -43,8 +43,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from fpsa_train.atomic import write_atomic
-from fpsa_train.config import DataConfig, ValVideoConfig
+from fpsa_train.data.config import DataConfig
 from fpsa_train.fps.transform import fps_cores
+from fpsa_train.lit.config import ValVideoConfig
 from fpsa_train.lit.loggers import log_metrics, logging_step
 from fpsa_train.lit.monitor import TrainingMonitor
 
