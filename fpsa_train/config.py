@@ -22,6 +22,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from fpsa_train.data.config import DataConfig
+from fpsa_train.deprecation import renamed_key
 from fpsa_train.errors import ConfigError
 from fpsa_train.flow import TEACHERS, TIMESTEP_SAMPLINGS, ObjectiveConfig
 from fpsa_train.fps.schedule import FPSConfig, fps_enabled
@@ -43,14 +44,24 @@ __all__ = ["ConfigError", "DataConfig", "DeepSpeedConfig", "FPSConfig", "LoggerC
 class ModelConfig(WanConfig):
     name: str = "wan1_3b"
     """Short name for logs and run folders."""
-    checkpoint: Optional[str] = MISSING
-    """Wan2.1 weights: a folder (original or diffusers layout, single or sharded safetensors) or a file; mandatory
-    unless a model config sets it to null, which trains from the original random initialisation (`tiny`)."""
+    weights: Optional[str] = MISSING
+    """Pretrained Wan2.1 weights: a folder (original or diffusers layout, single or sharded safetensors) or a file;
+    mandatory unless a model config sets it to null, which trains from the original random initialisation
+    (`tiny`). Not a training checkpoint: `trainer.resume` continues a run, `python -m fpsa_train.export` turns its
+    checkpoint into weights."""
     key_format: str = "auto"
-    """Key format of `checkpoint`: `auto`, `original` or `diffusers`."""
+    """Key format of `weights`: `auto`, `original` or `diffusers`."""
+    checkpoint: Optional[str] = MISSING
+    """Deprecated: the old name of `weights` (a "checkpoint" is a training checkpoint now). Still accepted:
+    resolve() moves its value to `weights` with a warning; giving both, different, is an error. Its default is
+    `???` (not given), so that `model.checkpoint=null` (random initialisation) still means what it meant."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.checkpoint not in (MISSING, None):  # built in Python, not through resolve()
+            self.weights = renamed_key("model.checkpoint", self.checkpoint, "model.weights", self.checkpoint,
+                                       self.weights, self.weights not in (MISSING, None))
+            self.checkpoint = None
         if self.key_format not in ("auto", "original", "diffusers"):
             raise ConfigError(f"model.key_format={self.key_format!r}: expected auto, original or diffusers")
 
@@ -93,14 +104,17 @@ class TrainConfig:
                               "splits the heads across the sequence-parallel ranks)")
         if self.data.text_tokens > self.model.text_len:
             raise ConfigError(f"data.text_tokens={self.data.text_tokens} exceeds model.text_len={self.model.text_len}")
+        if self.val_video.every_n_steps and self.val_video.weights == "ema" and not self.optim.ema_decay:
+            raise ConfigError("val_video.weights=ema, but optim.ema_decay=0 keeps no EMA: use val_video.weights=auto "
+                              "(the EMA when there is one) or live")
         self._check_teacher()
 
     def _check_teacher(self) -> None:
         if self.objective.teacher == "none":
             return
-        if not self.model.checkpoint:
-            raise ConfigError("objective.teacher=dense distils from the starting weights, but model.checkpoint is "
-                              "empty (a randomly initialised teacher teaches nothing): give model.checkpoint, or "
+        if not self.model.weights:
+            raise ConfigError("objective.teacher=dense distils from the starting weights, but model.weights is "
+                              "empty (a randomly initialised teacher teaches nothing): give model.weights, or "
                               "objective.teacher=none")
         if self.trainer.sp_size > 1:
             raise ConfigError(f"objective.teacher=dense with trainer.sp_size={self.trainer.sp_size}: the teacher "
@@ -163,6 +177,20 @@ def unknown_keys(cfg: DictConfig, prefix: str = "") -> list[tuple[str, list[str]
     return out
 
 
+def _rename_model_checkpoint(cfg: DictConfig) -> None:
+    """`model.checkpoint`, the deprecated name of `model.weights`, moved there in place (a warning names the new key;
+    both set, to different values, is a ConfigError). Before `???` is checked: `model.weights` is mandatory for the
+    real models, and `+experiment=wan1_3b model.checkpoint=<folder>` must still give it."""
+    model = cfg._get_node("model") if "model" in cfg.keys() else None
+    if not isinstance(model, DictConfig) or model._is_none() or "checkpoint" not in model.keys():  # `in`: not ???
+        return
+    if not OmegaConf.is_missing(model, "checkpoint"):
+        given = not OmegaConf.is_missing(model, "weights") and model.weights is not None
+        model.weights = renamed_key("model.checkpoint", model.checkpoint, "model.weights", model.checkpoint,
+                                    model.weights if given else None, given)
+    model.checkpoint = None
+
+
 def resolve(cfg: DictConfig):
     """Composed config → validated dataclasses. Missing mandatory values (`???`) and keys the schema does not
     declare (added with Hydra's `+key=`) name their key and the fix."""
@@ -176,12 +204,13 @@ def resolve(cfg: DictConfig):
         more = f" (and {len(unknown) - 1} more: {', '.join(k for k, _ in unknown[1:])})" if len(unknown) > 1 else ""
         raise ConfigError(f"unknown config key `{key}`{more}: the schema has no such field ({hint}known here: "
                           f"{', '.join(declared)}). Keys cannot be added with `+key=`; fix the name")
+    _rename_model_checkpoint(cfg)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         key = missing[0]
         hint = ""
-        if key == "model.checkpoint":
-            hint = (" Real Wan2.1 runs start from the published weights: pass model.checkpoint=/path/to/"
+        if key == "model.weights":
+            hint = (" Real Wan2.1 runs start from the published weights: pass model.weights=/path/to/"
                     "Wan2.1-T2V-1.3B (a folder with diffusion_pytorch_model*.safetensors, original or diffusers "
                     "layout). Nothing is downloaded.")
         raise ConfigError(f"missing mandatory config value `{key}`.{hint}")

@@ -34,7 +34,7 @@ class ObjectiveConfig:
     """The model's timestep is num_train_timesteps·σ."""
     teacher: str = "none"
     """`none`: the flow-matching target ε − x0. `dense`: distil from the starting weights: a frozen copy of the
-    model as loaded from model.checkpoint, with dense attention, predicts the velocity for the same noisy input, and
+    model as loaded from model.weights, with dense attention, predicts the velocity for the same noisy input, and
     that prediction is the target (self-distillation, for fine-tuning with FPS attention in the loop). Its target
     carries no sampling noise (ε − x0 does), so a short fine-tune recovers what FP8 + sparsity cost the starting
     model with far fewer steps; it can only reach the teacher, not improve on it. Validation loss stays the

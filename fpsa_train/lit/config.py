@@ -11,9 +11,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from fpsa_train.deprecation import renamed_value
 from fpsa_train.errors import ConfigError
 
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "bf16-true", "16-mixed")
+WEIGHT_CHOICES = ("auto", "ema", "live")
+"""Which weights of a run to use, one vocabulary for every key that chooses (`weights` of export and calibrate,
+`val_video.weights`): `auto` the EMA when there is one, else the live weights; `ema` the EMA (the exponential
+moving average training keeps, optim.ema_decay > 0); `live` the weights being trained, as the optimizer left them."""
+
+
+def weight_choice(value: str, key: str = "weights") -> str:
+    """`value`, one of WEIGHT_CHOICES; the deprecated `model` is taken as `live` with a warning; else a ConfigError
+    naming `key`."""
+    value = renamed_value(key, value, "model", "live")
+    if value not in WEIGHT_CHOICES:
+        raise ConfigError(f"{key}={value!r}: expected one of {WEIGHT_CHOICES}")
+    return value
 
 
 @dataclass
@@ -180,9 +194,11 @@ class ValVideoConfig:
     """Pixel frames (4n+1); 0 = the training clips'."""
     fps: float = 16.0
     """Frame rate of the written mp4."""
-    weights: str = "ema"
-    """Which weights sample: "ema" (the EMA, as export ships by default; the live weights when optim.ema_decay=0
-    or when ZeRO-3 partitions the EMA, with a warning) or "live" (the weights being trained)."""
+    weights: str = "auto"
+    """Which weights sample (WEIGHT_CHOICES): `auto` (the EMA, as export ships by default, or the live weights when
+    the run keeps none, optim.ema_decay=0), `ema` (the EMA; refused when optim.ema_decay=0) or `live` (the weights
+    being trained). Under ZeRO-3, where each rank holds only a slice of the EMA, auto and ema sample with the live
+    weights and say so in a warning. `model`, the old spelling of live, is accepted with a warning."""
 
     def __post_init__(self) -> None:
         if self.every_n_steps < 0 or self.steps < 1:
@@ -193,6 +209,5 @@ class ValVideoConfig:
         if self.height % 16 or self.width % 16:
             raise ConfigError(f"val_video.height={self.height}, val_video.width={self.width}: multiples of 16 "
                               "(or 0 for the training clips')")
-        if self.weights not in ("ema", "live"):
-            raise ConfigError(f"val_video.weights={self.weights!r}: expected 'ema' or 'live'")
+        self.weights = weight_choice(self.weights, "val_video.weights")
 

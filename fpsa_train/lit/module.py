@@ -15,7 +15,7 @@ data) so that `python -m fpsa_train.export` needs nothing but the checkpoint.
 With a teacher (`objective.teacher=dense`), the training target is a frozen dense copy of the starting weights'
 prediction for the same noisy input (self-distillation; ObjectiveConfig says when it helps). The teacher is held
 outside the module's registered children, so it is neither trained, nor saved in checkpoints (it is rebuilt from
-model.checkpoint on resume), nor seen by DDP.
+model.weights on resume), nor seen by DDP.
 
 Sequence parallelism (`sp_size` > 1) is applied in `setup`, once the process group exists: the ranks of a group
 split each sample's tokens, every one of them computes the same loss on the gathered output, and each holds the
