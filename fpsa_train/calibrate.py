@@ -1,11 +1,12 @@
 """Calibrate a step-aware schedule: the most aggressive regime per noise level within an error budget.
 
-`python -m fpsa_train.calibrate [model=...] [weights=run/checkpoints/last.ckpt] [budget_db=25] [output=...]`
-`python -m fpsa_train.calibrate candidates=topk metric=output model.checkpoint=<QAT weights> \
-    reference_checkpoint=<dense weights> budget_db=...` (weights: e.g. a deploy's diffusion_pytorch_model.safetensors)
+`python -m fpsa_train.calibrate [model=...] [checkpoint=run/checkpoints/last.ckpt] [budget_db=25] [output=...]`
+`python -m fpsa_train.calibrate candidates=topk metric=output model.weights=<QAT weights> \
+    reference_weights=<dense weights> budget_db=...` (weights: e.g. a deploy's diffusion_pytorch_model.safetensors)
 
-1. Build the model (random, `model.checkpoint` Wan weights, e.g. an exported deploy's safetensors, or `weights=` a
-   training checkpoint, EMA by default) and take `samples` clips of the configured data.
+1. Build the model (random, `model.weights` Wan weights, e.g. an exported deploy's safetensors, or `checkpoint=` a
+   training checkpoint, its EMA by default: `weights=auto|ema|live`) and take `samples` clips of the configured
+   data.
 2. For every σ on the grid: noise the clips to x_σ, run the model once with dense attention and capture each
    layer's self-attention q, k, v (the tokens already tile-major).
 3. For every candidate regime (each quantization granularity × each sparsity pattern; `candidates=topk` for FP8
@@ -13,7 +14,7 @@
    - `attention`: each layer's attention output as SQNR against dense bf16 attention (SDPA on bf16 q, k, v), the
      worst layer counting. What the numerics cost one attention call; blind to what training taught the model.
    - `output`: the model's prediction (velocity) with the candidate in every layer, as SQNR against the dense
-     prediction of `reference_checkpoint` (default: the same weights) for the same x_σ. After QAT this is the one
+     prediction of `reference_weights` (default: the same weights) for the same x_σ. After QAT this is the one
      to use: a fine-tune does not make attention more exact, it makes the model tolerate the error, which only the
      prediction shows; with the dense model as reference the budget also counts what the fine-tune moved.
 4. Per σ keep the cheapest candidate whose SQNR stays within the budget. Cost = realised density × (½ if FP8):
@@ -45,14 +46,16 @@ from omegaconf import MISSING, OmegaConf
 
 from fpsa_train.atomic import write_text_atomic
 from fpsa_train.config import DataConfig, ModelConfig, resolve
-from fpsa_train.lit.datamodule import validation_batch
-from fpsa_train.lit.training_checkpoint import pick_weights, read_training_checkpoint
+from fpsa_train.deprecation import renamed_key
 from fpsa_train.flow import noisy_input, sampling_sigmas
 from fpsa_train.fps.fp8 import sqnr_db
 from fpsa_train.fps.reference import attention_tiles
 from fpsa_train.fps.schedule import (FPSConfig, QuantConfig, RegimeConfig, Schedule, SparsityConfig,
                                      regime_config, regime_from_config)
 from fpsa_train.fps.transform import FPSAttention
+from fpsa_train.lit.config import WEIGHT_CHOICES, weight_choice
+from fpsa_train.lit.datamodule import validation_batch
+from fpsa_train.lit.training_checkpoint import pick_weights, read_training_checkpoint
 from fpsa_train.models.attention import SDPAttention
 from fpsa_train.models.build import build_model
 
@@ -65,11 +68,15 @@ class CalibrateConfig:
     data: DataConfig = field(default_factory=DataConfig)
     fps: FPSConfig = field(default_factory=FPSConfig)
     """The schedule to report on (and the defaults the candidates are compared with)."""
-    weights: Optional[str] = None
-    """A training checkpoint whose weights to calibrate (a Lightning .ckpt file or a DeepSpeed ZeRO checkpoint
-    folder); null = `model.checkpoint` or random."""
-    use_ema: bool = True
-    """Take the EMA weights from `weights` when it has them."""
+    checkpoint: Optional[str] = None
+    """A training checkpoint whose weights to calibrate (a Lightning .ckpt file, a DeepSpeed ZeRO checkpoint folder
+    or a consolidated file); null = `model.weights` or random."""
+    weights: Optional[str] = "auto"
+    """Which weights of `checkpoint`: `auto` (the EMA when it has one, else the live weights), `ema` or `live`.
+    Deprecated spellings, accepted with a warning: `model` (= live) and a path (the old `weights=<checkpoint>`,
+    now `checkpoint=`); null is the old default and means auto."""
+    use_ema: Optional[bool] = None
+    """Deprecated: `weights=auto` (true) or `weights=live` (false)."""
     sigmas: list[float] = field(default_factory=lambda: [0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95])
     """The σ grid (ascending, in (0, 1))."""
     samples: int = 4
@@ -81,9 +88,11 @@ class CalibrateConfig:
     sampling steps (e.g. 0.3), i.e. the given speed at the best worst-σ quality the candidates allow."""
     metric: str = "attention"
     """`attention` (each layer's attention output, worst layer) or `output` (the model's prediction; see above)."""
-    reference_checkpoint: Optional[str] = None
+    reference_weights: Optional[str] = None
     """metric=output: the dense model whose prediction is the reference (Wan weights, e.g. the dense deploy's
     safetensors); null = the calibrated weights themselves with dense attention."""
+    reference_checkpoint: Optional[str] = None
+    """Deprecated: the old name of `reference_weights`."""
     quant: list[Optional[QuantConfig]] = field(default_factory=lambda: [
         None, QuantConfig("token"), QuantConfig("subtile", [2, 2, 2]), QuantConfig("tile"),
         QuantConfig("tiles", [2, 2, 2])])
@@ -97,6 +106,25 @@ class CalibrateConfig:
     seed: int = 0
     """Seed of the noise."""
 
+    def __post_init__(self) -> None:
+        """The deprecated spellings (fpsa_train/deprecation.py) mapped to the current ones, each with a warning."""
+        if self.weights is None:  # the old default: no training checkpoint
+            self.weights = "auto"
+        if self.weights not in (*WEIGHT_CHOICES, "model"):  # the old `weights=<training checkpoint>`
+            self.checkpoint = renamed_key("weights", self.weights, "checkpoint", self.weights, self.checkpoint,
+                                          self.checkpoint is not None)
+            self.weights = "auto"
+        self.weights = weight_choice(self.weights, "weights")
+        if self.use_ema is not None:
+            self.weights = renamed_key("use_ema", self.use_ema, "weights", "auto" if self.use_ema else "live",
+                                       self.weights, self.weights != "auto")
+            self.use_ema = None
+        if self.reference_checkpoint is not None:
+            self.reference_weights = renamed_key("reference_checkpoint", self.reference_checkpoint,
+                                                 "reference_weights", self.reference_checkpoint,
+                                                 self.reference_weights, self.reference_weights is not None)
+            self.reference_checkpoint = None
+
 
 ConfigStore.instance().store(name="calibrate_schema", node=CalibrateConfig)
 
@@ -104,16 +132,16 @@ ConfigStore.instance().store(name="calibrate_schema", node=CalibrateConfig)
 COARSENESS = {"tiles": 0, "tile": 1, "subtile": 2, "token": 3, None: 4}
 
 
-def load_weights(model: torch.nn.Module, path: str, use_ema: bool) -> str:
+def load_weights(model: torch.nn.Module, path: str, weights: str = "auto") -> str:
     """Weights from a training checkpoint (lit/training_checkpoint.py: a Lightning file, a DeepSpeed ZeRO folder or
-    a consolidated file), the EMA when present and wanted; FPS-core parameters are not needed. Returns "EMA" or
-    "raw"."""
-    weights, which = pick_weights(read_training_checkpoint(path), "auto" if use_ema else "model")
-    weights = {k: v for k, v in weights.items() if ".self_attn.core." not in k}  # learned selectors
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    a consolidated file), as `weights` (auto, ema or live) picks them; FPS-core parameters are not needed. Returns
+    which weights were loaded: "ema" or "live"."""
+    state, which = pick_weights(read_training_checkpoint(path), weights)
+    state = {k: v for k, v in state.items() if ".self_attn.core." not in k}  # learned selectors
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise KeyError(f"{path} does not fit the model: missing {missing[:20]}, unexpected {unexpected[:20]}")
-    return "EMA" if which == "ema" else "raw"
+    return which
 
 
 class _Capture(SDPAttention):
@@ -197,8 +225,8 @@ class _OutputError:
 
     def __init__(self, model, cfg: CalibrateConfig, schedule: Schedule):
         self.model, self.reference = model, model
-        if cfg.reference_checkpoint:
-            self.reference = build_model(dataclasses.replace(cfg.model, checkpoint=cfg.reference_checkpoint)).eval()
+        if cfg.reference_weights:
+            self.reference = build_model(dataclasses.replace(cfg.model, weights=cfg.reference_weights)).eval()
         self.fps_cores = [FPSAttention(schedule, b.self_attn.num_heads, i)
                           for i, b in enumerate(model.blocks)]  # each call forces one regime (below)
 
@@ -225,8 +253,8 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     if cfg.metric not in ("attention", "output"):
         raise ValueError(f"metric={cfg.metric!r}: expected attention or output")
     model = build_model(cfg.model).eval()
-    if cfg.weights:
-        log.info("weights: %s (%s)", cfg.weights, load_weights(model, cfg.weights, cfg.use_ema))
+    if cfg.checkpoint:
+        log.info("checkpoint: %s (%s weights)", cfg.checkpoint, load_weights(model, cfg.checkpoint, cfg.weights))
     batch = validation_batch(cfg.data, cfg.model.text_len, cfg.samples)
     cands = candidates(cfg, cfg.model.tile_shape)
     if len({c.name for c in cands}) != len(cands):
@@ -313,9 +341,9 @@ def write_schedule(schedule: Schedule, cfg: CalibrateConfig, table: dict, path: 
                    budget: float) -> None:
     names = list(next(iter(table.values())))
     what = ("attention, worst layer, vs dense bf16" if cfg.metric == "attention" else
-            f"the model's prediction vs the dense prediction of {cfg.reference_checkpoint or 'the same weights'}")
+            f"the model's prediction vs the dense prediction of {cfg.reference_weights or 'the same weights'}")
     lines = [f"# Calibrated by `python -m fpsa_train.calibrate`: model {cfg.model.name}, weights "
-             f"{cfg.weights or cfg.model.checkpoint}, budget {budget:.1f} dB ({what}), {cfg.samples} clips per σ"
+             f"{cfg.checkpoint or cfg.model.weights}, budget {budget:.1f} dB ({what}), {cfg.samples} clips per σ"
              + (f", the highest budget averaging ≤ {cfg.max_density} density." if cfg.max_density else "."),
              f"# Mean density over Wan's 50 sampling steps (flow UniPC, shift 5): {density:.3f}.",
              "# SQNR dB / density per σ and candidate:",

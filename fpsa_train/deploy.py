@@ -117,8 +117,9 @@ def reexport_command(folder: Path, manifest: dict) -> str:
     for key, default in (("key_format", "original"), ("dtype", "bfloat16")):
         if manifest.get(key, default) != default:
             args.append(f"{key}={manifest[key]}")
-    if source.get("weights") in ("ema", "model"):
-        args.append(f"weights={source['weights']}")
+    weights = {"model": "live"}.get(source.get("weights"), source.get("weights"))  # older exports: `model`
+    if weights in ("ema", "live"):
+        args.append(f"weights={weights}")
     if source.get("schedule") not in (None, "checkpoint"):
         args.append(f"schedule_file={source['schedule']}")
     return "python -m fpsa_train.export " + " ".join(args)

@@ -36,7 +36,8 @@ from fpsa_train.config import ConfigError
 from fpsa_train.deploy import (FORMAT, FORMAT_VERSION, MANIFEST, MANIFEST_SHA256, SCHEDULE, SELECTOR_PREFIX,
                                SELECTORS, file_entries, kernel_features, manifest_sha256, model_config)
 from fpsa_train.fps.schedule import FPSConfig, Schedule, fps_enabled, schedule_from_data
-from fpsa_train.lit.training_checkpoint import (RUN_CONFIG_KEY, WEIGHT_CHOICES, TrainingCheckpoint, pick_weights,
+from fpsa_train.lit.config import weight_choice
+from fpsa_train.lit.training_checkpoint import (RUN_CONFIG_KEY, TrainingCheckpoint, pick_weights,
                                                 read_training_checkpoint)
 from fpsa_train.models.checkpoint import write_wan_weights
 from fpsa_train.models.checkpoint_config import CheckpointError
@@ -57,7 +58,8 @@ class ExportConfig:
     key_format: str = "original"
     """Weight key names: `original` (Wan's) or `diffusers` (WanTransformer3DModel; loadable by WanPipeline)."""
     weights: str = "auto"
-    """`auto`: the EMA weights when the checkpoint has them, else the trained weights; `ema`; `model`."""
+    """`auto`: the EMA weights when the checkpoint has them, else the live (trained) weights; `ema`; `live`
+    (lit/config.py WEIGHT_CHOICES; `model`, the old spelling of live, is accepted with a warning)."""
     dtype: str = "bfloat16"
     """Stored dtype of the weights: bfloat16 (deployment) or float32."""
     max_shard_gb: float = 5.0
@@ -70,8 +72,7 @@ class ExportConfig:
     def __post_init__(self) -> None:
         if self.key_format not in KEY_FORMATS:
             raise ConfigError(f"key_format={self.key_format!r}: expected one of {KEY_FORMATS}")
-        if self.weights not in WEIGHT_CHOICES:
-            raise ConfigError(f"weights={self.weights!r}: expected one of {WEIGHT_CHOICES}")
+        self.weights = weight_choice(self.weights, "weights")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype={self.dtype!r}: expected one of {tuple(DTYPES)}")
         if not self.max_shard_gb > 0:

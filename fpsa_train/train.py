@@ -54,7 +54,7 @@ def weight_dtype(cfg: TrainerConfig) -> torch.dtype | None:
     """The dtype the trainer will keep the weights in when it is not fp32, else None: DeepSpeed with bf16/fp16
     precision casts every parameter to it (and makes its fp32 master copy from the cast values), and "-true"
     precisions convert the module. Building the model in it directly never holds an fp32 copy in host memory
-    (29 GB per process at 14B instead of 57). Weights loaded from `model.checkpoint` are exactly the fp32 build's
+    (29 GB per process at 14B instead of 57). Weights loaded from `model.weights` are exactly the fp32 build's
     cast; a random initialisation is drawn in that dtype, a different draw than an fp32 build with the same
     seed."""
     precision = resolve_precision(cfg.precision)

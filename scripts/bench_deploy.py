@@ -45,7 +45,7 @@ def train_config(model: str, latent: tuple[int, int, int]):
 
     from fpsa_train.config import resolve
 
-    overrides = [f"+experiment={model}", "model.checkpoint=null", f"data.latent_frames={latent[0]}",
+    overrides = [f"+experiment={model}", "model.weights=null", f"data.latent_frames={latent[0]}",
                  f"data.latent_height={latent[1]}", f"data.latent_width={latent[2]}", "run_dir=/tmp/unused"]
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         return resolve(compose(config_name="train", overrides=overrides))

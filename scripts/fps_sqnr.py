@@ -137,12 +137,12 @@ def main() -> None:
         from fpsa_train.lit.datamodule import validation_batch
         from fpsa_train.models.build import build_model
 
-        if args.weights.endswith(".safetensors"):  # exported weights: loaded as model.checkpoint is
-            conf.model.checkpoint = args.weights
+        if args.weights.endswith(".safetensors"):  # exported weights: loaded as model.weights is
+            conf.model.weights = args.weights
             model, which = build_model(conf.model).eval(), "exported"
         else:
             model = build_model(conf.model).eval()
-            which = load_weights(model, args.weights, use_ema=True)
+            which = load_weights(model, args.weights, "auto")
         batch = validation_batch(conf.data, conf.model.text_len, 4)
         schedule = Schedule.from_config(conf.fps, tuple(conf.model.tile_shape))
         print(f"q/k/v of {args.weights} ({which} weights), {len(model.blocks)} layers, 4 validation clips")

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-COMMON = ["model.checkpoint=null", "trainer.num_nodes=2", "trainer.devices=1", "trainer.log_every_n_steps=1",
+COMMON = ["model.weights=null", "trainer.num_nodes=2", "trainer.devices=1", "trainer.log_every_n_steps=1",
           "trainer.val_every_n_steps=100000", "data.val_samples=2", "data.num_samples=64",
           "logger.wandb=false", "logger.tensorboard=false", "optim.warmup_steps=5"]
 

@@ -174,7 +174,7 @@ def main() -> None:
     report.update({"base": str(base), "experiment": args.experiment, "qat_steps": args.qat_steps,
                    "teacher": args.teacher, "distill_weight": args.distill_weight, "lr": args.lr})
     schedules = {n: schedule_file(n, out / "schedules") for n in names}
-    common = [f"+experiment={args.experiment}", f"model.checkpoint={weights}", *args.overrides]
+    common = [f"+experiment={args.experiment}", f"model.weights={weights}", *args.overrides]
 
     t = time.perf_counter()
     prepare_data(args.experiment, common[1:])
@@ -275,7 +275,7 @@ def exports(py: str, todo: dict[str, tuple[Path, list[str]]], out: Path, paralle
         deploy = out / "deploys" / key
         stamp = out / "deploys" / f"{key}.source"
         if not (stamp.exists() and stamp.read_text() == str(ckpt.stat().st_mtime_ns)):
-            jobs.append((key, export_command(py, ckpt, out / "deploys", key, "weights=model", *extra),
+            jobs.append((key, export_command(py, ckpt, out / "deploys", key, "weights=live", *extra),
                          out / "deploys" / f"{key}.log"))
         done[key] = deploy
     (out / "deploys").mkdir(parents=True, exist_ok=True)

@@ -82,7 +82,7 @@ def main() -> None:
                              "evaluate it against its dense self, per regime (FP8 + sparsity applied after training; "
                              "the evaluation's reference row is the dense model's own prompt following)")
     parser.add_argument("--vs-start", default=None, metavar="SCHEDULE",
-                        help="for a run that starts from model.checkpoint: evaluate the trained model (its own "
+                        help="for a run that starts from model.weights: evaluate the trained model (its own "
                              "schedule) and the starting weights with this schedule applied untrained, both against "
                              "the starting weights' dense videos (what training with the numerics in the loop "
                              "recovers)")
@@ -153,21 +153,22 @@ def main() -> None:
 
 
 def start_deploys(py: str, which: str, overrides: list[str], out: Path, log: Path, schedule: Path) -> dict:
-    """The run's starting weights (model.checkpoint) as two deploy folders: `deploy_start` (dense) and
+    """The run's starting weights (model.weights) as two deploy folders: `deploy_start` (dense) and
     `deploy_start_fps` (`schedule` applied, untrained). Made by one optimizer step at lr 1e-12 with dense attention
     and exported as the live weights in bf16, then checked to be bit-identical to the starting file."""
     folder = out / "start"
     started = time.perf_counter()
     ckpt = start_checkpoint(py, [f"+experiment={which}", *overrides], folder, log)
-    export_deploy(py, ckpt, out, "deploy_start", log, "weights=model")
-    export_deploy(py, ckpt, out, "deploy_start_fps", log, "weights=model", f"schedule_file={schedule}")
-    source = _run_config(folder)["model"]["checkpoint"]
+    export_deploy(py, ckpt, out, "deploy_start", log, "weights=live")
+    export_deploy(py, ckpt, out, "deploy_start_fps", log, "weights=live", f"schedule_file={schedule}")
+    model = _run_config(folder)["model"]
+    source = model.get("weights") or model["checkpoint"]  # a run recorded before model.checkpoint became weights
     same_weights(out / "deploy_start" / "diffusion_pytorch_model.safetensors", REPO / source, "deploy_start")
     return {"source": source, "seconds": round(time.perf_counter() - started, 1), "bit_identical": True}
 
 
 def start_checkpoint(py: str, train_args: list[str], folder: Path, log: Path) -> Path:
-    """A checkpoint holding a run's starting weights (model.checkpoint): one optimizer step at lr 1e-12 with dense
+    """A checkpoint holding a run's starting weights (model.weights): one optimizer step at lr 1e-12 with dense
     attention, whose live weights export bit for bit as the starting file (check with `same_weights`). Reused
     when `folder` has it already."""
     ckpt = folder / "checkpoints" / "last.ckpt"

@@ -63,7 +63,7 @@ def test_output_metric_measures_the_prediction_against_the_dense_reference(tmp_p
     name = next(k for k in moved if k.startswith("head.head.weight"))
     moved[name] = moved[name] + 0.3 * moved[name].std() * torch.randn_like(moved[name])
     save_file(moved, tmp_path / "moved.safetensors")
-    common = ["metric=output", f"model.checkpoint={weights}", "candidates=topk",
+    common = ["metric=output", f"model.weights={weights}", "candidates=topk",
               "quant=[null,{group:tile}]", "sparsity=[{pattern:dense},{pattern:topk,topk_fraction:0.25}]"]
 
     own = calibrate(calibrate_config(tmp_path, *common, "budget_db=-1000"))
@@ -76,7 +76,7 @@ def test_output_metric_measures_the_prediction_against_the_dense_reference(tmp_p
     assert "Mean density over Wan's 50 sampling steps (flow UniPC, shift 5): 0.250" in \
         (tmp_path / "schedule.yaml").read_text()
 
-    other = calibrate(calibrate_config(tmp_path, *common, f"reference_checkpoint={tmp_path / 'moved.safetensors'}",
+    other = calibrate(calibrate_config(tmp_path, *common, f"reference_weights={tmp_path / 'moved.safetensors'}",
                                        "budget_db=-1000"))
     for sigma, row in other["table"].items():
         assert row["noquant-dense"][0] < 40 < own["table"][sigma]["noquant-dense"][0]
@@ -124,7 +124,7 @@ ZERO_MODEL = ["model.dim=16", "model.ffn_dim=16", "model.num_heads=2", "model.nu
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_weights_from_a_zero_folder_are_the_consolidated_ones(stage):
-    """weights= a DeepSpeed ZeRO checkpoint folder (the training-checkpoint reader, as export reads it): the EMA
+    """checkpoint= a DeepSpeed ZeRO checkpoint folder (the training-checkpoint reader, as export reads it): the EMA
     where the run kept one (the ZeRO-2 fixture), else the fp32 master weights (ZeRO-3, trained without EMA)."""
     from safetensors.torch import load_file
 
@@ -135,19 +135,19 @@ def test_weights_from_a_zero_folder_are_the_consolidated_ones(stage):
 
     ckpt = ZERO / f"zero{stage}" / "ckpt"
     model = WanModel(model_config(client_state(ckpt)["fpsa_run_config"]))
-    assert load_weights(model, str(ckpt), use_ema=True) == ("EMA" if stage == 2 else "raw")
+    assert load_weights(model, str(ckpt), "auto") == ("ema" if stage == 2 else "live")
     reference = load_file(ZERO / f"zero{stage}" / "reference.safetensors")  # DeepSpeed's own consolidation
     expected = {k.removeprefix("model."): v for k, v in reference.items()}
     if stage == 2:
         expected.update(load_file(ZERO / "zero2" / "ema_reference.safetensors"))
     loaded = model.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in expected.items() if ".self_attn.core." not in k)
-    assert load_weights(model, str(ckpt), use_ema=False) == "raw"
+    assert load_weights(model, str(ckpt), "live") == "live"
 
 
 def test_calibrate_takes_a_zero_folder(tmp_path):
     ckpt = ZERO / "zero2" / "ckpt"
-    result = calibrate(calibrate_config(tmp_path, *ZERO_MODEL, f"weights={ckpt}", "sigmas=[0.5]",
+    result = calibrate(calibrate_config(tmp_path, *ZERO_MODEL, f"checkpoint={ckpt}", "sigmas=[0.5]",
                                         "quant=[null,{group:tile}]", "sparsity=[{pattern:dense}]"))
     assert list(result["table"]) == [0.5] and len(result["table"][0.5]) == 2
     assert f"weights {ckpt}, budget" in (tmp_path / "schedule.yaml").read_text()

@@ -21,7 +21,7 @@ EXPERIMENTS = ["tiny", "wan1_3b", "wan14b"]
 def test_experiment_composes_and_instantiates(experiment, tmp_path):
     overrides = [f"+experiment={experiment}"]
     if experiment != "tiny":
-        overrides.append(f"model.checkpoint={tmp_path}")  # the folder only has to be named to compose
+        overrides.append(f"model.weights={tmp_path}")  # the folder only has to be named to compose
     conf = resolve(compose_train(overrides, tmp_path))
     assert isinstance(conf, TrainConfig) and conf.model.name == experiment
     device = None if experiment == "tiny" else "meta"
@@ -35,12 +35,12 @@ def test_experiment_composes_and_instantiates(experiment, tmp_path):
 
 @pytest.mark.parametrize("experiment", ["wan1_3b", "wan14b"])
 def test_real_run_without_checkpoint_names_the_key(experiment, tmp_path):
-    with pytest.raises(ConfigError, match=r"model\.checkpoint.*local|model\.checkpoint.*Wan2\.1"):
+    with pytest.raises(ConfigError, match=r"model\.weights.*local|model\.weights.*Wan2\.1"):
         resolve(compose_train([f"+experiment={experiment}"], tmp_path))
 
 
 def test_missing_checkpoint_folder_is_a_clear_error(tmp_path):
-    conf = resolve(compose_train(["+experiment=wan1_3b", f"model.checkpoint={tmp_path}/nope"], tmp_path))
+    conf = resolve(compose_train(["+experiment=wan1_3b", f"model.weights={tmp_path}/nope"], tmp_path))
     with pytest.raises(ConfigError, match="does not exist"):
         build_model(conf.model)
 
@@ -78,7 +78,7 @@ def test_invalid_value_names_the_key(override, key, tmp_path):
 
 def test_tiny_is_the_default_model(tmp_path):
     conf = resolve(compose_train([], tmp_path))
-    assert conf.model.name == "tiny" and conf.model.checkpoint is None and conf.trainer.precision == "auto"
+    assert conf.model.name == "tiny" and conf.model.weights is None and conf.trainer.precision == "auto"
     from fpsa_train.train import resolve_precision
 
     assert resolve_precision("auto") == ("bf16-mixed" if torch.cuda.is_available() else "32-true")
@@ -92,7 +92,7 @@ def test_model_checkpoint_is_loaded_by_the_training_path(key_format, tmp_path):
     conf = resolve(compose_train(["+experiment=tiny"], tmp_path))
     source = build_model(conf.model)
     save_wan_weights(source, tmp_path / "weights", key_format=key_format)
-    conf = resolve(compose_train(["+experiment=tiny", f"model.checkpoint={tmp_path / 'weights'}"], tmp_path))
+    conf = resolve(compose_train(["+experiment=tiny", f"model.weights={tmp_path / 'weights'}"], tmp_path))
     loaded = build_model(conf.model)
     for (name, a), (_, b) in zip(source.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
@@ -119,7 +119,7 @@ def test_low_precision_build_equals_the_fp32_build_cast(dtype, tmp_path):
     conf = resolve(compose_train(["+experiment=tiny"], tmp_path))
     source = build_model(conf.model)
     save_wan_weights(source, tmp_path / "weights")
-    conf = resolve(compose_train(["+experiment=tiny", f"model.checkpoint={tmp_path / 'weights'}"], tmp_path))
+    conf = resolve(compose_train(["+experiment=tiny", f"model.weights={tmp_path / 'weights'}"], tmp_path))
     loaded = build_model(conf.model, dtype=dtype)
     for (name, a), (_, b) in zip(source.state_dict().items(), loaded.state_dict().items()):
         assert b.dtype == dtype and torch.equal(a.to(dtype), b), name

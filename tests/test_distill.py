@@ -85,18 +85,18 @@ def test_training_with_a_teacher_runs_and_saves_no_teacher(tmp_path):
     torch.manual_seed(1)
     save_wan_weights(build_model(conf.model), tmp_path / "start")
     start = next((tmp_path / "start").glob("*.safetensors"))
-    metrics = train(compose_train([*RUN, f"model.checkpoint={start}", "objective.teacher=dense"], tmp_path / "run"))
+    metrics = train(compose_train([*RUN, f"model.weights={start}", "objective.teacher=dense"], tmp_path / "run"))
     assert metrics["steps"] == 4 and metrics["train/loss"] == metrics["train/loss"]  # finite, not NaN
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert not [k for k in state["state_dict"] if "teacher" in k]
 
 
 @pytest.mark.parametrize("overrides, key", [
-    (["objective.teacher=dense"], "model.checkpoint"),
+    (["objective.teacher=dense"], "model.weights"),
     (["objective.teacher=teach"], "objective.teacher"),
     (["objective.distill_weight=1.5"], "objective.distill_weight"),
-    (["objective.teacher=dense", "model.checkpoint=/x.safetensors", "trainer=zero3"], "ZeRO-3"),
-    (["objective.teacher=dense", "model.checkpoint=/x.safetensors", "trainer.sp_size=2"], "sp_size"),
+    (["objective.teacher=dense", "model.weights=/x.safetensors", "trainer=zero3"], "ZeRO-3"),
+    (["objective.teacher=dense", "model.weights=/x.safetensors", "trainer.sp_size=2"], "sp_size"),
 ])
 def test_bad_teacher_configs_name_the_key(overrides, key, tmp_path):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

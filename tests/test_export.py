@@ -96,11 +96,11 @@ def test_diffusers_export_loads_in_diffusers(trained_checkpoint, tmp_path):
     assert all(torch.equal(theirs[k], v.float()) for k, v in stored.items())
 
 
-def test_model_weights_on_request(trained_checkpoint, tmp_path):
-    out = Path(_export(trained_checkpoint, tmp_path / "m", weights="model", dtype="float32")["out"])
+def test_live_weights_on_request(trained_checkpoint, tmp_path):
+    out = Path(_export(trained_checkpoint, tmp_path / "m", weights="live", dtype="float32")["out"])
     state = read_training_checkpoint(trained_checkpoint)
     stored = _weights(out)
-    assert json.loads((out / "manifest.json").read_text())["source"]["weights"] == "model"
+    assert json.loads((out / "manifest.json").read_text())["source"]["weights"] == "live"
     assert all(torch.equal(v, state.weights[k]) for k, v in stored.items())
     assert any(not torch.equal(state.weights[k], state.ema[k]) for k in stored)  # the two really differ
 

@@ -21,7 +21,7 @@ EXPERIMENTS = ["tiny", "wan1_3b", "wan14b"]
 def test_every_trainer_config_composes_with_every_experiment(trainer, experiment, tmp_path):
     overrides = [f"+experiment={experiment}", f"trainer={trainer}", "trainer.devices=8", "trainer.num_nodes=2"]
     if experiment != "tiny":
-        overrides.append(f"model.checkpoint={tmp_path}")
+        overrides.append(f"model.weights={tmp_path}")
     conf = resolve(compose_train(overrides, tmp_path)).trainer
     assert conf.devices == 8 and conf.num_nodes == 2
     strategy = build_strategy(conf, on_cpu=False, micro_batch=1)
@@ -38,7 +38,7 @@ def test_every_trainer_config_composes_with_every_experiment(trainer, experiment
 
 
 def test_wan14b_defaults_to_zero3_with_activation_checkpointing_and_bf16(tmp_path):
-    conf = resolve(compose_train(["+experiment=wan14b", f"model.checkpoint={tmp_path}"], tmp_path))
+    conf = resolve(compose_train(["+experiment=wan14b", f"model.weights={tmp_path}"], tmp_path))
     assert conf.trainer.strategy == "deepspeed" and conf.trainer.deepspeed.stage == 3
     assert conf.model.activation_checkpointing and conf.trainer.precision == "bf16-mixed"
     assert not conf.trainer.deepspeed.offload_params  # offload is the zero3_offload config's choice

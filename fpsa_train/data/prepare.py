@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from fpsa_train.config import DataConfig
+from fpsa_train.data.config import DataConfig
 from fpsa_train.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import math
 import torch
 from torch.utils.data import Dataset
 
-from fpsa_train.config import DataConfig
+from fpsa_train.data.config import DataConfig
 
 
 class SyntheticLatents(Dataset):

@@ -19,10 +19,10 @@ import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 
-from fpsa_train.config import DataConfig
-from fpsa_train.errors import ConfigError
+from fpsa_train.data.config import DataConfig
 from fpsa_train.data.sampler import ShardedBatchSampler
 from fpsa_train.data.synthetic import SyntheticLatents, collate
+from fpsa_train.errors import ConfigError
 from fpsa_train.sequence_parallel import dp_coordinates
 
 

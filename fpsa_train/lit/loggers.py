@@ -31,7 +31,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, Wand
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from fpsa_train.atomic import write_text_atomic
-from fpsa_train.config import LoggerConfig
+from fpsa_train.lit.config import LoggerConfig
 
 log = logging.getLogger(__name__)
 

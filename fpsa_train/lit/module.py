@@ -15,7 +15,7 @@ data) so that `python -m fpsa_train.export` needs nothing but the checkpoint.
 With a teacher (`objective.teacher=dense`), the training target is a frozen dense copy of the starting weights'
 prediction for the same noisy input (self-distillation; ObjectiveConfig says when it helps). The teacher is held
 outside the module's registered children, so it is neither trained, nor saved in checkpoints (it is rebuilt from
-model.checkpoint on resume), nor seen by DDP.
+model.weights on resume), nor seen by DDP.
 
 Sequence parallelism (`sp_size` > 1) is applied in `setup`, once the process group exists: the ranks of a group
 split each sample's tokens, every one of them computes the same loss on the gathered output, and each holds the
@@ -34,10 +34,10 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import grad_norm
 from torch import nn
 
-from fpsa_train.config import ObjectiveConfig, OptimConfig
-from fpsa_train.flow import noisy_input, sample_sigma
+from fpsa_train.flow import ObjectiveConfig, noisy_input, sample_sigma
 from fpsa_train.fps.schedule import Schedule
 from fpsa_train.fps.transform import fps_cores, realised_density, selector_loss
+from fpsa_train.lit.config import OptimConfig
 from fpsa_train.lit.ema import EMA
 from fpsa_train.lit.training_checkpoint import EMA_KEY, EMA_PARTITIONED_KEY, RUN_CONFIG_KEY
 from fpsa_train.sequence_parallel import apply_sequence_parallel, dp_coordinates, init_sp_groups

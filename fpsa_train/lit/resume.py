@@ -26,9 +26,9 @@ from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_warn
 
-from fpsa_train.config import RESUME_AUTO, RESUME_NEVER
 from fpsa_train.errors import ConfigError
 from fpsa_train.lit.checkpointing import STEP_NAME
+from fpsa_train.lit.config import RESUME_AUTO, RESUME_NEVER
 from fpsa_train.lit.training_checkpoint import DEEPSPEED_MODULE, GLOBAL_STEP, RUN_CONFIG_KEY, STATE_DICT, client_state
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def check_same_run(path: str, current: dict | None, state: dict | None = None) -
             raise ConfigError(f"{path} is not an fpsa training checkpoint: it carries no run config "
                               f"({RUN_CONFIG_KEY}) and its weights are named like {weights[:2]} instead of "
                               "'model.blocks...'. Resume from a checkpoint written by `python -m fpsa_train`; to "
-                              "start from pretrained Wan weights pass model.checkpoint=<folder> instead")
+                              "start from pretrained Wan weights pass model.weights=<folder> instead")
         log.warning("%s carries no run config; resuming without checking that it is the same model", path)
         return step
     if current is None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
 from fpsa_train.atomic import replace_dir, temp_sibling
-from fpsa_train.config import TrainerConfig
+from fpsa_train.lit.config import TrainerConfig
 
 
 def deepspeed_config(cfg: TrainerConfig, micro_batch: int) -> dict:

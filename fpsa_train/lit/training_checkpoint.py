@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from fpsa_train.lit.config import WEIGHT_CHOICES, weight_choice  # noqa: F401  WEIGHT_CHOICES re-exported
 from fpsa_train.models.checkpoint_config import CheckpointError
 
 STATE_DICT = "state_dict"  # Lightning: the LightningModule's state dict (keys `model.<our key>`, MODULE_PREFIXES)
@@ -48,7 +49,7 @@ class TrainingCheckpoint:
     """A training checkpoint's contents in our key names (no `model.` prefix), the full tensors of every form."""
 
     weights: dict[str, torch.Tensor]
-    """The trained weights (under ZeRO: the fp32 master weights)."""
+    """The live weights, as training left them (under ZeRO: the fp32 master weights)."""
     ema: dict[str, torch.Tensor] | None
     """The EMA of the trainable weights, when the run kept one (optim.ema_decay > 0)."""
     run_config: dict | None
@@ -92,22 +93,19 @@ def read_training_checkpoint(path: str | Path) -> TrainingCheckpoint:
                               kind, path)
 
 
-WEIGHT_CHOICES = ("auto", "ema", "model")
-
-
 def pick_weights(ckpt: TrainingCheckpoint, choice: str) -> tuple[dict[str, torch.Tensor], str]:
-    """The state dict `choice` asks for (one of WEIGHT_CHOICES; `auto`: the EMA when the checkpoint has one) and
-    which weights it is ("ema" or "model"). The EMA covers the trainable weights; the rest come from the weights."""
-    if choice not in WEIGHT_CHOICES:
-        raise ValueError(f"weights={choice!r}: expected one of {WEIGHT_CHOICES}")
-    if choice == "model" or (choice == "auto" and not ckpt.ema):
-        return ckpt.weights, "model"
+    """The state dict `choice` asks for (one of WEIGHT_CHOICES, lit/config.py; `auto`: the EMA when the checkpoint
+    has one) and which weights it is ("ema" or "live"). The EMA covers the trainable weights; the rest come from the
+    live weights."""
+    choice = weight_choice(choice, "weights")
+    if choice == "live" or (choice == "auto" and not ckpt.ema):
+        return ckpt.weights, "live"
     if not ckpt.ema:
         raise CheckpointError(f"{ckpt.path}: weights=ema but the checkpoint has no EMA (trained with "
-                              "optim.ema_decay=0); take weights=model")
+                              "optim.ema_decay=0); take weights=live")
     unexpected = sorted(ckpt.ema.keys() - ckpt.weights.keys())
     bad = [k for k, t in ckpt.ema.items() if k in ckpt.weights and t.shape != ckpt.weights[k].shape]
     if unexpected or bad:
         raise CheckpointError(f"{ckpt.path}: the checkpoint's EMA does not match its weights (unexpected "
-                              f"{unexpected[:10]}, shape differs for {bad[:10]}); take weights=model")
+                              f"{unexpected[:10]}, shape differs for {bad[:10]}); take weights=live")
     return {**ckpt.weights, **ckpt.ema}, "ema"

@@ -5,9 +5,9 @@ The clip is sampled as `python -m fpsa_train.sample` samples an exported model (
 classifier-free guidance with both branches in one batch, the FPS regime picked per step from σ), with the model
 in eval mode and under no_grad (bf16 autocast on CUDA), from a fixed seed and prompt so clips from different
 steps are comparable. Then the model's train/eval modes are restored exactly. The weights are the EMA's
-(`val_video.weights=ema`, the default: what export ships), swapped in for the clip and swapped back bit for bit;
-the live weights when EMA is off, when `val_video.weights=live`, or under ZeRO-3, where each rank holds only its
-slice of the EMA (a warning says so once).
+(`val_video.weights=auto`, the default, or `ema`: what export ships), swapped in for the clip and swapped back bit
+for bit; the live weights when EMA is off, when `val_video.weights=live`, or under ZeRO-3, where each rank holds
+only its slice of the EMA (a warning says so once).
 
 Text and pixels:
 - with `data.components` (a Wan2.1 diffusers folder), global rank 0 encodes the prompt and Wan's negative prompt
@@ -43,8 +43,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from fpsa_train.atomic import write_atomic
-from fpsa_train.config import DataConfig, ValVideoConfig
+from fpsa_train.data.config import DataConfig
 from fpsa_train.fps.transform import fps_cores
+from fpsa_train.lit.config import ValVideoConfig
 from fpsa_train.lit.loggers import log_metrics, logging_step
 from fpsa_train.lit.monitor import TrainingMonitor
 

@@ -57,11 +57,11 @@ def build_wan(arch: WanConfig, weights: str | os.PathLike | None = None, key_for
 
 def build_model(cfg: WanConfig, device: torch.device | str | None = None, load_weights: bool = True,
                 dtype: torch.dtype | None = None) -> WanModel:
-    """`build_wan` for a `model:` config (`config.ModelConfig`: a WanConfig with `checkpoint` and `key_format`):
-    the weights are `cfg.checkpoint` unless `load_weights=False` or it is null (random init). A checkpoint that is
-    not there is a ConfigError naming `model.checkpoint`."""
-    weights = cfg.checkpoint if load_weights else None
+    """`build_wan` for a `model:` config (`config.ModelConfig`: a WanConfig with `weights` and `key_format`):
+    the weights are `cfg.weights` unless `load_weights=False` or it is null (random init). Weights that are not
+    there are a ConfigError naming `model.weights`."""
+    weights = cfg.weights if load_weights else None
     if weights and not os.path.exists(weights):
-        raise ConfigError(f"model.checkpoint={weights!r} does not exist: give the local folder of the "
+        raise ConfigError(f"model.weights={weights!r} does not exist: give the local folder of the "
                           "Wan2.1 weights (nothing is downloaded)")
     return build_wan(architecture_of(cfg), weights or None, cfg.key_format, device=device, dtype=dtype)
