@@ -257,7 +257,8 @@ class Deployed:
         for core in cores:
             core.schedule = forced
         self.schedule = forced
-        self.backend = describe_backend(forced, self.device, cores[0].backend, self.model.cfg.head_dim)
+        self.backend = describe_backend(forced, self.device, cores[0].backend, self.model.cfg.head_dim,
+                                        cores[0].kernel_forward)
         try:
             yield self
         finally:
@@ -291,9 +292,11 @@ class Deployed:
         return self
 
 
-def describe_backend(schedule: Schedule | None, device: torch.device, backend: str, head_dim: int) -> str:
+def describe_backend(schedule: Schedule | None, device: torch.device, backend: str, head_dim: int,
+                     kernel_forward: str = "triton") -> str:
     """Which implementation FPS attention uses on `device`, per regime, in words: the decision FPSAttention makes
-    on every call (`reference_reason`), made once here. Raises for backend=kernel where the kernel cannot run."""
+    on every call (`reference_reason`), made once here, and which forward the kernel runs (`kernel_forward`).
+    Raises for backend=kernel where the kernel cannot run."""
     from fpsa_train.fps.transform import reference_reason
 
     if schedule is None:
@@ -303,7 +306,8 @@ def describe_backend(schedule: Schedule | None, device: torch.device, backend: s
     parts = []
     if kernel:
         where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)"
-        parts.append(f"Hopper FP8 tile-sparse kernel (fpsa_kernels) on {where} for {', '.join(kernel)}")
+        forward = "" if kernel_forward == "triton" else f", {kernel_forward} forward"
+        parts.append(f"Hopper FP8 tile-sparse kernel (fpsa_kernels{forward}) on {where} for {', '.join(kernel)}")
     for why in dict.fromkeys(w for w in reasons.values() if w is not None):
         names = [name for name, w in reasons.items() if w == why]
         parts.append(f"PyTorch reference for {', '.join(names)} ({why})")
@@ -312,7 +316,7 @@ def describe_backend(schedule: Schedule | None, device: torch.device, backend: s
 
 def load_deploy(folder: str | Path, device: str | torch.device = "cpu", backend: str = "auto",
                 dtype: torch.dtype | None = None, verify: bool = True, fps: bool = True,
-                fp8_linears: bool = False, compile: bool = False) -> Deployed:
+                fp8_linears: bool = False, compile: bool = False, kernel_forward: str = "triton") -> Deployed:
     """Load a deploy folder: verify it, build the DiT from its manifest, load the weights, apply FPS attention.
 
     `dtype` of the parameters: default fp32 on CPU (exactly the exported values, computed in fp32) and bf16 on CUDA
@@ -322,13 +326,17 @@ def load_deploy(folder: str | Path, device: str | torch.device = "cpu", backend:
     blocks' large Linears in FP8 (torchao, per-row scales; fpsa_train/fp8_linears.py): off by default until its
     quality is shown; needs torchao and a CUDA GPU of compute capability >= 8.9, checked before the weights are read.
     `compile=True` compiles the DiT with torch.compile (`Deployed.compile`): opt-in, its first step per regime
-    compiles.
+    compiles. `kernel_forward="gluon"` runs the FP8 kernel's warp-specialised Gluon forward instead of the Triton one
+    (fps/transform.py; Hopper and head dim 128 only, where it raises otherwise): opt-in, checked before the weights
+    are read.
     """
+    from fpsa_train.fps.transform import check_kernel_forward
     from fpsa_train.models.checkpoint import load_wan_weights
 
     folder, device = Path(folder), torch.device(device)
     if backend not in BACKENDS:
         raise DeployError(f"backend={backend!r}: expected one of {BACKENDS}")
+    check_kernel_forward(kernel_forward)
     if fp8_linears:
         from fpsa_train.fp8_linears import check_fp8_available
 
@@ -344,22 +352,23 @@ def load_deploy(folder: str | Path, device: str | torch.device = "cpu", backend:
     model = model.to(device).eval()
     described = None if fps else "dense SDPA (fps=False: the exported schedule is not applied)"
     deployed = assemble(model, schedule, manifest, folder, device, backend=backend, fp8_linears=fp8_linears,
-                        compile=compile, selectors=True, described=described)
+                        compile=compile, selectors=True, described=described, kernel_forward=kernel_forward)
     log.info("deploy %s: %s weights (%s), attention: %s", folder, manifest["key_format"], dtype, deployed.backend)
     return deployed
 
 
 def assemble(model: WanModel, schedule: Schedule | None, manifest: dict, folder: Path, device: torch.device, *,
              backend: str = "auto", fp8_linears: bool = False, compile: bool = False, selectors: bool = False,
-             described: str | None = None) -> Deployed:
+             described: str | None = None, kernel_forward: str = "triton") -> Deployed:
     """The runtime around a DiT whose weights are in place, in the order `load_deploy` uses: FPS attention with
     `schedule` (None: dense SDPA) and, with `selectors`, the learned selectors from `folder`, then FP8 linears, then
-    torch.compile. `described` replaces `describe_backend`'s words. Also for a model built in memory
+    torch.compile. `described` replaces `describe_backend`'s words; `kernel_forward` is the kernel's inference forward
+    (`load_deploy`). Also for a model built in memory
     (scripts/bench_deploy.py --no-export), so what is timed there is what load_deploy returns."""
     from fpsa_train.fps.transform import apply_fps_attention
 
     if schedule is not None:
-        apply_fps_attention(model, schedule, backend=backend)
+        apply_fps_attention(model, schedule, backend=backend, kernel_forward=kernel_forward)
         if selectors:
             _load_selectors(model, folder, device)
     if fp8_linears:
@@ -367,7 +376,7 @@ def assemble(model: WanModel, schedule: Schedule | None, manifest: dict, folder:
 
         apply_fp8_linears(model)
     if described is None:
-        described = describe_backend(schedule, device, backend, model.cfg.head_dim)
+        described = describe_backend(schedule, device, backend, model.cfg.head_dim, kernel_forward)
     deployed = Deployed(model, schedule, manifest, folder, device, described)
     return deployed.compile() if compile else deployed
 

@@ -39,7 +39,8 @@ from fpsa_train.atomic import write_atomic
 from fpsa_train.config import ConfigError
 from fpsa_train.encoders import (  # noqa: F401  WAN_NEGATIVE_PROMPT, default_negative_prompt: re-exported
     WAN_NEGATIVE_PROMPT, Encoders, default_negative_prompt, negative_prompt)
-from fpsa_train.fps.schedule import BACKENDS
+from fpsa_train.fps.schedule import BACKENDS, ScheduleError
+from fpsa_train.fps.transform import check_kernel_forward
 from fpsa_train.media import contact_sheet, write_mp4
 from fpsa_train.sampling import denoise_loop, flow_unipc  # noqa: F401  flow_unipc: re-exported
 
@@ -88,6 +89,9 @@ class SampleConfig:
     quality is shown; needs torchao (`pip install 'fpsa[fp8]'`) and a CUDA GPU of compute capability >= 8.9."""
     compile: bool = False
     """torch.compile the DiT (`Deployed.compile`): the first step of each regime compiles, later steps run faster."""
+    kernel_forward: str = "triton"
+    """The FP8 kernel's inference forward: triton, or gluon (warp-specialised; Hopper and head dim 128 only: elsewhere
+    the kernel raises). Regimes the PyTorch reference runs are unaffected."""
     sheet_frames: int = 8
     """Frames on the PNG contact sheet (evenly spaced)."""
 
@@ -98,7 +102,8 @@ class SampleConfig:
 
 
 def check_sampling_options(cfg) -> None:
-    """The checks every sampling config shares (sample, evaluate): steps, guidance, shift, backend, device."""
+    """The checks every sampling config shares (sample, evaluate): steps, guidance, shift, backend, kernel_forward,
+    device."""
     if cfg.steps < 1:
         raise ConfigError(f"steps={cfg.steps} must be >= 1")
     if cfg.guidance < 1:
@@ -107,6 +112,10 @@ def check_sampling_options(cfg) -> None:
         raise ConfigError(f"shift={cfg.shift} must be > 0")
     if cfg.backend not in BACKENDS:
         raise ConfigError(f"backend={cfg.backend!r}: expected one of {BACKENDS}")
+    try:
+        check_kernel_forward(cfg.kernel_forward)
+    except ScheduleError as err:
+        raise ConfigError(str(err)) from None
     if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
         raise ConfigError(f"device={cfg.device!r}: expected auto, cpu or cuda[:N]")
 
@@ -221,7 +230,7 @@ def sample(cfg: SampleConfig) -> dict:
     started = time.perf_counter()
     device = resolve_device(cfg.device)
     deployed = load_deploy(cfg.deploy, device=device, backend=cfg.backend, fp8_linears=cfg.fp8_linears,
-                           compile=cfg.compile)
+                           compile=cfg.compile, kernel_forward=cfg.kernel_forward)
     manifest = deployed.manifest
     height, width, frames = video_size(cfg, manifest)
     components = components_folder(cfg.components, manifest)
@@ -251,7 +260,7 @@ def sample(cfg: SampleConfig) -> dict:
     report = {"mp4": str(mp4), "png": str(png), "size": [height, width, frames], "steps": cfg.steps,
               "negative_prompt": negative,
               "prompt_check": check, "steps_per_regime": regimes, "backend": deployed.backend,
-              "fp8_linears": cfg.fp8_linears, "compile": cfg.compile,
+              "fp8_linears": cfg.fp8_linears, "compile": cfg.compile, "kernel_forward": cfg.kernel_forward,
               "seconds_denoising": round(loop_seconds, 3), "seconds_per_step": round(loop_seconds / cfg.steps, 4),
               "seconds": round(time.perf_counter() - started, 3)}
     log.info("sample written: %s", report)

@@ -17,7 +17,9 @@
 
 `--fp8-linears`: the deploy runtime's large Linears in FP8 (fpsa_train/fp8_linears.py, torchao); the dense model is
 then timed a second time with them too (`dense_fp8_linears_ms`: the linears' gain alone, same run). `--compile`:
-the deploy runtime under torch.compile (`Deployed.compile`; the baseline stays eager). `--sample-steps 50`: also
+the deploy runtime under torch.compile (`Deployed.compile`; the baseline stays eager). `--gluon`: the FPS schedules'
+regimes in the kernel's warp-specialised Gluon forward (`load_deploy(kernel_forward="gluon")`; Hopper, head dim 128)
+instead of its Triton forward. `--sample-steps 50`: also
 the whole sampling loop of one video (both guidance branches per step; no text encoding or VAE decoding) per
 schedule and with dense SDPA on the same weights, in wall seconds. `--breakdown`: one profiled step of dense and
 of each regime, GPU time per component (self-attention, cross-attention, linears, other).
@@ -76,7 +78,7 @@ def training_checkpoint(model: str, latent: tuple[int, int, int], path: Path) ->
     torch.save({"state_dict": state, RUN_CONFIG_KEY: run_config(conf, schedule), "global_step": 0}, path)
 
 
-def in_memory_deploy(dense, schedule_file: str, compile: bool, fp8_linears: bool):
+def in_memory_deploy(dense, schedule_file: str, compile: bool, fp8_linears: bool, kernel_forward: str = "triton"):
     """The deploy runtime as `load_deploy` assembles it (`deploy.assemble`) on a copy of `dense`'s random weights,
     without the export and load round trip (`--no-export`)."""
     import copy
@@ -87,7 +89,7 @@ def in_memory_deploy(dense, schedule_file: str, compile: bool, fp8_linears: bool
     model = copy.deepcopy(dense)
     schedule = Schedule.from_config(FPSConfig(schedule_file=schedule_file), tuple(model.cfg.tile_shape))
     return assemble(model, schedule, {}, Path(f"<in memory: {schedule_file}>"), next(model.parameters()).device,
-                    fp8_linears=fp8_linears, compile=compile)
+                    fp8_linears=fp8_linears, compile=compile, kernel_forward=kernel_forward)
 
 
 def median_ms(fn, reps: int, warmup: int = 2) -> float:
@@ -200,6 +202,9 @@ def main() -> None:
     p.add_argument("--fp8-linears", action="store_true",
                    help="the deploy runtime's large Linears in FP8 (load_deploy(fp8_linears=True): torchao, per-row "
                         "scales); the dense baseline is also timed with them (dense_fp8_linears_ms)")
+    p.add_argument("--gluon", action="store_true",
+                   help="run the FPS schedules in the kernel's Gluon forward (load_deploy(kernel_forward='gluon'); "
+                        "Hopper, head dim 128) instead of its Triton forward")
     p.add_argument("--breakdown", action="store_true",
                    help="also profile one step of dense and of each regime: GPU time per component (self-attention, "
                         "cross-attention, linears, other; step_breakdown)")
@@ -212,6 +217,7 @@ def main() -> None:
                         "as load_deploy assembles it (in_memory_deploy). For 14B, whose checkpoint and export "
                         "would write 2 × 27 GB; the step's timing does not depend on where the weights came from")
     args = p.parse_args()
+    kernel_forward = "gluon" if args.gluon else "triton"
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -230,12 +236,13 @@ def main() -> None:
         t0 = time.perf_counter()
         if args.no_export:
             report = None
-            deployed = in_memory_deploy(dense, str(REPO / path), args.compile, args.fp8_linears)
+            deployed = in_memory_deploy(dense, str(REPO / path), args.compile, args.fp8_linears, kernel_forward)
         else:
             report = export(ExportConfig(checkpoint=str(work / "last.ckpt"), out=str(work / f"deploy_{name}"),
                                          schedule_file=str(REPO / path)))
             t0 = time.perf_counter()
-            deployed = load_deploy(report["out"], device="cuda", compile=args.compile, fp8_linears=args.fp8_linears)
+            deployed = load_deploy(report["out"], device="cuda", compile=args.compile, fp8_linears=args.fp8_linears,
+                                   kernel_forward=kernel_forward)
         t_load = time.perf_counter() - t0
         if "dense_ms" not in results:  # the baseline, once: the same weights in a plain WanModel, dense SDPA
             if dense is None:
@@ -301,6 +308,7 @@ def main() -> None:
         "latent": list(args.latent), "tokens": args.latent[0] * args.latent[1] * args.latent[2] // 4,
         "checkpoint_write_seconds": round(t_ckpt, 2), "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
         "date": time.strftime("%Y-%m-%d"), "compile": args.compile, "fp8_linears": args.fp8_linears,
+        "kernel_forward": kernel_forward,
         "sample_steps": args.sample_steps, "breakdown": args.breakdown, "no_export": args.no_export,
     })
     print(json.dumps(results, indent=1))

@@ -4,10 +4,11 @@
 # Stages:
 #   tests      the gpu-marked tests of the deploy runtime, compile, selection and the training kernels
 #   probe      scripts/experiments/probe_ws2d.py at 480p (warp-specialised forward variants)
-#   1.3b[-compile][-fp8]   bench_deploy at Wan-1.3B 480p (latent 21×60×104), default and sparse schedules;
+#   1.3b[-compile][-fp8][-gluon]   bench_deploy at Wan-1.3B 480p (latent 21×60×104), default and sparse schedules;
 #              the eager one also times a whole 50-step sample and profiles each step (breakdown)
-#   14b-<schedule>[-compile][-fp8]   bench_deploy at Wan-14B 720p (latent 21×90×160), one schedule per stage,
+#   14b-<schedule>[-compile][-fp8][-gluon]   bench_deploy at Wan-14B 720p (latent 21×90×160), one schedule per stage,
 #              random weights built on the GPU (--no-export), one timed step after one untimed
+# Suffixes: -compile (--compile), -fp8 (--fp8-linears), -gluon (--gluon: the kernel's Gluon forward).
 # Each stage has its own time limit so one hang cannot eat the call. Then `python scripts/bench_e2e_report.py`
 # (here) turns the JSON files into docs/bench_e2e_h200.{md,png}.
 # Needs: source scripts/device_env.sh (carry .whl/site.tar.xz).
@@ -25,6 +26,7 @@ run() {  # run NAME LIMIT CMD...: stdout+stderr to $OUT/NAME.log; its status and
 flags() {  # the bench_deploy flags of a stage name's suffixes
   case $1 in *-compile*) printf -- '--compile ';; esac
   case $1 in *-fp8*) printf -- '--fp8-linears ';; esac
+  case $1 in *-gluon*) printf -- '--gluon ';; esac
 }
 for stage in "$@"; do
   case $stage in

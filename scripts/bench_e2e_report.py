@@ -4,9 +4,10 @@
 
 Each JSON is one `scripts/bench_deploy.py` run: its own dense bf16 baseline (eager, PyTorch's SDPA, which picks
 cuDNN on the H200) timed in the same process, then the deploy runtime per schedule, eager or compiled, with bf16 or
-FP8 linears. Writes OUT.md (one step per model and configuration, the whole 50-step sample, and what is missing),
-OUT.json (the runs, merged) and OUT.png (schedule-mean speedup per configuration). Speedups are only ever taken
-against the baseline of the same run.
+FP8 linears, in the kernel's Triton forward or (`--gluon`, a `-gluon` stage) its Gluon forward. Writes OUT.md (one
+step per model and configuration, the whole 50-step sample, and what is missing), OUT.json (the runs, merged) and
+OUT.png (schedule-mean speedup per configuration). Speedups are only ever taken against the baseline of the same
+run.
 """
 
 from __future__ import annotations
@@ -19,12 +20,22 @@ MODELS = {"wan1_3b": "Wan-1.3B 480p", "wan14b": "Wan-14B 720p"}
 CONFIGS = (("eager", False, False), ("FP8 linears", False, True), ("compiled", True, False),
            ("compiled + FP8 linears", True, True))
 """(label, compile, fp8_linears): the issue's matrix per schedule."""
+GLUON = " + Gluon forward"
+"""Appended to the label of a run with `kernel_forward` gluon (bench_deploy.py --gluon): extra rows, outside the
+matrix (never listed as missing)."""
 PARTS = ("self-attention", "cross-attention", "linears", "other", "unattributed")
 """bench_deploy.py's step_breakdown parts."""
 
 
 def config_label(run: dict) -> str:
-    return next(label for label, c, f in CONFIGS if c == run["compile"] and f == run["fp8_linears"])
+    label = next(label for label, c, f in CONFIGS if c == run["compile"] and f == run["fp8_linears"])
+    return label + GLUON if run.get("kernel_forward", "triton") == "gluon" else label
+
+
+def shown_labels(rows: list[dict]) -> list[str]:
+    """The configurations in display order: the matrix, then the Gluon-forward ones that were measured."""
+    labels = [c[0] for c in CONFIGS]
+    return labels + [label + GLUON for label in labels if any(r["config"] == label + GLUON for r in rows)]
 
 
 def step_rows(runs: list[dict]) -> list[dict]:
@@ -57,7 +68,7 @@ def markdown(runs: list[dict], date: str) -> str:
                   "| schedule | configuration | dense bf16 ms (same run) | step ms | speedup | per regime: ms "
                   "(× dense, steps of 50) | first step s | output rel. diff vs dense |",
                   "|---|---|---|---|---|---|---|---|"]
-        for r in sorted(mine, key=lambda r: (r["schedule"], [c[0] for c in CONFIGS].index(r["config"]))):
+        for r in sorted(mine, key=lambda r: (r["schedule"], shown_labels(rows).index(r["config"]))):
             regimes = "; ".join(f"{n} {ms:.0f} ({x:.2f}×, {k})" for n, (ms, x, k) in r["regimes"].items())
             lines.append(f"| {r['schedule']} | {r['config']} | {r['dense_ms']:.0f} | {r['mean_ms']:.0f} | "
                          f"**{r['speedup']:.2f}×** | {regimes} | {r['first_step_s']:.1f} | {r['rel_diff']:.3f} |")
@@ -109,13 +120,14 @@ def plot(runs: list[dict], path: Path) -> None:
     for ax, model in zip(axes[0], models):
         mine = [r for r in rows if r["model"] == model]
         schedules = sorted({r["schedule"] for r in mine})
-        width = 0.8 / len(CONFIGS)
-        for i, (label, _, _) in enumerate(CONFIGS):
+        labels = shown_labels(rows)
+        width = 0.8 / len(labels)
+        for i, label in enumerate(labels):
             xs, ys = [], []
             for j, s in enumerate(schedules):
                 hit = [r for r in mine if r["schedule"] == s and r["config"] == label]
                 if hit:
-                    xs.append(j + (i - (len(CONFIGS) - 1) / 2) * width)
+                    xs.append(j + (i - (len(labels) - 1) / 2) * width)
                     ys.append(hit[0]["speedup"])
             if xs:  # a configuration keeps its colour in every panel
                 bars = ax.bar(xs, ys, width, label=label, color=f"C{i}")

@@ -32,3 +32,15 @@ def test_tables_use_each_runs_own_baseline_and_list_the_missing_configurations(t
     assert "default eager" in fourteen_b.split("Not measured:")[1] and "sparse eager" in fourteen_b
     report.plot(runs, tmp_path / "e2e.png")
     assert (tmp_path / "e2e.png").stat().st_size > 10_000
+
+
+def test_a_gluon_run_is_its_own_row_outside_the_matrix(tmp_path):
+    """A `-gluon` stage (bench_deploy.py --gluon, kernel_forward gluon) is labelled as such, after the matrix's
+    rows, and is never listed as missing."""
+    runs = [run("wan1_3b", True, False, 1000.0, {"sparse": 400.0}),
+            {**run("wan1_3b", True, False, 1000.0, {"sparse": 380.0}), "kernel_forward": "gluon"}]
+    text = report.markdown(runs, "2026-12-02")
+    assert text.index("| sparse | compiled | 1000 | 400 |") < text.index("| sparse | compiled + Gluon forward | 1000 "
+                                                                       "| 380 |")
+    assert "Gluon" not in text.split("Not measured:")[1]
+    report.plot(runs, tmp_path / "e2e.png")

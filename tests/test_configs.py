@@ -163,6 +163,25 @@ def test_tool_keys_named_like_a_training_group_compose(tool, key):
     assert str(cfg[key]) in (value, f"{value}.0")
 
 
+@pytest.mark.parametrize("tool", ["sample", "evaluate"])
+def test_sampling_tools_take_kernel_forward_and_refuse_a_bad_one(tool):
+    """`kernel_forward` (the FP8 kernel's inference forward) composes with the sampling CLIs, default triton; a bad
+    value fails when the config is resolved, naming the key and the choices."""
+    import importlib
+
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONFIGS
+
+    importlib.import_module({"sample": "fpsa_train.sample", "evaluate": "fpsa_train.eval.config"}[tool])
+    base = ["deploy=d", "prompt=p"] if tool == "sample" else ["candidates=[d]"]
+    with initialize_config_dir(config_dir=str(CONFIGS / "tools"), version_base="1.3"):
+        assert resolve(compose(config_name=tool, overrides=base)).kernel_forward == "triton"
+        assert resolve(compose(config_name=tool, overrides=[*base, "kernel_forward=gluon"])).kernel_forward == "gluon"
+        with pytest.raises((ConfigError, ValueError), match=r"kernel_forward='cuda'.*'triton', 'gluon'"):
+            resolve(compose(config_name=tool, overrides=[*base, "kernel_forward=cuda"]))
+
+
 @pytest.mark.parametrize("override", ["+model.dimm=3", "++model.dimm=3", "+trainer.max_stepz=3", "+dimm=3",
                                       "+fps.regimes.0.sparsity.windoww=[1,1,1]"])
 def test_adding_an_unknown_key_with_plus_fails_naming_it(override, tmp_path):

@@ -67,6 +67,10 @@ class EvaluateConfig:
     """auto (CUDA when present), cpu or cuda[:N]."""
     backend: str = "auto"
     """FPS attention: auto (kernel on H100/H200, reference elsewhere), reference, kernel."""
+    kernel_forward: str = "triton"
+    """The FP8 kernel's inference forward for every model loaded with FPS attention (the candidates, and a reference
+    folder's schedule): triton, or gluon (warp-specialised; Hopper and head dim 128 only). Part of the videos'
+    inputs when not triton."""
     batch: int = 1
     """Videos denoised together (one model call per step for all of them and their negative branches): the same
     seed's prompts in order, in chunks of `batch`, identically for every variant. 1 reproduces

@@ -176,7 +176,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         len(prompts), "seeds": seeds, "steps": cfg.steps, "guidance": cfg.guidance, "shift": cfg.shift,
         "size": {"height": size[0], "width": size[1], "frames": size[2]}, "components": components,
         "device": str(device), "backend": cfg.backend, "per_regime": cfg.per_regime, "fp8_linears": cfg.fp8_linears,
-        "negative_prompt": cfg.negative_prompt if cfg.guidance > 1 else None}
+        "kernel_forward": cfg.kernel_forward, "negative_prompt": cfg.negative_prompt if cfg.guidance > 1 else None}
     results["prompts"] = [{"id": prompt_id(p), "index": i, "prompt": p} for i, p in enumerate(prompts)]
     results["schedules"] = {v.key: [r.describe() for r in v.regimes] for v in variants if v.attention == "schedule"}
     results["videos_sampled"], results["videos_reused"] = len(jobs) - reused, reused
@@ -192,7 +192,8 @@ def _inputs(cfg: EvaluateConfig, variant: Variant, prompt: str, seed: int, size,
             "guidance": cfg.guidance, "shift": cfg.shift, "size": list(size),
             "components": str(Path(components).resolve()), "device": device.type, "backend": cfg.backend,
             **({"batch": _batch_of(cfg.batch, prompts, prompt, seed)} if cfg.batch > 1 else {}),
-            **({"fp8_linears": True} if variant.fp8_linears else {})}
+            **({"fp8_linears": True} if variant.fp8_linears else {}),
+            **({"kernel_forward": cfg.kernel_forward} if cfg.kernel_forward != "triton" else {})}
 
 
 def _batch_of(batch: int, prompts: list[str], prompt: str, seed: int) -> list[str]:
@@ -239,7 +240,7 @@ def _sample_missing(cfg: EvaluateConfig, jobs: list[Job], device: torch.device, 
             deployed = None
             _free(device)
             deployed = load_deploy(v.folder, device=device, backend=cfg.backend, fps=v.attention != DENSE,
-                                   fp8_linears=v.fp8_linears)
+                                   fp8_linears=v.fp8_linears, kernel_forward=cfg.kernel_forward)
             loaded_key = (v.folder, v.attention != DENSE, v.fp8_linears)
         shape = latent_shape(deployed.model.cfg.in_dim, enc.vae, *size)
         with deployed.only_regime(v.only) if v.only else nullcontext(), \

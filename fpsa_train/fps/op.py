@@ -21,11 +21,15 @@ Why a third output. The op returns (out, lse, density): density is the fraction 
 inside the op it stays a device tensor: nothing in the compiled region reads it on the host. Dense and window masks
 are static, so their density is computed once per layout and regime and cached.
 
-Eager calls are the direct call. The implementation is `fps_attention(q, k, v, layout, regime, mask)` with no mask
-for dense and window (fps/kernel.py's cached plans), the top-k selection that fps_attention itself makes without one
-(`masks.select_keep`, no host read; made here to keep its density), and for learned regimes the given mask as a
-KeepMask with the selector's bound (its TileMask was read on the host once already; it is not rebuilt here). So the
-op's output is bit for bit the direct call's (tests/fps/test_op.py).
+Eager calls are the direct call. The implementation is `fps_attention(q, k, v, layout, regime, mask, forward=...)`
+with no mask for dense and window (fps/kernel.py's cached plans), the top-k selection that fps_attention itself
+makes without one (`masks.select_keep`, no host read; made here to keep its density), and for learned regimes the
+given mask as a KeepMask with the selector's bound (its TileMask was read on the host once already; it is not
+rebuilt here). So the op's output is bit for bit the direct call's (tests/fps/test_op.py).
+
+Which forward. `forward` ("triton" | "gluon", fpsa_kernels.KernelConfig.forward) picks the kernel that computes
+the call: the Triton forward, or the warp-specialised Gluon one (Hopper, head dim 128; it raises elsewhere, on the
+CPU interpreter too). A primitive string, so a compiled graph holds it as a constant, as it holds the regime.
 
 Scope: inference. No autograd formula is registered (calling it on inputs that require grad raises); training keeps
 `fps_attention`'s autograd.Function, which FPSAttention calls when grad is needed. Learned regimes select their mask
@@ -89,14 +93,15 @@ def _static_density(q: Tensor, k: Tensor, layout: TokenLayout, regime: Regime, s
 # (torch.compile mode="reduce-overhead") must be split around the op, which Inductor's graph partition does.
 @torch.library.custom_op("fpsa::attention", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def attention(q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], grid: list[int], tile_shape: list[int],
-              regime: str, max_kept: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+              regime: str, max_kept: int = 0, forward: str = "triton") -> tuple[Tensor, Tensor, Tensor]:
     """FPS attention forward (fps/kernel.py `fps_attention`) for one regime: (out bf16 (B, H, L, D) contiguous,
     lse fp32 (B, H, L), density fp32 ()).
 
     q, k, v: (B, H, L, D), tokens in tile-major order of the layout (grid, tile_shape); regime: `regime_spec(r)`;
     keep: bool (B|1, H|1, N, N) kept tile pairs for a learned regime (its selector's mask), else None (the regime
     selects its own); max_kept: no row of keep keeps more key tiles than this (the selector's TileMask knows it:
-    its width), which sizes the plan without reading keep on the host; 0 takes N, always true but a larger plan."""
+    its width), which sizes the plan without reading keep on the host; 0 takes N, always true but a larger plan;
+    forward: which kernel computes it, "triton" or "gluon" (KernelConfig.forward; the module docstring)."""
     from fpsa_train.fps.kernel import fps_attention  # here, not at the top: triton is Linux-only
 
     layout = TokenLayout(tuple(grid), "tile", tuple(tile_shape))
@@ -105,18 +110,18 @@ def attention(q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], grid: lis
         raise ValueError(f"fpsa::attention: regime {reg.name!r} is `learned`: pass its selector's mask as keep "
                          "(FPSAttention does)")
     if reg.pattern in ("dense", "window"):  # fps_attention uses its cached static plan
-        out, lse = fps_attention(q, k, v, layout, reg)
+        out, lse = fps_attention(q, k, v, layout, reg, forward=forward)
         return out, lse, _static_density(q, k, layout, reg, regime)
     if keep is not None:
         mask = KeepMask(keep, max_kept or keep.shape[-1])
     else:  # the selection fps_attention makes when given no mask (no host read), kept for its density
         mask = select_keep(q, k, layout, reg.topk_of(len(layout.tile_sizes())), reg.window)
-    out, lse = fps_attention(q, k, v, layout, reg, mask)
+    out, lse = fps_attention(q, k, v, layout, reg, mask, forward=forward)
     return out, lse, mask.density().mean()
 
 
 @attention.register_fake
-def _(q, k, v, keep, grid, tile_shape, regime, max_kept=0):
+def _(q, k, v, keep, grid, tile_shape, regime, max_kept=0, forward="triton"):
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"fpsa::attention: q, k, v must be (B, H, L, D) of one shape; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -127,12 +132,15 @@ def _(q, k, v, keep, grid, tile_shape, regime, max_kept=0):
 
 
 def fps_attention_op(q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, regime: Regime | str,
-                     keep: Tensor | None = None, max_kept: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+                     keep: Tensor | None = None, max_kept: int = 0,
+                     forward: str = "triton") -> tuple[Tensor, Tensor, Tensor]:
     """`fpsa::attention` on the objects FPSAttention holds: (out, lse, density), see `attention`.
 
     `regime`: a Regime, or its `regime_spec`. Under torch.compile pass the spec (FPSAttention does): a Regime
-    reaches `regime_spec` as a frozen dataclass, which torch 2.11's Dynamo cannot make a trace-time constant."""
+    reaches `regime_spec` as a frozen dataclass, which torch 2.11's Dynamo cannot make a trace-time constant.
+    `forward`: "triton" or "gluon", the kernel that computes it (see `attention`)."""
     if layout.order != "tile":
         raise ValueError("the kernel needs tokens in tile-major order: set model.token_order=tile")
     spec = regime if isinstance(regime, str) else regime_spec(regime)
-    return torch.ops.fpsa.attention(q, k, v, keep, list(layout.grid), list(layout.tile_shape), spec, max_kept)
+    return torch.ops.fpsa.attention(q, k, v, keep, list(layout.grid), list(layout.tile_shape), spec, max_kept,
+                                    forward)

@@ -16,6 +16,11 @@ each, and a sync each in eager runs too). And the kernel's inference forward is 
 remains outside a whole graph: training (the kernel's autograd.Function), the PyTorch reference (host reads in its
 tile loop), learned regimes (their selector's mask is read on the host to size it), and batches that mix regimes.
 
+Which kernel forward runs an inference call is opt-in: `kernel_forward="gluon"` (`apply_fps_attention`) passes
+`forward="gluon"` to the op, whose kernel then runs the warp-specialised Gluon forward (fpsa_kernels
+KernelConfig.forward: Hopper, head dim 128, 1.16× the Triton forward dense at 1.3B-480p on the H200) instead of the
+Triton one; training calls always run the Triton forward, and regimes the reference runs are unaffected.
+
 Each core keeps what training logs and optimises: the realised density per regime from its last forward, the
 learned selectors' density regulariser (`aux_loss`), and with `collect_stats` on, the FP8 range statistics of its
 Q, K and V (`last_fp8_stats`, fps/fp8.py `e4m3_range_stats`). Selectors are per layer (one module per core), with
@@ -64,6 +69,18 @@ def kernel_unavailable(q: torch.Tensor) -> str | None:
     except ImportError as err:  # no triton on this platform
         return f"fpsa_kernels cannot be imported ({err})"
     return unsupported_reason(q)
+
+
+def check_kernel_forward(kernel_forward: str) -> None:
+    """Raise ScheduleError unless `kernel_forward` names a forward of the kernel (fpsa_kernels.config.FORWARDS).
+    Where fpsa_kernels cannot be imported (no triton) the kernel never runs, nothing reads the value, and it is not
+    checked."""
+    try:
+        from fpsa_kernels.config import FORWARDS
+    except ImportError:  # no triton on this platform
+        return
+    if kernel_forward not in FORWARDS:
+        raise ScheduleError(f"kernel_forward={kernel_forward!r}: expected one of {FORWARDS}")
 
 
 def kernel_fits(head_dim: int, quantized: bool) -> bool:
@@ -139,14 +156,16 @@ class FPSAttention(nn.Module):
     """Self-attention core running the regime that each sample's σ selects (kernel or PyTorch reference)."""
 
     def __init__(self, schedule: Schedule, num_heads: int, layer: int, materialize: bool = False,
-                 backend: str = "auto"):
+                 backend: str = "auto", kernel_forward: str = "triton"):
         super().__init__()
         if backend not in BACKENDS:
             raise ScheduleError(f"fps.backend={backend!r}: expected one of {BACKENDS}")
+        check_kernel_forward(kernel_forward)
         self.schedule = schedule  # also sets _specs
         self.layer = layer
         self.materialize = materialize
         self.backend = backend
+        self.kernel_forward = kernel_forward  # the op's `forward` for inference calls: "triton" or "gluon"
         self.last_backend: str | None = None  # "kernel" or "reference": what the last forward ran
         self.selectors = nn.ModuleDict({
             r.name: LearnedSelector(num_heads, r.target_density, r.temperature)
@@ -241,19 +260,23 @@ class FPSAttention(nn.Module):
         if not grad:  # inference: the custom op (fps/op.py), which selects top-k masks itself
             from fpsa_train.fps.op import fps_attention_op
 
-            out, _, density = fps_attention_op(q, k, v, layout, self._specs[regime.name],
-                                               *(() if sel is None else (sel.mask.to_dense(), sel.mask.max_kept)))
+            keep, max_kept = (None, 0) if sel is None else (sel.mask.to_dense(), sel.mask.max_kept)
+            out, _, density = fps_attention_op(q, k, v, layout, self._specs[regime.name], keep, max_kept,
+                                               self.kernel_forward)
             return out, density, None if sel is None else sel.reg_loss
         from fpsa_train.fps.kernel import fps_attention  # here, not at the top: triton is Linux-only
 
         static = regime.pattern in ("dense", "window")  # fps_attention reuses its cached plan for these
+        # training: the Triton forward whatever kernel_forward says (it saves what the backward needs)
         out, _ = fps_attention(q, k, v, layout, regime, None if static else sel.mask, sel.gate)
         return out, sel.mask.density().mean(), sel.reg_loss
 
 
 def apply_fps_attention(model: nn.Module, schedule: Schedule, materialize: bool = False,
-                        backend: str = "auto") -> nn.Module:
-    """Swap every block's self-attention core for FPS attention (in place; returns the model)."""
+                        backend: str = "auto", kernel_forward: str = "triton") -> nn.Module:
+    """Swap every block's self-attention core for FPS attention (in place; returns the model). `kernel_forward`:
+    the kernel's forward for inference calls, "triton" (default) or "gluon" (the module docstring)."""
+    check_kernel_forward(kernel_forward)
     cfg = model.cfg
     if cfg.token_order != "tile":
         raise ScheduleError(f"FPS attention needs tile-major tokens: model.token_order={cfg.token_order!r}, "
@@ -262,11 +285,12 @@ def apply_fps_attention(model: nn.Module, schedule: Schedule, materialize: bool 
         if regime.quant is not None:
             regime.quant.group_shape(tuple(cfg.tile_shape))  # raises naming the axis if it does not fit the tile
     for i, block in enumerate(model.blocks):
-        core = FPSAttention(schedule, cfg.num_heads, i, materialize, backend)
+        core = FPSAttention(schedule, cfg.num_heads, i, materialize, backend, kernel_forward)
         device = next(block.parameters()).device  # learned selectors live where their block does
         block.self_attn.core = core if device.type == "meta" else core.to(device)
-    log.info("FPS attention (backend %s%s) in %d blocks:\n  %s", backend, ", materialised" if materialize else "",
-             len(model.blocks), "\n  ".join(r.describe() for r in schedule.regimes))
+    log.info("FPS attention (backend %s%s%s) in %d blocks:\n  %s", backend, ", materialised" if materialize else "",
+             "" if kernel_forward == "triton" else f", {kernel_forward} kernel forward", len(model.blocks),
+             "\n  ".join(r.describe() for r in schedule.regimes))
     return model
 
 

@@ -62,9 +62,9 @@ def qkv(seed=0, b=2):
     return [torch.randn(b, 2, LAYOUT.seq_len, 64, generator=g).to(torch.bfloat16) for _ in range(3)]
 
 
-def tiny_dit(backend="kernel") -> WanModel:
+def tiny_dit(backend="kernel", kernel_forward="triton") -> WanModel:
     torch.manual_seed(0)
-    model = apply_fps_attention(WanModel(CFG).eval(), schedule(), backend=backend)
+    model = apply_fps_attention(WanModel(CFG).eval(), schedule(), backend=backend, kernel_forward=kernel_forward)
     with torch.no_grad():
         model.head.head.weight.normal_(0, 0.1)  # zero-initialised in Wan: the output would be 0
     return model
@@ -117,15 +117,46 @@ def test_fake_impl_describes_the_real_outputs():
         return q, k, v, None, list(LAYOUT.grid), list(LAYOUT.tile_shape), regime_spec(regime(name))
 
     torch.library.opcheck(torch.ops.fpsa.attention.default, args("window_topk"))
+    torch.library.opcheck(torch.ops.fpsa.attention.default, (*args("dense"), 0, "triton"))  # `forward` spelled out
     for name in ("window_topk", "dense"):
         real = torch.ops.fpsa.attention(*args(name))
-        with FakeTensorMode() as mode:
-            fake = torch.ops.fpsa.attention(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
-                                              for a in args(name)))
-        for f, r in zip(fake, real):
-            assert (f.shape, f.dtype, f.stride(), f.device) == (r.shape, r.dtype, r.stride(), r.device)
+        for forward in ("triton", "gluon"):  # the fake runs no kernel: the Gluon forward's outputs are described too
+            with FakeTensorMode() as mode:
+                fake = torch.ops.fpsa.attention(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+                                                  for a in args(name)), 0, forward)
+            for f, r in zip(fake, real):
+                assert (f.shape, f.dtype, f.stride(), f.device) == (r.shape, r.dtype, r.stride(), r.device)
     assert [t.dtype for t in real] == [torch.bfloat16, torch.float32, torch.float32]
     assert real[0].shape == q.shape and real[1].shape == q.shape[:3] and real[2].shape == ()
+
+
+def test_op_passes_forward_to_the_kernel():
+    """`forward` reaches fps_attention: "gluon" runs the Gluon forward, which has no CPU interpreter and says so;
+    "triton" is the default, bit for bit."""
+    q, k, v = qkv(b=1)
+    for name in ("dense", "topk"):  # a static plan and a mask selected in the op
+        with pytest.raises(ValueError, match="no CPU interpreter"):
+            fps_attention_op(q, k, v, LAYOUT, regime(name), forward="gluon")
+        out, lse, _ = fps_attention_op(q, k, v, LAYOUT, regime(name))
+        got, got_lse, _ = fps_attention_op(q, k, v, LAYOUT, regime(name), forward="triton")
+        assert torch.equal(got, out) and torch.equal(got_lse, lse)
+
+
+def test_kernel_forward_reaches_the_op_in_inference_only():
+    """apply_fps_attention(kernel_forward="gluon"): an inference forward reaches the Gluon forward (no CPU
+    interpreter), in every regime of the schedule; a call that needs gradients runs the Triton forward as before.
+    A bad value is refused before any block is touched, naming it and the choices."""
+    x, text = dit_inputs()
+    model = tiny_dit(kernel_forward="gluon")
+    assert {c.kernel_forward for c in (b.self_attn.core for b in model.blocks)} == {"gluon"}
+    for name in ("late", "middle", "early"):
+        with torch.no_grad(), pytest.raises(ValueError, match="no CPU interpreter"):
+            model(x, torch.full((2,), 500.0), text, attn_kwargs={"regime": name})
+    core = model.blocks[0].self_attn.core
+    q, k, v = (t.requires_grad_() for t in qkv())
+    assert core(q, k, v, LAYOUT, regime="middle").shape == q.shape  # training: the Triton forward
+    with pytest.raises(ScheduleError, match=r"kernel_forward='cuda'.*'triton', 'gluon'"):
+        apply_fps_attention(WanModel(CFG).eval(), schedule(), kernel_forward="cuda")
 
 
 def test_op_needs_a_learned_regimes_mask():
@@ -250,6 +281,22 @@ def kernel_deploy(tmp_path_factory) -> str:
     return export_random(tmp_path_factory.mktemp("deploy_compile"), [
         "+experiment=tiny", "data=synthetic", "model.num_heads=2", "data.latent_frames=3", "data.latent_height=8",
         "data.latent_width=16"], schedule())
+
+
+def test_load_deploy_passes_kernel_forward_to_the_op(kernel_deploy, tmp_path):
+    """load_deploy(kernel_forward="gluon") runs the Gluon forward (here: its CPU-interpreter error) and says so in
+    its backend's words; the default runs the Triton forward; a bad value is refused before the folder is read."""
+    from fpsa_train.deploy import load_deploy
+
+    g = torch.Generator().manual_seed(1)
+    x, text = torch.randn(1, 16, 3, 8, 16, generator=g), torch.randn(1, 5, 64, generator=g)
+    gluon = load_deploy(kernel_deploy, backend="kernel", kernel_forward="gluon")
+    assert "gluon forward" in gluon.backend
+    with pytest.raises(ValueError, match="no CPU interpreter"):
+        gluon.denoise(x, 0.6, text)
+    assert torch.isfinite(load_deploy(kernel_deploy, backend="kernel").denoise(x, 0.6, text)).all()
+    with pytest.raises(ScheduleError, match="kernel_forward='Gluon'"):
+        load_deploy(tmp_path / "not_a_deploy_folder", kernel_forward="Gluon")
 
 
 @pytest.mark.slow
