@@ -124,13 +124,18 @@ def attention_forward(qkv: QuantizedQKV, plan: Plan, out: torch.Tensor | None = 
     return out, lse
 
 
+def quantized(q, k, v, groups: QuantGroups) -> QuantizedQKV:
+    """The pre-pass as every forward takes it: Q's scales carry the softmax scale 1/√D and log2 e (base-2 scores)."""
+    return quantize_qkv(q, k, v, groups, q_mult=LOG2E / math.sqrt(q.shape[-1]))
+
+
 class FP8AttentionFunction(torch.autograd.Function):
     """Autograd op: the forward kernel (saving m and ℓ) and the backward kernels (backward.py). See `fp8_attention`."""
 
     @staticmethod
     def forward(ctx, q, k, v, gate, groups, plan, planner, gate_tiles, config):
         b, h, seq, d = q.shape
-        qkv = quantize_qkv(q, k, v, groups, q_mult=LOG2E / math.sqrt(d))
+        qkv = quantized(q, k, v, groups)
         stats = torch.empty(2, b * h, seq, dtype=torch.float32, device=q.device)
         out, lse = attention_forward(qkv, plan, num_warps=config.num_warps, num_stages=config.num_stages,
                                      qk_imprecise_acc=config.qk_imprecise_acc, stats=(stats[0], stats[1]))
@@ -191,8 +196,7 @@ def _gluon_call(q, k, v, groups: QuantGroups, plan: Plan) -> tuple[torch.Tensor,
         raise ValueError(f"forward='gluon' supports head dim 128 only; got {q.shape[-1]} (use forward='triton')")
     from fpsa_kernels.gluon_forward import gluon_forward
 
-    qkv = quantize_qkv(q, k, v, groups, q_mult=LOG2E / math.sqrt(q.shape[-1]))
-    return gluon_forward(qkv, plan)
+    return gluon_forward(quantized(q, k, v, groups), plan)
 
 
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: QuantGroups, plan: Plan | Planner,
@@ -229,7 +233,6 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: Qua
             raise ValueError("training needs a Planner, not a Plan: the backward plans the transposed mask (and its "
                              "own blocks, config.bwd_blocks)")
         return FP8AttentionFunction.apply(q, k, v, gate, groups, forward_plan, planner, gate_tiles, config)
-    qkv = quantize_qkv(q, k, v, groups, q_mult=LOG2E / math.sqrt(q.shape[-1]))
-    return attention_forward(qkv, forward_plan, num_warps=config.num_warps, num_stages=config.num_stages,
-                             qk_imprecise_acc=config.qk_imprecise_acc)
+    return attention_forward(quantized(q, k, v, groups), forward_plan, num_warps=config.num_warps,
+                             num_stages=config.num_stages, qk_imprecise_acc=config.qk_imprecise_acc)
 

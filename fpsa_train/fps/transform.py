@@ -275,8 +275,8 @@ class FPSAttention(nn.Module):
 def apply_fps_attention(model: nn.Module, schedule: Schedule, materialize: bool = False,
                         backend: str = "auto", kernel_forward: str = "triton") -> nn.Module:
     """Swap every block's self-attention core for FPS attention (in place; returns the model). `kernel_forward`:
-    the kernel's forward for inference calls, "triton" (default) or "gluon" (the module docstring)."""
-    check_kernel_forward(kernel_forward)
+    the kernel's forward for inference calls, "triton" (default) or "gluon" (the module docstring; each core checks
+    it)."""
     cfg = model.cfg
     if cfg.token_order != "tile":
         raise ScheduleError(f"FPS attention needs tile-major tokens: model.token_order={cfg.token_order!r}, "

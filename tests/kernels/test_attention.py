@@ -140,3 +140,12 @@ def test_gluon_forward_is_refused_where_it_cannot_run_and_skipped_by_training():
     trained, _ = fps_attention(qg, kg, vg, LAYOUT, reg, forward="gluon")
     trained.float().sum().backward()
     assert qg.grad is not None and torch.equal(trained, fps_attention(q, k, v, LAYOUT, reg)[0])
+
+
+def test_gluon_plan_blocks_match_its_default_variant():
+    """fp8_attention plans the Gluon forward at GLUON_BLOCK without importing Gluon; the kernel refuses any other
+    plan, so the constant must be its default variant's rows."""
+    from fpsa_kernels.attention import GLUON_BLOCK
+    from fpsa_kernels.gluon_forward import DEFAULT_VARIANT, block_m
+
+    assert block_m(DEFAULT_VARIANT) == GLUON_BLOCK
