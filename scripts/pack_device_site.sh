@@ -11,7 +11,19 @@ torchao=$(grep -m1 '^torchao==' constraints.txt)
 ls .whl/torchao-"${torchao#torchao==}"-*.whl >/dev/null 2>&1 || python3 -m pip download -q --no-deps \
   --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 -d .whl "$torchao"
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
-for wheel in .whl/*.whl; do python3 -m zipfile -e "$wheel" "$tmp/site"; done
+# Unpack keeping each member's mode bits: `python -m zipfile -e` drops them, and wandb's service binary
+# (wandb/bin/wandb-core) then fails on the device with PermissionError when the logger starts.
+python3 - "$tmp/site" .whl/*.whl <<'PY'
+import os, sys, zipfile
+site = sys.argv[1]
+for wheel in sys.argv[2:]:
+    with zipfile.ZipFile(wheel) as z:
+        for info in z.infolist():
+            path = z.extract(info, site)
+            mode = (info.external_attr >> 16) & 0o777
+            if mode and not info.is_dir():
+                os.chmod(path, mode)
+PY
 rm -f "$tmp"/site/torchao/_C*.so
 tar cJf .whl/site.tar.xz.part -C "$tmp/site" . && mv .whl/site.tar.xz.part .whl/site.tar.xz
 ls -la .whl/site.tar.xz
