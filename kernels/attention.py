@@ -187,7 +187,7 @@ GLUON_BLOCK = 128
 """The Gluon forward's plan blocks (block_m = block_n; gluon_forward.DEFAULT_VARIANT's two warpgroups of 64 rows)."""
 
 
-def _gluon_call(q, k, v, groups: QuantGroups, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+def _gluon_call(q, k, v, groups: QuantGroups, plan: Plan, variant: str | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The inference forward by the Gluon kernel (KernelConfig.forward = "gluon"), after checking what it needs."""
     if interpreted():
         raise ValueError("forward='gluon' needs a Hopper GPU: Gluon has no CPU interpreter (use forward='triton' "
@@ -196,7 +196,7 @@ def _gluon_call(q, k, v, groups: QuantGroups, plan: Plan) -> tuple[torch.Tensor,
         raise ValueError(f"forward='gluon' supports head dim 128 only; got {q.shape[-1]} (use forward='triton')")
     from fpsa_kernels.gluon_forward import gluon_forward
 
-    return gluon_forward(quantized(q, k, v, groups), plan)
+    return gluon_forward(quantized(q, k, v, groups), plan, variant=variant)
 
 
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: QuantGroups, plan: Plan | Planner,
@@ -226,7 +226,8 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: Qua
     planner = None if isinstance(plan, Plan) else plan
     training = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, gate))
     if config.forward == "gluon" and not training:
-        return _gluon_call(q, k, v, groups, plan if planner is None else planner(GLUON_BLOCK, GLUON_BLOCK, False))
+        plan = plan if planner is None else planner(GLUON_BLOCK, GLUON_BLOCK, False)
+        return _gluon_call(q, k, v, groups, plan, config.gluon_variant)
     forward_plan = plan if planner is None else planner(config.block_m, config.block_n, False)
     if training:
         if planner is None:

@@ -36,6 +36,9 @@ class KernelConfig:
     (gluon_forward.py: warp-specialised, its own 128 × 128 blocks, D = 128 on Hopper only; 1.16× the Triton forward
     dense at 1.3B-480p on the H200, docs/benchmarks.md "Gluon forward"). A call that needs gradients always runs
     the Triton forward, which saves the statistics the backward needs."""
+    gluon_variant: str | None = None
+    """The Gluon forward's schedule, a key of gluon_forward.VARIANTS whose plan is 128 × 128 (attention.GLUON_BLOCK);
+    None: gluon_forward.DEFAULT_VARIANT, the fastest measured. For experiments and the GPU tests of each variant."""
     bwd_blocks: tuple[int, int, int, int] = (64, 128, 64, 32)
     """(dQ kernel query rows, its key chunk, dK/dV kernel key rows, its query chunk); chunks are multiples of 16.
     The fastest of a sweep at dense 480p forward + backward on the H100: 122.3 ms against 142.0 for 64×64×64×64;

@@ -128,10 +128,64 @@ def _turn_pass(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
 
 
 @gluon.jit
+def _bundled_loop(WG: gl.constexpr, q, k_s, v_s, sk_s, k_ready, k_empty, v_ready, v_empty, turn, chunks, mask_base,
+                  count, packed, sq, m_i, l_i, acc, s_l: gl.constexpr, col_s: gl.constexpr, row_o: gl.constexpr,
+                  p_op: gl.constexpr, PINGPONG: gl.constexpr, QK_IMPRECISE: gl.constexpr, EDGE_MASK: gl.constexpr):
+    """The key loop with both GEMMs of a step issued back to back, FA3's ping-pong unit: P_i·V_i and then
+    Q·K_{i+1}ᵀ, one wait for both, then chunk i+1's softmax and the rescale of acc by its α. With PINGPONG the
+    two consumers take turns at the GEMM pair, so one warpgroup's softmax (exponentials, conversions) runs while the
+    other's GEMMs hold the tensor cores, instead of both colliding in the same phase. Only one e4m3 P is live (P_i
+    is consumed before P_{i+1} exists), so unlike the `OVERLAP` loop nothing spills. The arithmetic and its order
+    per chunk are the plain loop's (acc·α_i, then + P_i·V_i), as `_fwd_kernel`'s. Returns (acc, m, ℓ')."""
+    ST: gl.constexpr = k_s.type.shape[0]
+    # chunk 0: Q·K₀ᵀ in a turn of its own
+    _, lo, hi = _decode(packed)
+    packed = _next_entry(chunks, mask_base, 1, count)
+    _turn_wait(turn, WG, 0, PINGPONG)
+    mbarrier.wait(k_ready.index(0), 0)
+    s_tok = _qk(q, k_s.index(0), s_l, QK_IMPRECISE)
+    _turn_pass(turn, WG, PINGPONG)
+    sk = sk_s.index(0).load(col_s)
+    s = warpgroup_mma_wait(0, deps=(s_tok, ))
+    mbarrier.arrive(k_empty.index(0), count=1)
+    # The loop carries chunk i's S (fp32), not its e4m3 P: P is made and consumed in one iteration. Carried across
+    # the back edge, Triton 3.6 keeps each e4m3 value of P in its own register and repacks them at the GEMM (~250
+    # byte permutes per iteration in the SASS).
+    for i in range(count - 1):
+        st = i % ST
+        nxt = (i + 1) % ST
+        p8, m_i, l_i, alpha = _softmax(s, sk, lo, hi, sq, m_i, l_i, EDGE_MASK, p_op, col_s)
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        _, lo, hi = _decode(packed)  # chunk i + 1's
+        packed = _next_entry(chunks, mask_base, i + 2, count)
+        _turn_wait(turn, WG, i + 1, PINGPONG)
+        mbarrier.wait(v_ready.index(st), (i // ST) & 1)
+        o_tok = warpgroup_mma(p8, v_s.index(st).permute((1, 0)), acc, is_async=True)
+        mbarrier.wait(k_ready.index(nxt), ((i + 1) // ST) & 1)
+        s_tok = _qk(q, k_s.index(nxt), s_l, QK_IMPRECISE)
+        _turn_pass(turn, WG, PINGPONG)
+        sk = sk_s.index(nxt).load(col_s)
+        acc, s = warpgroup_mma_wait(0, deps=(o_tok, s_tok))
+        mbarrier.arrive(v_empty.index(st), count=1)
+        mbarrier.arrive(k_empty.index(nxt), count=1)
+    last = (count - 1) % ST
+    p8, m_i, l_i, alpha = _softmax(s, sk, lo, hi, sq, m_i, l_i, EDGE_MASK, p_op, col_s)
+    acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+    _turn_wait(turn, WG, count, PINGPONG)
+    mbarrier.wait(v_ready.index(last), ((count - 1) // ST) & 1)
+    o_tok = warpgroup_mma(p8, v_s.index(last).permute((1, 0)), acc, is_async=True)
+    _turn_pass(turn, WG, PINGPONG)
+    acc = warpgroup_mma_wait(0, deps=(o_tok, ))
+    mbarrier.arrive(v_empty.index(last), count=1)
+    return acc, m_i, l_i
+
+
+@gluon.jit
 def _consumer(WG: gl.constexpr, q_s, k_s, v_s, sk_s, q_ready, k_ready, k_empty, v_ready, v_empty, turn,
               sq_ptr, sv_ptr, o_ptr, lse_ptr, chunks, bh, b, h, row0, nrows, mask_base, count, L,
               stride_ob, stride_oh, stride_ol,
-              PINGPONG: gl.constexpr, QK_IMPRECISE: gl.constexpr, EDGE_MASK: gl.constexpr, OVERLAP: gl.constexpr):
+              PINGPONG: gl.constexpr, QK_IMPRECISE: gl.constexpr, EDGE_MASK: gl.constexpr, OVERLAP: gl.constexpr,
+              BUNDLE: gl.constexpr):
     """Rows [WG·BM, WG·BM + BM) of the item: Q·Kᵀ, softmax, P·V over the chunk list, then O = acc·s_v/ℓ' and lse.
     The loop does no global load of its own but the next chunk's packed entry (for lo, hi): K, Vᵀ and the chunk's
     s_k come through shared memory from the loader."""
@@ -158,7 +212,12 @@ def _consumer(WG: gl.constexpr, q_s, k_s, v_s, sk_s, q_ready, k_ready, k_empty, 
     mbarrier.wait(q_ready.index(WG), 0)
 
     packed = _next_entry(chunks, mask_base, 0, count)
-    if not OVERLAP:
+    if BUNDLE:
+        if count > 0:  # a forward plan has none empty; without the guard an empty item would wait forever
+            acc, m_i, l_i = _bundled_loop(WG, q, k_s, v_s, sk_s, k_ready, k_empty, v_ready, v_empty, turn, chunks,
+                                          mask_base, count, packed, sq, m_i, l_i, acc, s_l, col_s, row_o, p_op,
+                                          PINGPONG, QK_IMPRECISE, EDGE_MASK)
+    elif not OVERLAP:
         # the simplest schedule: Q·Kᵀ, wait, softmax, P·V, wait (the loader still runs ahead by the ring)
         for i in range(count):
             st = i % ST
@@ -275,7 +334,7 @@ def gluon_fwd_kernel(q_desc, k_desc, v_desc, sq_ptr, sk_ptr, sv_ptr, o_ptr, lse_
                      H, L, stride_ob, stride_oh, stride_ol, mask_sb, mask_sh, mask_sg, C,
                      CONSUMERS: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
                      QK_IMPRECISE: gl.constexpr, EDGE_MASK: gl.constexpr, OVERLAP: gl.constexpr,
-                     CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+                     BUNDLE: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     """One CTA per (plan item, batch·head). The item has CONSUMERS × (Q box rows) rows."""
     bh, b, h, row0, nrows, mask_base, count = _item(item_group, item_row, item_rows, chunk_count, H,
                                                     mask_sb, mask_sh, mask_sg, C)
@@ -306,10 +365,10 @@ def gluon_fwd_kernel(q_desc, k_desc, v_desc, sq_ptr, sk_ptr, sv_ptr, o_ptr, lse_
         gl.warp_specialize([
             (_consumer, (0, q_s, k_s, v_s, sk_s, q_ready, k_ready, k_empty, v_ready, v_empty, turn, sq_ptr, sv_ptr,
                          o_ptr, lse_ptr, chunks, bh, b, h, row0, nrows, mask_base, count, L, stride_ob, stride_oh,
-                         stride_ol, PINGPONG, QK_IMPRECISE, EDGE_MASK, OVERLAP)),
+                         stride_ol, PINGPONG, QK_IMPRECISE, EDGE_MASK, OVERLAP, BUNDLE)),
             (_consumer, (1, q_s, k_s, v_s, sk_s, q_ready, k_ready, k_empty, v_ready, v_empty, turn, sq_ptr, sv_ptr,
                          o_ptr, lse_ptr, chunks, bh, b, h, row0, nrows, mask_base, count, L, stride_ob, stride_oh,
-                         stride_ol, PINGPONG, QK_IMPRECISE, EDGE_MASK, OVERLAP)),
+                         stride_ol, PINGPONG, QK_IMPRECISE, EDGE_MASK, OVERLAP, BUNDLE)),
             (_loader, (q_desc, k_desc, v_desc, q_s, k_s, v_s, sk_s, q_ready, k_ready, k_empty, v_ready, v_empty, sk_ptr,
                        chunks, bh, row0, mask_base, count, L)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
@@ -317,7 +376,7 @@ def gluon_fwd_kernel(q_desc, k_desc, v_desc, sq_ptr, sk_ptr, sv_ptr, o_ptr, lse_
         gl.warp_specialize([
             (_consumer, (0, q_s, k_s, v_s, sk_s, q_ready, k_ready, k_empty, v_ready, v_empty, turn, sq_ptr, sv_ptr,
                          o_ptr, lse_ptr, chunks, bh, b, h, row0, nrows, mask_base, count, L, stride_ob, stride_oh,
-                         stride_ol, PINGPONG, QK_IMPRECISE, EDGE_MASK, OVERLAP)),
+                         stride_ol, PINGPONG, QK_IMPRECISE, EDGE_MASK, OVERLAP, BUNDLE)),
             (_loader, (q_desc, k_desc, v_desc, q_s, k_s, v_s, sk_s, q_ready, k_ready, k_empty, v_ready, v_empty, sk_ptr,
                        chunks, bh, row0, mask_base, count, L)),
         ], [1], [LOADER_REGS])
@@ -337,6 +396,9 @@ VARIANTS = {
     "pingpong_m128_s3": dict(consumers=2, rows=64, warps=4, stages=3, pingpong=True, maxnreg=168),
     "ws1_m64_s2_ov": dict(consumers=1, rows=64, warps=4, stages=2, pingpong=False, maxnreg=240, overlap=True,
                           spills=True),
+    "bundle_m128_s2": dict(consumers=2, rows=64, warps=4, stages=2, pingpong=False, maxnreg=168, bundle=True),
+    "pp_bundle_m128_s2": dict(consumers=2, rows=64, warps=4, stages=2, pingpong=True, maxnreg=168, bundle=True),
+    "pp_bundle_m128_s3": dict(consumers=2, rows=64, warps=4, stages=3, pingpong=True, maxnreg=168, bundle=True),
     "pingpong_m128_s2_ov": dict(consumers=2, rows=64, warps=4, stages=2, pingpong=True, maxnreg=168, overlap=True,
                                 spills=True),
 }
@@ -362,7 +424,8 @@ def constexprs(variant: str, qk_imprecise: int = 128, edge_mask: bool = True) ->
     v = VARIANTS[variant]
     return dict(CONSUMERS=v["consumers"], STAGES=v["stages"], PINGPONG=v["pingpong"],
                 QK_IMPRECISE=0 if qk_imprecise >= 128 else qk_imprecise,
-                EDGE_MASK=edge_mask, OVERLAP=v.get("overlap", False), CONSUMER_REGS=CONSUMER_REGS,
+                EDGE_MASK=edge_mask, OVERLAP=v.get("overlap", False), BUNDLE=v.get("bundle", False),
+                CONSUMER_REGS=CONSUMER_REGS,
                 LOADER_REGS=LOADER_REGS)
 
 
@@ -391,9 +454,9 @@ def run_gluon(qkv, plan, out, lse, variant: str, qk_imprecise: int = 128, edge_m
     """The forward of `variant` on quantized inputs and a plan of block_m = block_m(variant), block_n = 128, into
     out (B, H, L, D) bf16 and lse (B·H·L) fp32."""
     bh, seq, d = qkv.q8.shape
-    v = VARIANTS[variant]
     if variant not in VARIANTS:
         raise ValueError(f"unknown Gluon forward variant {variant!r}; choose from {sorted(VARIANTS)}")
+    v = VARIANTS[variant]
     if plan.block_m != block_m(variant) or plan.block_n != 128 or d != 128:
         raise ValueError(f"the Gluon forward ({variant}) needs a plan of {block_m(variant)}×128 and D = 128; got a "
                          f"plan of {plan.block_m}×{plan.block_n} and D = {d}")
@@ -412,9 +475,11 @@ unordered, a 2-stage ring; its plans are 128 × 128."""
 
 
 def gluon_forward(qkv: QuantizedQKV, plan: Plan, out: torch.Tensor | None = None,
-                  variant: str = DEFAULT_VARIANT) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the Gluon forward on quantized inputs and a plan of block_m(variant) × 128: (out bf16 (B, H, L, D),
-    lse fp32 (B, H, L)), as attention.attention_forward returns them."""
+                  variant: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the Gluon forward (`variant`, None: DEFAULT_VARIANT) on quantized inputs and a plan of
+    block_m(variant) × 128: (out bf16 (B, H, L, D), lse fp32 (B, H, L)), as attention.attention_forward returns
+    them."""
+    variant = DEFAULT_VARIANT if variant is None else variant
     bh, seq, d = qkv.q8.shape
     if out is None:
         out = torch.empty(qkv.batch, qkv.heads, seq, d, dtype=torch.bfloat16, device=qkv.q8.device)

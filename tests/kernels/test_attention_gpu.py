@@ -36,12 +36,13 @@ REGIMES = {
 }
 
 
-def check(kind, heads, grid, regime, seed=0, blocks=(None, None), qk_imprecise_acc=None, forward=None):
+def check(kind, heads, grid, regime, seed=0, blocks=(None, None), qk_imprecise_acc=None, forward=None,
+          gluon_variant=None):
     layout = TokenLayout(grid, "tile", TILE)
     q, k, v = make_inputs(kind, 1, heads, layout, 128, seed=seed, device="cuda")
     mask = None if regime.pattern == "dense" else select_tiles(q, k, layout, regime).mask
     out, lse = fps_attention(q, k, v, layout, regime, mask, block_m=blocks[0], block_n=blocks[1],
-                             qk_imprecise_acc=qk_imprecise_acc, forward=forward)
+                             qk_imprecise_acc=qk_imprecise_acc, forward=forward, gluon_variant=gluon_variant)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     with torch.no_grad():
         ref, budget = reference_and_budget(q, k, v, layout, regime, mask)
@@ -92,6 +93,22 @@ def test_gluon_forward_stress_inputs(kind, regime, grid):
     """Stress inputs, partial plan items, and a sequence that is not a multiple of 16 tokens (TMA zero-fill at the
     last head's end, Vᵀ's padded rows)."""
     check(kind, 4, grid, REGIMES[regime], seed=1, forward="gluon")
+
+
+GLUON_128 = ("two_m128_s2", "bundle_m128_s2", "pp_bundle_m128_s2", "pp_bundle_m128_s3")
+"""The Gluon variants with 128 × 128 plans that were candidates for the default (the default itself gets the tests
+above); the rest of gluon_forward.VARIANTS are kept for the probe (scripts/experiments/probe_gluon_fwd.py)."""
+
+
+@pytest.mark.parametrize("case", ["480p-dense", "480p-late", "L2415-token"])
+@pytest.mark.parametrize("variant", GLUON_128)
+def test_gluon_variants(variant, case):
+    """Every 128 × 128 schedule of the Gluon forward against the reference, with the Triton forward's budgets: a full
+    dense shape, a sparse one, and per-token scales on partial items."""
+    if case == "L2415-token":
+        check("peaked", 4, (7, 15, 23), REGIMES["token"], seed=1, forward="gluon", gluon_variant=variant)
+    else:
+        check("normal", 12, (21, 30, 52), REGIMES[case.split("-")[1]], forward="gluon", gluon_variant=variant)
 
 
 @triton.jit

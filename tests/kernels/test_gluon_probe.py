@@ -30,7 +30,8 @@ FAST = ("ws1_m64_s2", "two_m128_s2", "pingpong_m128_s2")
 """One consumer warpgroup, two unordered, two in ping-pong: ~2 s each to compile; the rest of the sweep is `slow`."""
 ALL = ("ws1_m64_s2", "ws1_m64_s3", "ws1_m64_s2_r128", "coop_m128_s2", "two_m128_s2", "two_m128_s3", "two_m128_s4",
        "pingpong_m128_s2",
-       "pingpong_m128_s3", "ws1_m64_s2_ov", "two_m128_s2_ov", "pingpong_m128_s2_ov")
+       "pingpong_m128_s3", "ws1_m64_s2_ov", "two_m128_s2_ov", "pingpong_m128_s2_ov", "bundle_m128_s2",
+       "pp_bundle_m128_s2", "pp_bundle_m128_s3")
 """gluon_forward.VARIANTS (not imported here: the probe imports Gluon, see the module docstring)."""
 # (consumer partitions, Q rows per consumer, warps of the default partition, ring stages, overlap, maxnreg)
 SHAPE = {"ws1_m64_s2": (1, 64, 4, 2, False, 240), "ws1_m64_s3": (1, 64, 4, 3, False, 240),
@@ -39,7 +40,11 @@ SHAPE = {"ws1_m64_s2": (1, 64, 4, 2, False, 240), "ws1_m64_s3": (1, 64, 4, 3, Fa
          "two_m128_s4": (2, 64, 4, 4, False, 168),
          "two_m128_s2_ov": (2, 64, 4, 2, True, 168), "pingpong_m128_s2": (2, 64, 4, 2, False, 168),
          "pingpong_m128_s3": (2, 64, 4, 3, False, 168), "ws1_m64_s2_ov": (1, 64, 4, 2, True, 240),
-         "pingpong_m128_s2_ov": (2, 64, 4, 2, True, 168)}
+         "pingpong_m128_s2_ov": (2, 64, 4, 2, True, 168), "bundle_m128_s2": (2, 64, 4, 2, False, 168),
+         "pp_bundle_m128_s2": (2, 64, 4, 2, False, 168), "pp_bundle_m128_s3": (2, 64, 4, 3, False, 168)}
+
+BUNDLED = ("bundle_m128_s2", "pp_bundle_m128_s2", "pp_bundle_m128_s3")
+"""Variants whose loop issues P_i·V_i and Q·K_{i+1}ᵀ together (`_bundled_loop`)."""
 
 
 def compile_checks(names) -> dict[str, dict]:
@@ -64,8 +69,9 @@ def check(info: dict) -> None:
     assert info["num_warps"] == warps + 4 * (consumers - 1) + 4  # + the 1-warp loader, padded to a warpgroup
     assert info["wgmma"] == ["wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3"]
     assert info["tma"] == consumers + 2  # a Q box per consumer, then one K and one Vᵀ load per chunk
-    # 4 m64n128k32 wgmma per product (K = 128), two products per consumer code path, P·V's 4 from registers
-    paths = consumers * (2 if overlap else 1)
+    # 4 m64n128k32 wgmma per product (K = 128), two products per consumer code path, P·V's 4 from registers; the
+    # overlapped and bundled loops have a second path each (their peeled first or last chunk)
+    paths = consumers * (2 if overlap or name in BUNDLED else 1)
     assert info["wgmma_count"] == 8 * paths and info["wgmma_p_in_registers"] == 4 * paths
     assert any(m.startswith("setmaxnreg.dec") for m in info["setmaxnreg"])
     assert any(m.startswith("setmaxnreg.inc") for m in info["setmaxnreg"])
