@@ -145,7 +145,7 @@ def test_videos_sample_with_the_ema_weights_and_give_the_live_ones_back(tmp_path
             return cb.sample(module.model, module.schedule, module.device)[0], which
 
     ema_clip, which = clip(callback("ema"))
-    assert which == "EMA"
+    assert which == "ema"
     assert torch.equal(ema_clip, callback().sample(averaged, module.schedule, module.device)[0])
     live_clip, which = clip(callback("live"))
     assert which == "live" and not torch.equal(live_clip, ema_clip)

@@ -173,7 +173,8 @@ class ValidationVideo(Callback):
 
     @contextmanager
     def weights(self, pl_module: L.LightningModule):
-        """The model with the weights that sample (see the module docstring) swapped in; yields "EMA" or "live"."""
+        """The model with the weights that sample (see the module docstring) swapped in; yields "ema" or "live"
+        (WEIGHT_CHOICES' words)."""
         ema = getattr(pl_module, "ema", None)
         if self.cfg.weights == "live" or ema is None or ema.shadow is None:
             yield "live"
@@ -186,7 +187,7 @@ class ValidationVideo(Callback):
             yield "live"
             return
         with ema.applied(pl_module.model):
-            yield "EMA"
+            yield "ema"
 
     def sample(self, model: torch.nn.Module, schedule, device: torch.device) -> tuple[torch.Tensor, dict]:
         """Latents (1, C, T, H, W) fp32 of the fixed seed and prompt, with the model's current weights; its modes, FP8
