@@ -11,9 +11,12 @@ pipeliner (docs/kernel_plan_gluon.md is the design, docs/benchmarks.md the measu
 - one or two **consumer** partitions (4 warps = one warpgroup each, or one 8-warp partition) do Q·Kᵀ by wgmma (both
   operands in shared memory), the softmax in registers (per-row s_q, per-key s_k, the 448 cap, ℓ from the
   unquantized P), cast P to e4m3 with round-to-nearest-even and do P·V by wgmma with P in registers (the "RS"
-  form). With `OVERLAP` the loop is software-pipelined as FA3's is (chunk i's Q·Kᵀ with chunk i−1's P·V);
-- with two consumers and `PINGPONG`, two mbarriers (`turn`) make the warpgroups take turns issuing their GEMMs
-  (FA3's ping-pong; 3.6 has no named barriers).
+  form): Q·Kᵀ, wait, softmax, P·V, wait per chunk; two consumers share the ring and run unordered.
+
+Schedules measured on the H200 and removed as slower or no faster (docs/benchmarks.md, "The Gluon forward"; the code
+is in git): FA3's intra-warpgroup overlap (chunk i's Q·Kᵀ with chunk i−1's P·V; it spills, commit 2a5f1f8),
+ping-pong of the two consumers on mbarrier turns around their Q·Kᵀ (2a5f1f8) or around both GEMMs of a step
+(`_bundled_loop`, commit f7eb8d1).
 
 The key loop reads the plan's packed chunk list (`(start / 16) << 16 | lo << 8 | hi`, count from `chunk_count`), so
 sparse plans run the same code (columns outside [lo, hi) get bias −∞, only on chunks that have such columns with
@@ -114,78 +117,9 @@ def _qk(q, k, s_l: gl.constexpr, QK_IMPRECISE: gl.constexpr):
 
 
 @gluon.jit
-def _turn_wait(turn, WG: gl.constexpr, j, PINGPONG: gl.constexpr):
-    """Ping-pong: warpgroup WG's j-th GEMM issue waits for the other's (j − WG)-th. Warpgroup 0 goes first: its wait
-    on a fresh barrier is for the parity of the phase before the first, which counts as complete."""
-    if PINGPONG:
-        mbarrier.wait(turn.index(WG), (j & 1) ^ (1 - WG))
-
-
-@gluon.jit
-def _turn_pass(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
-    if PINGPONG:
-        mbarrier.arrive(turn.index(1 - WG), count=1)
-
-
-@gluon.jit
-def _bundled_loop(WG: gl.constexpr, q, k_s, v_s, sk_s, k_ready, k_empty, v_ready, v_empty, turn, chunks, mask_base,
-                  count, packed, sq, m_i, l_i, acc, s_l: gl.constexpr, col_s: gl.constexpr, row_o: gl.constexpr,
-                  p_op: gl.constexpr, PINGPONG: gl.constexpr, QK_IMPRECISE: gl.constexpr, EDGE_MASK: gl.constexpr):
-    """The key loop with both GEMMs of a step issued back to back, FA3's ping-pong unit: P_i·V_i and then
-    Q·K_{i+1}ᵀ, one wait for both, then chunk i+1's softmax and the rescale of acc by its α. With PINGPONG the
-    two consumers take turns at the GEMM pair, so one warpgroup's softmax (exponentials, conversions) runs while the
-    other's GEMMs hold the tensor cores, instead of both colliding in the same phase. Only one e4m3 P is live (P_i
-    is consumed before P_{i+1} exists), so unlike the `OVERLAP` loop nothing spills. The arithmetic and its order
-    per chunk are the plain loop's (acc·α_i, then + P_i·V_i), as `_fwd_kernel`'s. Returns (acc, m, ℓ')."""
-    ST: gl.constexpr = k_s.type.shape[0]
-    # chunk 0: Q·K₀ᵀ in a turn of its own
-    _, lo, hi = _decode(packed)
-    packed = _next_entry(chunks, mask_base, 1, count)
-    _turn_wait(turn, WG, 0, PINGPONG)
-    mbarrier.wait(k_ready.index(0), 0)
-    s_tok = _qk(q, k_s.index(0), s_l, QK_IMPRECISE)
-    _turn_pass(turn, WG, PINGPONG)
-    sk = sk_s.index(0).load(col_s)
-    s = warpgroup_mma_wait(0, deps=(s_tok, ))
-    mbarrier.arrive(k_empty.index(0), count=1)
-    # The loop carries chunk i's S (fp32), not its e4m3 P: P is made and consumed in one iteration. Carried across
-    # the back edge, Triton 3.6 keeps each e4m3 value of P in its own register and repacks them at the GEMM (~250
-    # byte permutes per iteration in the SASS).
-    for i in range(count - 1):
-        st = i % ST
-        nxt = (i + 1) % ST
-        p8, m_i, l_i, alpha = _softmax(s, sk, lo, hi, sq, m_i, l_i, EDGE_MASK, p_op, col_s)
-        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-        _, lo, hi = _decode(packed)  # chunk i + 1's
-        packed = _next_entry(chunks, mask_base, i + 2, count)
-        _turn_wait(turn, WG, i + 1, PINGPONG)
-        mbarrier.wait(v_ready.index(st), (i // ST) & 1)
-        o_tok = warpgroup_mma(p8, v_s.index(st).permute((1, 0)), acc, is_async=True)
-        mbarrier.wait(k_ready.index(nxt), ((i + 1) // ST) & 1)
-        s_tok = _qk(q, k_s.index(nxt), s_l, QK_IMPRECISE)
-        _turn_pass(turn, WG, PINGPONG)
-        sk = sk_s.index(nxt).load(col_s)
-        acc, s = warpgroup_mma_wait(0, deps=(o_tok, s_tok))
-        mbarrier.arrive(v_empty.index(st), count=1)
-        mbarrier.arrive(k_empty.index(nxt), count=1)
-    last = (count - 1) % ST
-    p8, m_i, l_i, alpha = _softmax(s, sk, lo, hi, sq, m_i, l_i, EDGE_MASK, p_op, col_s)
-    acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-    _turn_wait(turn, WG, count, PINGPONG)
-    mbarrier.wait(v_ready.index(last), ((count - 1) // ST) & 1)
-    o_tok = warpgroup_mma(p8, v_s.index(last).permute((1, 0)), acc, is_async=True)
-    _turn_pass(turn, WG, PINGPONG)
-    acc = warpgroup_mma_wait(0, deps=(o_tok, ))
-    mbarrier.arrive(v_empty.index(last), count=1)
-    return acc, m_i, l_i
-
-
-@gluon.jit
-def _consumer(WG: gl.constexpr, q_s, k_s, v_s, sk_s, q_ready, k_ready, k_empty, v_ready, v_empty, turn,
+def _consumer(WG: gl.constexpr, q_s, k_s, v_s, sk_s, q_ready, k_ready, k_empty, v_ready, v_empty,
               sq_ptr, sv_ptr, o_ptr, lse_ptr, chunks, bh, b, h, row0, nrows, mask_base, count, L,
-              stride_ob, stride_oh, stride_ol,
-              PINGPONG: gl.constexpr, QK_IMPRECISE: gl.constexpr, EDGE_MASK: gl.constexpr, OVERLAP: gl.constexpr,
-              BUNDLE: gl.constexpr):
+              stride_ob, stride_oh, stride_ol, QK_IMPRECISE: gl.constexpr, EDGE_MASK: gl.constexpr):
     """Rows [WG·BM, WG·BM + BM) of the item: Q·Kᵀ, softmax, P·V over the chunk list, then O = acc·s_v/ℓ' and lse.
     The loop does no global load of its own but the next chunk's packed entry (for lo, hi): K, Vᵀ and the chunk's
     s_k come through shared memory from the loader."""
@@ -212,75 +146,23 @@ def _consumer(WG: gl.constexpr, q_s, k_s, v_s, sk_s, q_ready, k_ready, k_empty, 
     mbarrier.wait(q_ready.index(WG), 0)
 
     packed = _next_entry(chunks, mask_base, 0, count)
-    if BUNDLE:
-        if count > 0:  # a forward plan has none empty; without the guard an empty item would wait forever
-            acc, m_i, l_i = _bundled_loop(WG, q, k_s, v_s, sk_s, k_ready, k_empty, v_ready, v_empty, turn, chunks,
-                                          mask_base, count, packed, sq, m_i, l_i, acc, s_l, col_s, row_o, p_op,
-                                          PINGPONG, QK_IMPRECISE, EDGE_MASK)
-    elif not OVERLAP:
-        # the simplest schedule: Q·Kᵀ, wait, softmax, P·V, wait (the loader still runs ahead by the ring)
-        for i in range(count):
-            st = i % ST
-            phase = (i // ST) & 1
-            _, lo, hi = _decode(packed)
-            packed = _next_entry(chunks, mask_base, i + 1, count)
-            _turn_wait(turn, WG, i, PINGPONG)
-            mbarrier.wait(k_ready.index(st), phase)
-            s_tok = _qk(q, k_s.index(st), s_l, QK_IMPRECISE)
-            _turn_pass(turn, WG, PINGPONG)
-            sk = sk_s.index(st).load(col_s)
-            s = warpgroup_mma_wait(0, deps=(s_tok, ))
-            mbarrier.arrive(k_empty.index(st), count=1)  # K and s_k of this stage are read
-            p8, m_i, l_i, alpha = _softmax(s, sk, lo, hi, sq, m_i, l_i, EDGE_MASK, p_op, col_s)
-            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-            mbarrier.wait(v_ready.index(st), phase)
-            o_tok = warpgroup_mma(p8, v_s.index(st).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma_wait(0, deps=(o_tok, ))
-            mbarrier.arrive(v_empty.index(st), count=1)
-    elif count > 0:  # a forward plan has none empty; without the guard an empty item would wait forever
-        # FA3's intra-warpgroup overlap: chunk i's Q·Kᵀ and chunk i−1's P·V are in flight together
-        # chunk 0: Q·K₀ᵀ and its softmax; there is no P·V to issue yet
+    # Q·Kᵀ, wait, softmax, P·V, wait (the loader runs ahead by the ring)
+    for i in range(count):
+        st = i % ST
+        phase = (i // ST) & 1
         _, lo, hi = _decode(packed)
-        packed = _next_entry(chunks, mask_base, 1, count)
-        _turn_wait(turn, WG, 0, PINGPONG)
-        mbarrier.wait(k_ready.index(0), 0)
-        s_tok = _qk(q, k_s.index(0), s_l, QK_IMPRECISE)
-        _turn_pass(turn, WG, PINGPONG)
-        sk = sk_s.index(0).load(col_s)
+        packed = _next_entry(chunks, mask_base, i + 1, count)
+        mbarrier.wait(k_ready.index(st), phase)
+        s_tok = _qk(q, k_s.index(st), s_l, QK_IMPRECISE)
+        sk = sk_s.index(st).load(col_s)
         s = warpgroup_mma_wait(0, deps=(s_tok, ))
-        mbarrier.arrive(k_empty.index(0), count=1)
+        mbarrier.arrive(k_empty.index(st), count=1)  # K and s_k of this stage are read
         p8, m_i, l_i, alpha = _softmax(s, sk, lo, hi, sq, m_i, l_i, EDGE_MASK, p_op, col_s)
-
-        for i in range(1, count):
-            st = i % ST
-            prev = (i - 1) % ST
-            _, lo, hi = _decode(packed)
-            packed = _next_entry(chunks, mask_base, i + 1, count)
-            _turn_wait(turn, WG, i, PINGPONG)
-            mbarrier.wait(k_ready.index(st), (i // ST) & 1)
-            s_tok = _qk(q, k_s.index(st), s_l, QK_IMPRECISE)
-            sk = sk_s.index(st).load(col_s)
-            mbarrier.wait(v_ready.index(prev), ((i - 1) // ST) & 1)
-            # acc already carries α of chunk i−1, so this is `_fwd_kernel`'s acc·α + P·V for chunk i−1
-            o_tok = warpgroup_mma(p8, v_s.index(prev).permute((1, 0)), acc, is_async=True)
-            _turn_pass(turn, WG, PINGPONG)
-            s = warpgroup_mma_wait(1, deps=(s_tok, ))  # Q·K_iᵀ done; P·V_{i−1} may still run
-            mbarrier.arrive(k_empty.index(st), count=1)
-            p8_new, m_i, l_i, alpha = _softmax(s, sk, lo, hi, sq, m_i, l_i, EDGE_MASK, p_op, col_s)
-            # P_{i−1} (registers) cannot be a dep here (3.6's wait lowering takes no 8-bit values); ptxas keeps a
-            # wgmma's register operands until its wait_group (it serialises the wgmma, with a warning, otherwise)
-            acc = warpgroup_mma_wait(0, deps=(o_tok, ))
-            mbarrier.arrive(v_empty.index(prev), count=1)
-            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-            p8 = p8_new
-
-        last = (count - 1) % ST
-        _turn_wait(turn, WG, count, PINGPONG)
-        mbarrier.wait(v_ready.index(last), ((count - 1) // ST) & 1)
-        o_tok = warpgroup_mma(p8, v_s.index(last).permute((1, 0)), acc, is_async=True)
-        _turn_pass(turn, WG, PINGPONG)
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        mbarrier.wait(v_ready.index(st), phase)
+        o_tok = warpgroup_mma(p8, v_s.index(st).permute((1, 0)), acc, is_async=True)
         acc = warpgroup_mma_wait(0, deps=(o_tok, ))
-        mbarrier.arrive(v_empty.index(last), count=1)
+        mbarrier.arrive(v_empty.index(st), count=1)
 
     sv = gl.load(sv_ptr + bh * D + gl.arange(0, D, layout=col_o))
     out = acc * sv[None, :] / gl.convert_layout(l_i, row_o)[:, None]  # acc and ℓ' both carry the factor 448
@@ -332,9 +214,8 @@ def _loader(q_desc, k_desc, v_desc, q_s, k_s, v_s, sk_s, q_ready, k_ready, k_emp
 def gluon_fwd_kernel(q_desc, k_desc, v_desc, sq_ptr, sk_ptr, sv_ptr, o_ptr, lse_ptr,
                      item_group, item_row, item_rows, chunks, chunk_count,
                      H, L, stride_ob, stride_oh, stride_ol, mask_sb, mask_sh, mask_sg, C,
-                     CONSUMERS: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-                     QK_IMPRECISE: gl.constexpr, EDGE_MASK: gl.constexpr, OVERLAP: gl.constexpr,
-                     BUNDLE: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+                     CONSUMERS: gl.constexpr, STAGES: gl.constexpr, QK_IMPRECISE: gl.constexpr,
+                     EDGE_MASK: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     """One CTA per (plan item, batch·head). The item has CONSUMERS × (Q box rows) rows."""
     bh, b, h, row0, nrows, mask_base, count = _item(item_group, item_row, item_rows, chunk_count, H,
                                                     mask_sb, mask_sh, mask_sg, C)
@@ -348,7 +229,6 @@ def gluon_fwd_kernel(q_desc, k_desc, v_desc, sq_ptr, sk_ptr, sv_ptr, o_ptr, lse_
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for w in gl.static_range(CONSUMERS):
         mbarrier.init(q_ready.index(w), count=1)
     for s in gl.static_range(STAGES):
@@ -356,59 +236,43 @@ def gluon_fwd_kernel(q_desc, k_desc, v_desc, sq_ptr, sk_ptr, sv_ptr, o_ptr, lse_
         mbarrier.init(v_ready.index(s), count=1)
         mbarrier.init(k_empty.index(s), count=CONSUMERS)
         mbarrier.init(v_empty.index(s), count=CONSUMERS)
-    for w in gl.static_range(2):
-        mbarrier.init(turn.index(w), count=1)
 
     # The partitions' argument tuples are written out in the call: a tuple bound to a name first turns its
-    # constexpr elements into runtime values (Triton 3.6), and WG, PINGPONG, ... must stay constexpr.
+    # constexpr elements into runtime values (Triton 3.6), and WG, QK_IMPRECISE, ... must stay constexpr.
     if CONSUMERS == 2:
         gl.warp_specialize([
-            (_consumer, (0, q_s, k_s, v_s, sk_s, q_ready, k_ready, k_empty, v_ready, v_empty, turn, sq_ptr, sv_ptr,
+            (_consumer, (0, q_s, k_s, v_s, sk_s, q_ready, k_ready, k_empty, v_ready, v_empty, sq_ptr, sv_ptr,
                          o_ptr, lse_ptr, chunks, bh, b, h, row0, nrows, mask_base, count, L, stride_ob, stride_oh,
-                         stride_ol, PINGPONG, QK_IMPRECISE, EDGE_MASK, OVERLAP, BUNDLE)),
-            (_consumer, (1, q_s, k_s, v_s, sk_s, q_ready, k_ready, k_empty, v_ready, v_empty, turn, sq_ptr, sv_ptr,
+                         stride_ol, QK_IMPRECISE, EDGE_MASK)),
+            (_consumer, (1, q_s, k_s, v_s, sk_s, q_ready, k_ready, k_empty, v_ready, v_empty, sq_ptr, sv_ptr,
                          o_ptr, lse_ptr, chunks, bh, b, h, row0, nrows, mask_base, count, L, stride_ob, stride_oh,
-                         stride_ol, PINGPONG, QK_IMPRECISE, EDGE_MASK, OVERLAP, BUNDLE)),
+                         stride_ol, QK_IMPRECISE, EDGE_MASK)),
             (_loader, (q_desc, k_desc, v_desc, q_s, k_s, v_s, sk_s, q_ready, k_ready, k_empty, v_ready, v_empty, sk_ptr,
                        chunks, bh, row0, mask_base, count, L)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
     else:
         gl.warp_specialize([
-            (_consumer, (0, q_s, k_s, v_s, sk_s, q_ready, k_ready, k_empty, v_ready, v_empty, turn, sq_ptr, sv_ptr,
+            (_consumer, (0, q_s, k_s, v_s, sk_s, q_ready, k_ready, k_empty, v_ready, v_empty, sq_ptr, sv_ptr,
                          o_ptr, lse_ptr, chunks, bh, b, h, row0, nrows, mask_base, count, L, stride_ob, stride_oh,
-                         stride_ol, PINGPONG, QK_IMPRECISE, EDGE_MASK, OVERLAP, BUNDLE)),
+                         stride_ol, QK_IMPRECISE, EDGE_MASK)),
             (_loader, (q_desc, k_desc, v_desc, q_s, k_s, v_s, sk_s, q_ready, k_ready, k_empty, v_ready, v_empty, sk_ptr,
                        chunks, bh, row0, mask_base, count, L)),
         ], [1], [LOADER_REGS])
 
 # ----------------------------------------------------------------------------------------------------- variants
 VARIANTS = {
-    "ws1_m64_s2": dict(consumers=1, rows=64, warps=4, stages=2, pingpong=False, maxnreg=240),
-    "ws1_m64_s3": dict(consumers=1, rows=64, warps=4, stages=3, pingpong=False, maxnreg=240),
-    "ws1_m64_s2_r128": dict(consumers=1, rows=64, warps=4, stages=2, pingpong=False, maxnreg=128),
-    "coop_m128_s2": dict(consumers=1, rows=128, warps=8, stages=2, pingpong=False, maxnreg=168),
-    "two_m128_s2": dict(consumers=2, rows=64, warps=4, stages=2, pingpong=False, maxnreg=168),
-    "two_m128_s3": dict(consumers=2, rows=64, warps=4, stages=3, pingpong=False, maxnreg=168),
-    "two_m128_s4": dict(consumers=2, rows=64, warps=4, stages=4, pingpong=False, maxnreg=168),
-    "two_m128_s2_ov": dict(consumers=2, rows=64, warps=4, stages=2, pingpong=False, maxnreg=168, overlap=True,
-                           spills=True),
-    "pingpong_m128_s2": dict(consumers=2, rows=64, warps=4, stages=2, pingpong=True, maxnreg=168),
-    "pingpong_m128_s3": dict(consumers=2, rows=64, warps=4, stages=3, pingpong=True, maxnreg=168),
-    "ws1_m64_s2_ov": dict(consumers=1, rows=64, warps=4, stages=2, pingpong=False, maxnreg=240, overlap=True,
-                          spills=True),
-    "bundle_m128_s2": dict(consumers=2, rows=64, warps=4, stages=2, pingpong=False, maxnreg=168, bundle=True),
-    "pp_bundle_m128_s2": dict(consumers=2, rows=64, warps=4, stages=2, pingpong=True, maxnreg=168, bundle=True),
-    "pp_bundle_m128_s3": dict(consumers=2, rows=64, warps=4, stages=3, pingpong=True, maxnreg=168, bundle=True),
-    "pingpong_m128_s2_ov": dict(consumers=2, rows=64, warps=4, stages=2, pingpong=True, maxnreg=168, overlap=True,
-                                spills=True),
+    "ws1_m64_s2": dict(consumers=1, rows=64, warps=4, stages=2, maxnreg=240),
+    "ws1_m64_s3": dict(consumers=1, rows=64, warps=4, stages=3, maxnreg=240),
+    "ws1_m64_s2_r128": dict(consumers=1, rows=64, warps=4, stages=2, maxnreg=128),
+    "coop_m128_s2": dict(consumers=1, rows=128, warps=8, stages=2, maxnreg=168),
+    "two_m128_s2": dict(consumers=2, rows=64, warps=4, stages=2, maxnreg=168),
+    "two_m128_s3": dict(consumers=2, rows=64, warps=4, stages=3, maxnreg=168),
+    "two_m128_s4": dict(consumers=2, rows=64, warps=4, stages=4, maxnreg=168),
 }
 """`rows`: query rows per consumer partition (its Q box); the plan item has consumers × rows. `warps`: warps of the
 default partition (consumer 0); a second consumer is a 4-warp worker, the loader a 1-warp worker (it still takes a
 warpgroup's registers). `maxnreg`: the register cap at launch (12 warps × 168 ≤ 64 K registers; setmaxnreg then
-moves the loader down to LOADER_REGS and the consumers up to ~232-240). `overlap`: FA3's intra-warpgroup overlap
-(Q·K_iᵀ and P_{i−1}·V_{i−1} in flight together). `spills`: ptxas spills are known (compile_check allows them): with
-overlap two e4m3 P tiles are live, and Triton 3.6 keeps each e4m3 value of P in its own 16/32-bit register around
-the accumulator → A-operand layout conversion (byte shuffles), 64 registers per P instead of 16."""
+moves the loader down to LOADER_REGS and the consumers up to ~232-240)."""
 LOADER_REGS = 32  # 24 (FA3's) spills 4 B in the loader that decodes chunks (two-consumer variants)
 CONSUMER_REGS = 240
 
@@ -422,11 +286,9 @@ def constexprs(variant: str, qk_imprecise: int = 128, edge_mask: bool = True) ->
     """`qk_imprecise`: as attention_forward's (promote Q·Kᵀ to fp32 every N products); N >= D = 128 is the default
     and becomes QK_IMPRECISE = 0 (see `_qk`)."""
     v = VARIANTS[variant]
-    return dict(CONSUMERS=v["consumers"], STAGES=v["stages"], PINGPONG=v["pingpong"],
+    return dict(CONSUMERS=v["consumers"], STAGES=v["stages"],
                 QK_IMPRECISE=0 if qk_imprecise >= 128 else qk_imprecise,
-                EDGE_MASK=edge_mask, OVERLAP=v.get("overlap", False), BUNDLE=v.get("bundle", False),
-                CONSUMER_REGS=CONSUMER_REGS,
-                LOADER_REGS=LOADER_REGS)
+                EDGE_MASK=edge_mask, CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS)
 
 
 def launch_options(variant: str) -> dict:

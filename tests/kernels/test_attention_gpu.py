@@ -95,9 +95,9 @@ def test_gluon_forward_stress_inputs(kind, regime, grid):
     check(kind, 4, grid, REGIMES[regime], seed=1, forward="gluon")
 
 
-GLUON_128 = ("two_m128_s2", "bundle_m128_s2", "pp_bundle_m128_s2", "pp_bundle_m128_s3")
-"""The Gluon variants with 128 × 128 plans that were candidates for the default (the default itself gets the tests
-above); the rest of gluon_forward.VARIANTS are kept for the probe (scripts/experiments/probe_gluon_fwd.py)."""
+GLUON_128 = ("two_m128_s3", "two_m128_s4", "coop_m128_s2")
+"""The Gluon variants other than the default with 128 × 128 plans, which `KernelConfig.gluon_variant` can pick (the
+default, two_m128_s2, gets the tests above)."""
 
 
 @pytest.mark.parametrize("case", ["480p-dense", "480p-late", "L2415-token"])

@@ -26,25 +26,14 @@ pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
 
 PROBE = Path(__file__).resolve().parents[2] / "scripts" / "experiments" / "probe_gluon_fwd.py"
 KERNEL = Path(__file__).resolve().parents[2] / "kernels" / "gluon_forward.py"
-FAST = ("ws1_m64_s2", "two_m128_s2", "pingpong_m128_s2")
-"""One consumer warpgroup, two unordered, two in ping-pong: ~2 s each to compile; the rest of the sweep is `slow`."""
-ALL = ("ws1_m64_s2", "ws1_m64_s3", "ws1_m64_s2_r128", "coop_m128_s2", "two_m128_s2", "two_m128_s3", "two_m128_s4",
-       "pingpong_m128_s2",
-       "pingpong_m128_s3", "ws1_m64_s2_ov", "two_m128_s2_ov", "pingpong_m128_s2_ov", "bundle_m128_s2",
-       "pp_bundle_m128_s2", "pp_bundle_m128_s3")
+FAST = ("ws1_m64_s2", "two_m128_s2")
+"""One consumer warpgroup, two unordered (the default): ~2 s each to compile; the rest of the sweep is `slow`."""
+ALL = ("ws1_m64_s2", "ws1_m64_s3", "ws1_m64_s2_r128", "coop_m128_s2", "two_m128_s2", "two_m128_s3", "two_m128_s4")
 """gluon_forward.VARIANTS (not imported here: the probe imports Gluon, see the module docstring)."""
-# (consumer partitions, Q rows per consumer, warps of the default partition, ring stages, overlap, maxnreg)
-SHAPE = {"ws1_m64_s2": (1, 64, 4, 2, False, 240), "ws1_m64_s3": (1, 64, 4, 3, False, 240),
-         "ws1_m64_s2_r128": (1, 64, 4, 2, False, 128), "coop_m128_s2": (1, 128, 8, 2, False, 168),
-         "two_m128_s2": (2, 64, 4, 2, False, 168), "two_m128_s3": (2, 64, 4, 3, False, 168),
-         "two_m128_s4": (2, 64, 4, 4, False, 168),
-         "two_m128_s2_ov": (2, 64, 4, 2, True, 168), "pingpong_m128_s2": (2, 64, 4, 2, False, 168),
-         "pingpong_m128_s3": (2, 64, 4, 3, False, 168), "ws1_m64_s2_ov": (1, 64, 4, 2, True, 240),
-         "pingpong_m128_s2_ov": (2, 64, 4, 2, True, 168), "bundle_m128_s2": (2, 64, 4, 2, False, 168),
-         "pp_bundle_m128_s2": (2, 64, 4, 2, False, 168), "pp_bundle_m128_s3": (2, 64, 4, 3, False, 168)}
-
-BUNDLED = ("bundle_m128_s2", "pp_bundle_m128_s2", "pp_bundle_m128_s3")
-"""Variants whose loop issues P_i·V_i and Q·K_{i+1}ᵀ together (`_bundled_loop`)."""
+# (consumer partitions, Q rows per consumer, warps of the default partition, ring stages, maxnreg)
+SHAPE = {"ws1_m64_s2": (1, 64, 4, 2, 240), "ws1_m64_s3": (1, 64, 4, 3, 240), "ws1_m64_s2_r128": (1, 64, 4, 2, 128),
+         "coop_m128_s2": (1, 128, 8, 2, 168), "two_m128_s2": (2, 64, 4, 2, 168), "two_m128_s3": (2, 64, 4, 3, 168),
+         "two_m128_s4": (2, 64, 4, 4, 168)}
 
 
 def compile_checks(names) -> dict[str, dict]:
@@ -65,19 +54,16 @@ def compile_checks(names) -> dict[str, dict]:
 def check(info: dict) -> None:
     name = info["variant"]
     assert "failed" not in info, f"{name}: {info['failed']}"
-    consumers, rows, warps, stages, overlap, maxnreg = SHAPE[name]
+    consumers, rows, warps, stages, maxnreg = SHAPE[name]
     assert info["num_warps"] == warps + 4 * (consumers - 1) + 4  # + the 1-warp loader, padded to a warpgroup
     assert info["wgmma"] == ["wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3"]
     assert info["tma"] == consumers + 2  # a Q box per consumer, then one K and one Vᵀ load per chunk
-    # 4 m64n128k32 wgmma per product (K = 128), two products per consumer code path, P·V's 4 from registers; the
-    # overlapped and bundled loops have a second path each (their peeled first or last chunk)
-    paths = consumers * (2 if overlap or name in BUNDLED else 1)
-    assert info["wgmma_count"] == 8 * paths and info["wgmma_p_in_registers"] == 4 * paths
+    # 4 m64n128k32 wgmma per product (K = 128), two products per consumer, P·V's 4 from registers
+    assert info["wgmma_count"] == 8 * consumers and info["wgmma_p_in_registers"] == 4 * consumers
     assert any(m.startswith("setmaxnreg.dec") for m in info["setmaxnreg"])
     assert any(m.startswith("setmaxnreg.inc") for m in info["setmaxnreg"])
     assert info["ptxas_rc"] == 0 and info["registers"] is not None and info["registers"] <= maxnreg
-    if not overlap:  # the overlapped variants are known to spill (probe_gluon_fwd.VARIANTS)
-        assert info["spill_stores"] == 0 and info["spill_loads"] == 0
+    assert info["spill_stores"] == 0 and info["spill_loads"] == 0
     # shared memory holds at least Q (consumers × rows × D) and the ring (stages × (K + Vᵀ) tiles), all e4m3
     assert consumers * rows * 128 + stages * 2 * 128 * 128 <= info["shared"] <= 232448
 
@@ -90,12 +76,6 @@ def fast() -> dict[str, dict]:
 @pytest.mark.parametrize("name", FAST)
 def test_gluon_forward_compiles_for_sm90(fast, name):
     check(fast[name])
-
-
-def test_pingpong_orders_the_warpgroups(fast):
-    """The ping-pong variant waits on the `turn` barriers around its GEMM issues, the unordered two-consumer variant
-    does not; the code is otherwise the same, so the ping-pong one has more mbarrier waits."""
-    assert fast["pingpong_m128_s2"]["mbarrier_waits"] > fast["two_m128_s2"]["mbarrier_waits"]
 
 
 @pytest.mark.slow
