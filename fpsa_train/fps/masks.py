@@ -223,7 +223,7 @@ def pooled_tile_scores(q: Tensor, k: Tensor, layout: TokenLayout) -> Tensor:
 
     def pool(x: Tensor) -> Tensor:
         runs = x.unflatten(2, (-1, g)).sum(3, dtype=torch.float32)  # (B, H, L/g, D)
-        summed = runs.new_zeros(x.shape[0], x.shape[1], n, d).index_add(2, tile_of_run, runs)  # (B, H, N, D)
+        summed = runs.new_zeros(x.shape[0], x.shape[1], n, d).index_add_(2, tile_of_run, runs)  # (B, H, N, D)
         return summed / sizes[:, None]
 
     return pool(q) @ pool(k).transpose(-1, -2) / math.sqrt(d)  # (B, H, N, N)
