@@ -1,20 +1,31 @@
-"""Time the top-k mask selection and work plan, host-synchronising against sync-free, and the whole attention call
-against its kernel, at Wan2.1 shapes on one GPU (issue 19, deliverable 2: whole call <= 1.1× kernel).
+"""Time the top-k mask selection and work plan, the torch operations against the Triton kernels that replace them on
+the GPU, and the whole attention call against its kernel, at Wan2.1 shapes on one GPU (issue 19, deliverable 2:
+whole call <= 1.1× kernel).
 
-    python scripts/bench_select.py [--shapes 480p,720p] [--schedules configs/fps/default.yaml,...]
-                                   [--out docs/bench_select_h200.json]
+    python scripts/bench_select.py --shapes 480p,720p \
+        --schedules configs/fps/default.yaml,configs/fps/sparse.yaml --out docs/bench_select_h200.json
+
+(about a minute on an H200). `--dry-run` runs every code path on the CPU at a tiny shape, the Triton kernels in
+Triton's interpreter, with one call per timing (numbers meaningless): `python scripts/bench_select.py --dry-run
+--out /tmp/bench_select.json`.
 
 Per shape (bench_attention.py's: 480p B=1 H=12, 720p B=1 H=40, D=128, 6×8×8 tiles), per regime of each schedule,
 on the `peaked` test inputs (video-like, so top-k picks are spread as on real activations):
-- `sync` (top-k regimes): the TileMask route, `select_tiles` (its TileMask reads the largest count on the host)
-  then `sparse_plan` (reads the mask to check it and size the plan): what the kernel call did before;
-- `free`: `select_keep` then `plan_for`, which never read the mask on the host; `free_gpu` is the GPU time of its
-  kernels alone (profiler, summed), `free_host` the host time to queue one call without waiting;
+- `torch` (top-k regimes): `select_keep(..., fused=False)` (pooled scores, `topk_keep` ∪ window in torch) then
+  `tile_plan_torch`, what every call ran before: `torch` is its time (`triton.testing.do_bench`, median: host
+  stalls included), `torch_gpu` the GPU time of its kernels alone (profiler, summed), `torch_host` the host time
+  to queue one call without waiting;
+- `fused`: the same with the Triton kernels, `select_keep(..., fused=True)` then `tile_plan_triton` (what
+  `fps_attention` runs on a GPU now); `fused_gpu`, `fused_host` as above; `pool_gpu`: the GPU time of the pooled
+  scores alone (torch in both routes);
+- `identical`: the two produce the same keep mask from the same scores and the same plans (forward, and the
+  backward's transposed plan) from the same mask, every tensor equal; `routes_equal`: the whole routes' masks
+  agree too (informational: `pooled_tile_scores` adds with atomics on a GPU, so two calls may differ in the last
+  bit of a score);
 - `kernel`: the forward kernel alone on a ready plan and quantized inputs; `prepass`: the quantization alone;
   `call`: the whole `fps_attention` call (pre-pass, selection, plan, kernel) and `call / kernel`, the target ratio.
-Times are medians of `triton.testing.do_bench` (host stalls included: a synchronising step leaves the GPU idle).
 Prints a markdown table and writes it (`.md`), the raw numbers (`--out`, JSON) and a plot (`.png`) of each call's
-parts over its kernel; `--plot-from <json>` redraws the plot of an earlier run.
+parts over its kernel; `--plot-from <json>` redraws the plot of an earlier run. Exits 1 if any check fails.
 """
 
 from __future__ import annotations
@@ -22,61 +33,112 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
-import triton
+if "--dry-run" in sys.argv:  # the interpreter must be chosen before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_attention import REPO, SHAPES, TILE, bench, load_schedule  # noqa: E402
+from bench_attention import REPO, SHAPES, TILE, load_schedule  # noqa: E402
 
-from fpsa_kernels import KernelConfig, quantize_qkv, sparse_plan  # noqa: E402
+from fpsa_kernels import KernelConfig, quantize_qkv  # noqa: E402
 from fpsa_kernels.attention import attention_forward  # noqa: E402
 from fpsa_kernels.numerics import LOG2E  # noqa: E402
+from fpsa_kernels.plan import tile_plan_torch, tile_plan_triton, tile_spans  # noqa: E402
+from fpsa_kernels.select import topk_keep_triton  # noqa: E402
 from fpsa_train.fps.kernel import fps_attention, plan_for, quant_groups  # noqa: E402
-from fpsa_train.fps.masks import select_keep, token_ranges  # noqa: E402
-from fpsa_train.fps.reference import select_tiles  # noqa: E402
+from fpsa_train.fps.masks import pooled_tile_scores, select_keep, token_ranges, topk_keep, window_keep  # noqa: E402
 from fpsa_train.models.token_order import TokenLayout  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 from tests.kernels.helpers import make_inputs  # noqa: E402
 
 DYNAMIC = ("topk", "window_topk")
+PLAN_FIELDS = ("item_group", "item_row", "item_rows", "chunk_start", "chunk_lo", "chunk_hi", "chunk_count", "chunks")
+DRY_SHAPE = ("tiny (dry run)", 2, (3, 8, 20))
+"""--dry-run's shape: 1×1×3 tiles of 192, 192 and 96 tokens, 2 heads."""
 
 
-def gpu_ms(fn, calls: int = 10) -> float:
-    """GPU time of fn's kernels per call: the profiler's device time, summed (host gaps excluded)."""
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+class Timer:
+    """The timings, on a GPU; with `dry`, one call each on the CPU (the code paths run, the numbers mean nothing)."""
+
+    def __init__(self, dry: bool):
+        self.dry = dry
+
+    def sync(self) -> None:
+        if not self.dry:
+            torch.cuda.synchronize()
+
+    def bench(self, fn) -> float:
+        """Median milliseconds per call, host stalls included (do_bench)."""
+        if self.dry:
+            return self.host(fn, calls=1)
+        return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+    def gpu(self, fn, calls: int = 10) -> float | None:
+        """GPU time of fn's kernels per call: the profiler's device time, summed (host gaps excluded)."""
+        if self.dry:
+            return None
+        fn()
+        self.sync()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            self.sync()
+        return sum(e.self_device_time_total for e in prof.key_averages()) / calls / 1e3
+
+    def host(self, fn, calls: int = 5) -> float:
+        """Host time to queue one call of fn, not waiting for the GPU afterwards (few calls: the launch queue is
+        finite, and a full one would make the host wait for the GPU too)."""
+        fn()
+        self.sync()
+        start = time.perf_counter()
         for _ in range(calls):
             fn()
-        torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()) / calls / 1e3
+        elapsed = (time.perf_counter() - start) / calls * 1e3
+        self.sync()
+        return elapsed
 
 
-def host_ms(fn, calls: int = 5) -> float:
-    """Host time to queue one call of fn, not waiting for the GPU afterwards (few calls: the launch queue is
-    finite, and a full one would make the host wait for the GPU too)."""
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = (time.perf_counter() - start) / calls * 1e3
-    torch.cuda.synchronize()
-    return elapsed
+def same_plan(a, b) -> list[str]:
+    """The plan fields where a and b differ (dtype, shape or a value)."""
+    return [name for name in PLAN_FIELDS
+            if getattr(a, name).dtype != getattr(b, name).dtype or not torch.equal(getattr(a, name), getattr(b, name))]
 
 
-def run_shape(key: str, schedules: dict, log) -> list[dict]:
-    name, heads, grid = SHAPES[key]
+def check(q, k, layout: TokenLayout, spans, topk: int, window) -> dict:
+    """Whether the Triton selection and plans equal the torch ones on the same inputs (see the module docstring)."""
+    scores = pooled_tile_scores(q, k, layout)
+    static = None if window is None else window_keep(layout.tile_grid, window, q.device)
+    want = topk_keep(scores, topk)
+    want = want if static is None else want.union(static)
+    keep_equal = torch.equal(topk_keep_triton(scores, topk, None if static is None else static.keep), want.keep)
+    n, bound = want.num_kv_tiles, want.max_kept
+    differ = same_plan(tile_plan_triton(want.keep, spans, bound), tile_plan_torch(want.keep, spans, bound))
+    keep_t = want.keep.transpose(-1, -2)
+    differ += [f"transposed {name}" for name in same_plan(tile_plan_triton(keep_t, spans, n, allow_empty=True),
+                                                           tile_plan_torch(keep_t, spans, n, allow_empty=True))]
+    routes = torch.equal(select_keep(q, k, layout, topk, window, fused=True).keep,
+                         select_keep(q, k, layout, topk, window, fused=False).keep)
+    return {"identical": keep_equal and not differ, "keep_equal": keep_equal, "plan_differs": differ,
+            "routes_equal": routes}
+
+
+def run_shape(key: str, schedules: dict, timer: Timer, log) -> list[dict]:
+    name, heads, grid = DRY_SHAPE if timer.dry else SHAPES[key]
+    device = "cpu" if timer.dry else "cuda"
     layout = TokenLayout(grid, "tile", TILE)
     n = len(layout.tile_sizes())
     bm, bn = KernelConfig.block_m, KernelConfig.block_n  # the defaults fps_attention runs at
-    q, k, v = make_inputs("peaked", 1, heads, layout, 128, seed=0, device="cuda")
+    spans = tile_spans(tuple(token_ranges(layout).tolist()), bm, bn, device)
+    q, k, v = make_inputs("peaked", 1, heads, layout, 128, seed=0, device=device)
     rows = []
     for sched_name, schedule in schedules.items():
         for regime in schedule.regimes:
@@ -88,15 +150,17 @@ def run_shape(key: str, schedules: dict, log) -> list[dict]:
             if regime.pattern in DYNAMIC:
                 topk = regime.topk_of(n)
 
-                def sync_route():
-                    tiles = select_tiles(q, k, layout, regime).mask
-                    return sparse_plan(tiles.to_dense(), token_ranges(layout), bm, bn)
+                def route(fused: bool):
+                    def run():
+                        chosen = select_keep(q, k, layout, topk, regime.window, fused=fused)
+                        planner = tile_plan_triton if fused else tile_plan_torch
+                        return planner(chosen.keep, spans, chosen.max_kept)
+                    return run
 
-                def free_route():
-                    return plan_for(select_keep(q, k, layout, topk, regime.window), layout, regime, bm, bn, q.device)
-
-                row.update(sync=bench(sync_route), free=bench(free_route), free_gpu=gpu_ms(free_route),
-                           free_host=host_ms(free_route))
+                for label, fn in (("torch", route(False)), ("fused", route(True))):
+                    row.update({label: timer.bench(fn), f"{label}_gpu": timer.gpu(fn), f"{label}_host": timer.host(fn)})
+                row["pool_gpu"] = timer.gpu(lambda: pooled_tile_scores(q, k, layout))
+                row.update(check(q, k, layout, spans, topk, regime.window))
                 mask = select_keep(q, k, layout, topk, regime.window)
                 row["density"] = float(mask.density().mean())
                 row["max_kept"], row["kept_max"] = mask.max_kept, int(mask.keep.sum(-1).max())
@@ -104,27 +168,34 @@ def run_shape(key: str, schedules: dict, log) -> list[dict]:
             row["chunk_slots"], row["chunks_max"] = plan.chunks.shape[-1], int(plan.chunk_count.max())
             groups = quant_groups(layout, regime.quant, q.device)
             qkv = quantize_qkv(q, k, v, groups, q_mult=LOG2E / math.sqrt(q.shape[-1]))
-            row["kernel"] = bench(lambda: attention_forward(qkv, plan))
-            row["prepass"] = bench(lambda: quantize_qkv(q, k, v, quant_groups(layout, regime.quant, q.device)))
-            row["call"] = bench(lambda: fps_attention(q, k, v, layout, regime))
+            row["kernel"] = timer.bench(lambda: attention_forward(qkv, plan))
+            row["prepass"] = timer.bench(lambda: quantize_qkv(q, k, v, quant_groups(layout, regime.quant, q.device)))
+            row["call"] = timer.bench(lambda: fps_attention(q, k, v, layout, regime))
             row["call_over_kernel"] = row["call"] / row["kernel"]
             log(f"{key} {sched_name}/{regime.name}: " + ", ".join(
                 f"{field}={value:.3f}" if isinstance(value, float) else f"{field}={value}"
                 for field, value in row.items() if field not in ("shape", "model", "schedule", "regime")))
+            if row.get("identical") is False:
+                log(f"MISMATCH {key} {sched_name}/{regime.name}: keep equal {row['keep_equal']}, plan fields that "
+                    f"differ: {row['plan_differs']}")
             rows.append(row)
     return rows
 
 
 def table(rows: list[dict]) -> str:
     cols = [("shape", "shape"), ("schedule", "schedule"), ("regime", "regime"), ("pattern", "pattern"),
-            ("density", "density"), ("sync", "select+plan, sync (ms)"), ("free", "select+plan, sync-free (ms)"),
-            ("free_gpu", "its GPU time (ms)"), ("free_host", "its host time (ms)"), ("kernel", "kernel (ms)"),
+            ("density", "density"), ("torch", "select+plan, torch (ms)"), ("torch_gpu", "its GPU time (ms)"),
+            ("torch_host", "its host time (ms)"), ("fused", "select+plan, Triton (ms)"),
+            ("fused_gpu", "its GPU time (ms)"), ("fused_host", "its host time (ms)"),
+            ("pool_gpu", "of which pooling, GPU (ms)"), ("identical", "identical"), ("kernel", "kernel (ms)"),
             ("prepass", "pre-pass (ms)"), ("call", "whole call (ms)"), ("call_over_kernel", "call / kernel")]
 
     def cell(row, key):
         value = row.get(key)
         if value is None:
             return "–"
+        if isinstance(value, bool):
+            return "yes" if value else "**NO**"
         return f"{value:.3f}" if isinstance(value, float) else str(value)
 
     lines = ["| " + " | ".join(title for _, title in cols) + " |", "|" + "---|" * len(cols)]
@@ -147,7 +218,7 @@ def plot(rows: list[dict], path: Path) -> None:
         labels = [f"{row['schedule']}\n{row['regime']}" for row in mine]
         kernel = [1.0 for _ in mine]
         prepass = [row["prepass"] / row["kernel"] for row in mine]
-        select = [row.get("free_gpu", 0.0) / row["kernel"] for row in mine]
+        select = [(row.get("fused_gpu") or 0.0) / row["kernel"] for row in mine]
         rest = [max(row["call_over_kernel"] - 1 - p - q, 0.0) for row, p, q in zip(mine, prepass, select)]
         bottom = [0.0] * len(mine)
         for part, label in ((kernel, "kernel"), (prepass, "pre-pass"), (select, "selection + plan (GPU)"),
@@ -175,14 +246,21 @@ def main() -> None:
     parser.add_argument("--out", default="bench_select.json",
                         help="the JSON file to write (the table and the plot beside it)")
     parser.add_argument("--plot-from", help="only redraw the plot (beside this file) from a JSON this script wrote")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="every code path on the CPU at a tiny shape, Triton interpreted, one call per timing")
     args = parser.parse_args()
     if args.plot_from:
         plot(json.loads(Path(args.plot_from).read_text())["rows"], Path(args.plot_from).with_suffix(".png"))
         return
+    if not args.dry_run and not torch.cuda.is_available():
+        raise SystemExit("bench_select.py needs a CUDA GPU (or --dry-run)")
     schedules = {Path(f).stem: load_schedule(REPO / f) for f in args.schedules.split(",") if f}
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    rows = [row for shape in args.shapes.split(",") for row in run_shape(shape, schedules, print)]
-    header = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+    timer = Timer(args.dry_run)
+    shapes = ["tiny"] if args.dry_run else args.shapes.split(",")
+    rows = [row for shape in shapes for row in run_shape(shape, schedules, timer, print)]
+    device = "CPU, Triton interpreter (dry run)" if args.dry_run else torch.cuda.get_device_name()
+    header = (f"{device}, torch {torch.__version__}, triton {triton.__version__}, "
               f"CUDA {torch.version.cuda}, Python {platform.python_version()}, {started}; "
               f"`python scripts/bench_select.py {' '.join(sys.argv[1:])}`")
     text = f"{header}\n\n{table(rows)}\n"
@@ -192,6 +270,9 @@ def main() -> None:
     out.with_suffix(".md").write_text(text)
     plot(rows, out.with_suffix(".png"))
     print(text)
+    failed = [f"{row['shape']} {row['schedule']}/{row['regime']}" for row in rows if row.get("identical") is False]
+    if failed:
+        raise SystemExit(f"the Triton selection or plan differs from the torch one: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import torch
 
 from fpsa_kernels import KernelConfig, Plan, QuantGroups, fp8_attention
 from fpsa_kernels.attention import check_supported
-from fpsa_kernels.plan import dense_plan, tile_plan, tile_spans
+from fpsa_kernels.plan import TileSpans, dense_plan, tile_plan, tile_spans
 from fpsa_train.fps.fp8 import QuantGranularity, token_group_ids
 from fpsa_train.fps.masks import select_keep, token_ranges, token_tiles, window_keep
 from fpsa_train.fps.schedule import Regime
@@ -44,6 +44,12 @@ def _group_tables(grid, order, tile_shape, group_shape, device: str) -> QuantGro
 _STATIC_PLANS: dict[tuple, Plan] = {}
 
 
+@functools.lru_cache(maxsize=64)
+def _layout_spans(layout: TokenLayout, block_m: int, block_n: int, device: str) -> TileSpans:
+    """`tile_spans` of the layout's tiles, looked up per layout (their offsets as a tuple cost a host computation)."""
+    return tile_spans(tuple(token_ranges(layout).tolist()), block_m, block_n, device)
+
+
 def plan_for(mask, layout: TokenLayout, regime: Regime | None, block_m: int, block_n: int, device,
              transpose: bool = False) -> Plan:
     """The work plan of `mask` (masks.TileMask, or the KeepMask of `select_keep`); with mask None, the regime's
@@ -58,7 +64,7 @@ def plan_for(mask, layout: TokenLayout, regime: Regime | None, block_m: int, blo
     query tiles may pick the same key tile, so its rows are bounded by the number of tiles only."""
 
     def plan_of(mask):
-        spans = tile_spans(tuple(token_ranges(layout).tolist()), block_m, block_n, str(device))
+        spans = _layout_spans(layout, block_m, block_n, str(device))
         keep = mask.to_dense().to(device)
         if transpose:
             return tile_plan(keep.transpose(-1, -2), spans, spans.num_tiles, allow_empty=True)

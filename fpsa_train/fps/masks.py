@@ -18,7 +18,8 @@ Patterns.
   bound on any row's kept tiles that is known before selecting (k, plus the window's volume). It is built on the
   GPU without reading anything back to the host, which `TileMask.from_dense` must do to size its indices, and the
   kernel's planner (kernels/plan.py) sizes its arrays from that bound, so selection and planning never stall the
-  host. `topk_mask`, `window_mask` and `select_tiles` go through the same functions, so the two forms agree.
+  host. `topk_mask`, `window_mask` and `select_tiles` go through the same functions, so the two forms agree. On a
+  GPU the top-k and the union run as one Triton kernel (fpsa_kernels.select), equal to them bit for bit.
 - `LearnedSelector`: a trainable threshold per head on standardised pooled scores. The selection is hard in the
   forward pass; a straight-through gate (value exactly 1, gradient of a sigmoid) lets the loss reach the scores
   and the threshold, and a regulariser holds the soft density near the target.
@@ -222,7 +223,7 @@ def pooled_tile_scores(q: Tensor, k: Tensor, layout: TokenLayout) -> Tensor:
 
     def pool(x: Tensor) -> Tensor:
         runs = x.unflatten(2, (-1, g)).sum(3, dtype=torch.float32)  # (B, H, L/g, D)
-        summed = runs.new_zeros(x.shape[0], x.shape[1], n, d).index_add(2, tile_of_run, runs)  # (B, H, N, D)
+        summed = runs.new_zeros(x.shape[0], x.shape[1], n, d).index_add_(2, tile_of_run, runs)  # (B, H, N, D)
         return summed / sizes[:, None]
 
     return pool(q) @ pool(k).transpose(-1, -2) / math.sqrt(d)  # (B, H, N, N)
@@ -245,6 +246,7 @@ def topk_keep(scores: Tensor, k: int) -> KeepMask:
     n = scores.shape[-1]
     with torch.no_grad():
         s = scores.float().nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+        s = torch.where(s == 0, 0.0, s)  # -0.0 ties with +0.0 (a GPU sort may order keys by their bits)
         own = torch.eye(n, dtype=torch.bool, device=s.device)
         # Rank by (own first, then score descending); the stable sort breaks ties by lower index.
         key = torch.where(own, math.inf, torch.where(s == math.inf, torch.finfo(s.dtype).max, s))
@@ -254,14 +256,27 @@ def topk_keep(scores: Tensor, k: int) -> KeepMask:
 
 
 def select_keep(q: Tensor, k: Tensor, layout: TokenLayout, topk: int,
-                window: tuple[int, int, int] | None = None) -> KeepMask:
+                window: tuple[int, int, int] | None = None, fused: bool | None = None) -> KeepMask:
     """The top-k patterns' selection as a KeepMask (B, H, N, N): the `topk` key tiles with the best pooled scores
     (own tile forced in), united with the static `window` for window ∪ top-k. A hard selection (no gradient); no
     host read anywhere, so on a GPU it only queues work. `select_tiles` makes its TileMask from this, so the
-    kernel and the reference select the same tiles."""
+    kernel and the reference select the same tiles.
+
+    `fused`: the top-k and the union as one Triton kernel (fpsa_kernels.select `topk_keep_triton`, imported here:
+    this module must import without triton), equal bit for bit to `topk_keep` ∪ the window in torch operations;
+    None (the default) takes the kernel on a GPU and torch elsewhere; True on CPU tensors runs it in Triton's
+    interpreter (TRITON_INTERPRET=1, the tests)."""
+    static = None if window is None else window_keep(layout.tile_grid, window, q.device)
     with torch.no_grad():
-        chosen = topk_keep(pooled_tile_scores(q, k, layout), topk)
-    return chosen if window is None else chosen.union(window_keep(layout.tile_grid, window, q.device))
+        scores = pooled_tile_scores(q, k, layout)
+        if scores.is_cuda if fused is None else fused:
+            from fpsa_kernels.select import topk_keep_triton
+
+            n = scores.shape[-1]
+            bound = min(topk, n) if static is None else min(n, min(topk, n) + static.max_kept)  # as union's
+            return KeepMask(topk_keep_triton(scores, topk, None if static is None else static.keep), bound)
+        chosen = topk_keep(scores, topk)
+    return chosen if static is None else chosen.union(static)
 
 
 def union_mask(a: TileMask, b: TileMask) -> TileMask:

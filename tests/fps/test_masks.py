@@ -140,6 +140,13 @@ def test_topk_ties_lower_index_large_k_and_validation():
         topk_mask(torch.zeros(1, 1, 4, 4), 0)
 
 
+def test_topk_signed_zeros_tie():
+    """−0.0 and +0.0 are one score: the lower index wins, whatever the sign bit (a GPU sort may order bits)."""
+    scores = torch.zeros(1, 1, 6, 6)
+    scores[..., 0::2] = -0.0
+    assert topk_mask(scores, 3).indices[0, 0, 5].tolist() == [0, 1, 5]
+
+
 def test_union_broadcasts_static_with_dynamic():
     tg = (2, 3, 4)
     static = window_mask(tg, (1, 3, 1))  # (1, 1, 24, 24)
