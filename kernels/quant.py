@@ -195,7 +195,7 @@ def _qk_group(x_ptr, stride_b, stride_h, stride_l, x8_ptr, s_ptr, mult, order_pt
             bits = tl.maximum(bits, tl.max(_abs_bits(x), axis=1))
         amax = _float_of_bits(tl.max(bits, axis=0), x_ptr.dtype.element_ty)
         if not QUANTIZE:
-            tl.atomic_max(gamax_ptr + g, amax)
+            tl.atomic_max(gamax_ptr + g, amax, sem="relaxed")  # ordered before the second launch anyway
     else:
         amax = tl.load(gamax_ptr + g)
     if QUANTIZE:
@@ -219,7 +219,7 @@ def _v_amax(v_ptr, stride_b, stride_h, stride_l, vamax_ptr, item, bh, H, L, ROWS
         t = (item * BLOCKS + block) * ROWS + tl.arange(0, ROWS)
         x = _load_rows(src, stride_l, t, t < L, D)
         amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=0))
-    tl.atomic_max(vamax_ptr + bh * D + tl.arange(0, D), amax)
+    tl.atomic_max(vamax_ptr + bh * D + tl.arange(0, D), amax, sem="relaxed")
 
 
 @triton.jit

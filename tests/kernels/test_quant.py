@@ -284,6 +284,15 @@ def test_prepass_equals_the_one_before(granularity):
     assert bench.differences(new, before) != [], "no value rounded to -0: the case tests less than it says"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_prepass_of_other_input_dtypes(dtype):
+    """fp32 and fp16 inputs (fps_attention takes them): the amax of their bits, 32 bits wide for fp32."""
+    q, k, v = (x.to(dtype) for x in model_inputs("outliers", 1, 2, LAYOUT, 32, seed=6))
+    granularity = QuantGranularity("tile")
+    out = quantize_qkv(q, k, v, quant_groups(LAYOUT, granularity, q.device), q_mult=0.5)
+    assert_reference(out, q, k, v, LAYOUT, granularity, 0.5)
+
+
 def test_quantize_qk_and_v_alone_are_the_pre_pass():
     q, k, v = model_inputs("normal", 1, 1, LAYOUT, 32, seed=5)
     groups = quant_groups(LAYOUT, QuantGranularity("tile"), q.device)
