@@ -23,7 +23,9 @@ on the `peaked` test inputs (video-like, so top-k picks are spread as on real ac
   agree too (informational: `pooled_tile_scores` adds with atomics on a GPU, so two calls may differ in the last
   bit of a score);
 - `kernel`: the forward kernel alone on a ready plan and quantized inputs; `prepass`: the quantization alone;
-  `call`: the whole `fps_attention` call (pre-pass, selection, plan, kernel) and `call / kernel`, the target ratio.
+  `call`: the whole `fps_attention` call (pre-pass, selection, plan, kernel) and `call / kernel`, the target ratio,
+  all with the Triton forward (64 × 128); `kernel_gluon`, `call_gluon`, `call_over_kernel_gluon`: the same with the
+  Gluon forward (128 × 128 plans; not in --dry-run).
 Prints a markdown table and writes it (`.md`), the raw numbers (`--out`, JSON) and a plot (`.png`) of each call's
 parts over its kernel; `--plot-from <json>` redraws the plot of an earlier run. Exits 1 if any check fails.
 """
@@ -172,6 +174,14 @@ def run_shape(key: str, schedules: dict, timer: Timer, log) -> list[dict]:
             row["prepass"] = timer.bench(lambda: quantize_qkv(q, k, v, quant_groups(layout, regime.quant, q.device)))
             row["call"] = timer.bench(lambda: fps_attention(q, k, v, layout, regime))
             row["call_over_kernel"] = row["call"] / row["kernel"]
+            if not timer.dry:  # the Gluon forward (inference, 128 × 128 plans; Gluon has no CPU interpreter)
+                from fpsa_kernels.attention import GLUON_BLOCK
+                from fpsa_kernels.gluon_forward import gluon_forward
+
+                gplan = plan_for(mask, layout, regime, GLUON_BLOCK, GLUON_BLOCK, q.device)
+                row["kernel_gluon"] = timer.bench(lambda: gluon_forward(qkv, gplan))
+                row["call_gluon"] = timer.bench(lambda: fps_attention(q, k, v, layout, regime, forward="gluon"))
+                row["call_over_kernel_gluon"] = row["call_gluon"] / row["kernel_gluon"]
             log(f"{key} {sched_name}/{regime.name}: " + ", ".join(
                 f"{field}={value:.3f}" if isinstance(value, float) else f"{field}={value}"
                 for field, value in row.items() if field not in ("shape", "model", "schedule", "regime")))
@@ -188,7 +198,9 @@ def table(rows: list[dict]) -> str:
             ("torch_host", "its host time (ms)"), ("fused", "select+plan, Triton (ms)"),
             ("fused_gpu", "its GPU time (ms)"), ("fused_host", "its host time (ms)"),
             ("pool_gpu", "of which pooling, GPU (ms)"), ("identical", "identical"), ("kernel", "kernel (ms)"),
-            ("prepass", "pre-pass (ms)"), ("call", "whole call (ms)"), ("call_over_kernel", "call / kernel")]
+            ("prepass", "pre-pass (ms)"), ("call", "whole call (ms)"), ("call_over_kernel", "call / kernel"),
+            ("kernel_gluon", "Gluon kernel (ms)"), ("call_gluon", "its whole call (ms)"),
+            ("call_over_kernel_gluon", "call / kernel, Gluon")]
 
     def cell(row, key):
         value = row.get(key)
