@@ -29,6 +29,20 @@ def test_deploy_runtime_uses_the_kernel_on_hopper(kernel_sized_deploy):
         assert db > 25, f"{regime.name}: SQNR {db:.1f} dB"
 
 
+def test_gluon_forward_in_the_runtime_matches_the_triton_one(kernel_sized_deploy):
+    """load_deploy(kernel_forward="gluon") against the default Triton forward, one CFG-batch step per regime: the two
+    forwards differ by rounding only (45 dB apart at the kernel level), so the model outputs must agree closely.
+    Added after the end-to-end run with the Gluon forward came out 0.01–0.06 from dense where the Triton forward's
+    came out 0.002 (docs/benchmarks.md, "End to end")."""
+    triton_rt = load_deploy(kernel_sized_deploy, device="cuda")
+    gluon_rt = load_deploy(kernel_sized_deploy, device="cuda", kernel_forward="gluon")
+    x, text, steps = kernel_sized_steps(triton_rt)
+    for regime, sigma in steps:
+        db = sqnr_db(triton_rt.denoise(x, sigma, text), gluon_rt.denoise(x, sigma, text))
+        print(f"{regime.name}: Gluon vs Triton forward, model output {db:.1f} dB")
+        assert db > 40, f"{regime.name}: {db:.1f} dB"
+
+
 def test_learned_selectors_load_onto_the_gpu(tmp_path):
     """A deploy with learned regimes loaded on CUDA: its selectors live there too (they were made on the CPU after
     the model moved, so sampling failed with a device mismatch), and every regime runs in the kernel."""

@@ -45,6 +45,13 @@ _E4M3_MIN_NORMAL_EXP = -6  # smallest normal is 2^-6; below it the spacing stays
 GROUPS = ("tiles", "tile", "subtile", "token")
 
 
+def divide(x: Tensor, divisor: float) -> Tensor:
+    """x / divisor rounded once (IEEE division) on every device. PyTorch's CUDA kernel divides by a Python number as
+    a multiply by its reciprocal, which can be one bit off; the CPU and the kernels' pre-pass divide, so without
+    this the reference's scales on a GPU were not the kernels' bit for bit (scripts/experiments/bench_prepass.py)."""
+    return x / torch.full((), divisor, dtype=x.dtype, device=x.device)
+
+
 def round_e4m3(x: Tensor) -> Tensor:
     """Round to e4m3 and back (fp32): nearest, ties to even, subnormals, saturating at ±448.
 
@@ -98,7 +105,7 @@ class _FakeQuantP(FakeQuantE4M3):
         y = p.float() * p_scale
         ctx.save_for_backward(y.abs() <= E4M3_SAT_GRAD_LIMIT)
         ctx.x_dtype = p.dtype
-        return round_e4m3(y) / p_scale
+        return divide(round_e4m3(y), p_scale)
 
 
 def fake_quant_e4m3(x: Tensor, scale: Tensor | float, name: str = "x") -> Tensor:
@@ -170,7 +177,7 @@ def group_scales(x: Tensor, ids: Tensor, n_groups: int) -> Tensor:
     idx = ids.to(x.device).expand(B, H, L)  # (B, H, L)
     group_amax = token_amax.new_zeros(B, H, n_groups).scatter_reduce(-1, idx, token_amax, "amax")  # (B, H, G)
     amax = group_amax.gather(-1, idx).clamp_min(AMAX_FLOOR)  # (B, H, L)
-    return (amax / E4M3_MAX).unsqueeze(-1)  # (B, H, L, 1)
+    return divide(amax, E4M3_MAX).unsqueeze(-1)  # (B, H, L, 1)
 
 
 def qk_scales(x: Tensor, layout: TokenLayout, granularity: QuantGranularity, name: str = "q/k") -> Tensor:
@@ -183,7 +190,7 @@ def qk_scales(x: Tensor, layout: TokenLayout, granularity: QuantGranularity, nam
 
 def v_scales(v: Tensor) -> Tensor:
     """Per-channel scale (B, H, 1, D) of V (B, H, L, D): max(amax over L, floor)/448."""
-    return v.detach().abs().amax(dim=-2, keepdim=True).float().clamp_min(AMAX_FLOOR) / E4M3_MAX  # (B, H, 1, D)
+    return divide(v.detach().abs().amax(dim=-2, keepdim=True).float().clamp_min(AMAX_FLOOR), E4M3_MAX)  # (B, H, 1, D)
 
 
 def quantize_qk(x: Tensor, layout: TokenLayout, granularity: QuantGranularity,

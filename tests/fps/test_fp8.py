@@ -395,3 +395,17 @@ def test_range_stats_with_contract_scales_never_saturate():
     assert e4m3_range_stats(x, scale).underflow == expected >= 5 * 63  # at least the tiny values
     assert stats.underflow >= 2 * expected  # q and k; v's per-channel scales need not lose them
     assert e4m3_range_stats(x, scale / 2).saturated > 0
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_divide_rounds_once_on_every_device(device):
+    """`divide` is the correctly rounded quotient (fp64 division rounded to fp32 is: 53 >= 2·24 + 2 bits), also on a
+    GPU, where `x / 448.0` multiplies by fl(1/448) and is one bit off for some x (the reference's scales then missed
+    the kernels' by a bit)."""
+    from fpsa_train.fps.fp8 import divide
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(1 << 20, generator=g) * torch.exp2(torch.randint(-20, 20, (1 << 20,), generator=g).float()))
+    want = (x.double() / 448.0).float()
+    assert torch.equal(divide(x.to(device), 448.0).cpu(), want)

@@ -37,9 +37,9 @@ REGIMES = {
 
 
 def check(kind, heads, grid, regime, seed=0, blocks=(None, None), qk_imprecise_acc=None, forward=None,
-          gluon_variant=None):
+          gluon_variant=None, batch=1):
     layout = TokenLayout(grid, "tile", TILE)
-    q, k, v = make_inputs(kind, 1, heads, layout, 128, seed=seed, device="cuda")
+    q, k, v = make_inputs(kind, batch, heads, layout, 128, seed=seed, device="cuda")
     mask = None if regime.pattern == "dense" else select_tiles(q, k, layout, regime).mask
     out, lse = fps_attention(q, k, v, layout, regime, mask, block_m=blocks[0], block_n=blocks[1],
                              qk_imprecise_acc=qk_imprecise_acc, forward=forward, gluon_variant=gluon_variant)
@@ -93,6 +93,26 @@ def test_gluon_forward_stress_inputs(kind, regime, grid):
     """Stress inputs, partial plan items, and a sequence that is not a multiple of 16 tokens (TMA zero-fill at the
     last head's end, Vᵀ's padded rows)."""
     check(kind, 4, grid, REGIMES[regime], seed=1, forward="gluon")
+
+
+@pytest.mark.parametrize("regime", ["dense", "middle", "late"])
+def test_gluon_forward_at_cfg_batch_2(regime):
+    """The guidance batch (B = 2) in the layout the model passes ((B, L, H, D) memory seen as (B, H, L, D)): the Gluon
+    forward within the reference's budget and within rounding of the Triton forward (45 dB at B = 1 on the H200).
+    Added after the end-to-end run with the Gluon forward (CFG batch 2) came out 0.01–0.06 from dense where the
+    Triton forward's came out 0.002 (docs/benchmarks.md); every other GPU test of it runs B = 1."""
+    layout = TokenLayout((21, 30, 52), "tile", TILE)
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2)
+               for x in make_inputs("normal", 2, 12, layout, 128, seed=3, device="cuda"))
+    reg = REGIMES[regime]
+    mask = None if reg.pattern == "dense" else select_tiles(q, k, layout, reg).mask
+    gluon, _ = fps_attention(q, k, v, layout, reg, mask, forward="gluon")
+    triton_out, _ = fps_attention(q, k, v, layout, reg, mask)
+    db = 20 * math.log10(triton_out.float().norm() / (gluon.float() - triton_out.float()).norm())
+    assert db > 40, f"{regime}: Gluon vs Triton forward {db:.1f} dB at B = 2"
+    with torch.no_grad():
+        ref, budget = reference_and_budget(q, k, v, layout, reg, mask)
+    assert torch.linalg.vector_norm(gluon.float() - ref).item() <= budget
 
 
 GLUON_128 = ("two_m128_s3", "two_m128_s4", "coop_m128_s2")
