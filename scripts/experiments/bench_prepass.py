@@ -38,8 +38,6 @@ import math
 import platform
 import re
 import statistics
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -47,8 +45,9 @@ import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from bench_attention import SHAPES, TILE  # noqa: E402
+from sm90 import ptxas_report  # noqa: E402
 
 from fpsa_kernels import quant  # noqa: E402
 from fpsa_kernels.numerics import AMAX_FLOOR, E4M3_MAX, LOG2E, round_e4m3  # noqa: E402
@@ -347,21 +346,6 @@ def compile_launch(launch: quant.Launch):
     signature, constexprs, attrs, options = specialization(launch)
     return triton.compile(ASTSource(launch.kernel, signature, constexprs, attrs),
                           target=GPUTarget("cuda", 90, 32), options=options)
-
-
-def ptxas_report(ptx: str) -> dict:
-    """ptxas -v for sm_90a on a kernel's PTX: exit code, registers, spill bytes."""
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "k.ptx"
-        path.write_text(ptx)
-        r = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(path), "-o", str(Path(tmp) / "k.cubin")],
-                           capture_output=True, text=True)
-    text = r.stdout + r.stderr
-    num = lambda pat: int(m.group(1)) if (m := re.search(pat, text)) else None  # noqa: E731
-    return dict(ptxas_rc=r.returncode, registers=num(r"Used (\d+) registers"),
-                spill_stores=num(r"(\d+) bytes spill stores"), spill_loads=num(r"(\d+) bytes spill loads"))
 
 
 def compile_checks(shapes=("480p", "720p"), granularities=tuple(GRANULARITIES)) -> list[dict]:

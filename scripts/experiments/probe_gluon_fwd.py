@@ -30,9 +30,7 @@ import argparse
 import json
 import math
 import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -41,6 +39,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_attention import SHAPES, TILE, bench  # noqa: E402
 from isolated import run_each  # noqa: E402
+from sm90 import ptxas_report  # noqa: E402
 
 from fpsa_kernels.gluon_forward import (  # noqa: E402
     LOADER_REGS, VARIANTS, block_m, constexprs, descriptors, gluon_fwd_kernel, launch_options, run_gluon)
@@ -71,22 +70,6 @@ def compile_variant(variant: str, qk_imprecise: int = 128, edge_mask: bool = Tru
     sig.update({name: "constexpr" for name in consts})
     src = GluonASTSource(gluon_fwd_kernel, sig, constexprs=consts)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=launch_options(variant))
-
-
-def ptxas_report(ptx: str) -> dict:
-    """ptxas -v for sm_90a on the kernel's PTX: registers, spill bytes, shared memory, and any wgmma warnings."""
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "k.ptx"
-        path.write_text(ptx)
-        r = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(path), "-o", str(Path(tmp) / "k.cubin")],
-                           capture_output=True, text=True)
-    text = r.stdout + r.stderr
-    num = lambda pat: int(m.group(1)) if (m := re.search(pat, text)) else None  # noqa: E731
-    return dict(ptxas_rc=r.returncode, registers=num(r"Used (\d+) registers"),
-                spill_stores=num(r"(\d+) bytes spill stores"), spill_loads=num(r"(\d+) bytes spill loads"),
-                warnings=[line.strip() for line in text.splitlines() if "warning" in line.lower()])
 
 
 def compile_check(variant: str, **kw) -> dict:
