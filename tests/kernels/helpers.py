@@ -1,4 +1,5 @@
-"""Inputs and error budgets shared by the kernel tests (CPU under TRITON_INTERPRET=1, and the GPU tests).
+"""Inputs and error budgets shared by the kernel tests (CPU under TRITON_INTERPRET=1, and the GPU tests), and the
+runner of their sm_90 compile checks.
 
 Error budget. The kernel computes the reference's numerics except for one thing that is not rounding noise at fp32
 level: it quantizes P against the running row max, the reference against the exact one, so a P element may round
@@ -15,7 +16,12 @@ worst case is |ΔO| ≤ Σ_j (2^-3 P_j + 2^-9/448) |v̂_j| / ℓ (two roundings 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -117,3 +123,17 @@ def token_mask(mask, layout: TokenLayout) -> torch.Tensor:
     """A TileMask as a bool (B|1, H|1, L, L) token mask."""
     tile_of = token_tiles(layout, mask.counts.device)
     return mask.to_dense()[..., tile_of, :][..., tile_of]
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def compile_check_lines(script: Path | str, *args: str, timeout: float = 600) -> tuple[list[dict], int, str]:
+    """Run `python script args...` from the repository root in a process without TRITON_INTERPRET (tests/conftest.py
+    sets it on CPU hosts before Triton is imported, and an interpreter-mode Triton cannot compile for sm_90): the JSON
+    lines it prints, its exit status, and a failed check's message (the status and the tail of its stderr)."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=timeout,
+                       cwd=REPO)
+    lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    return lines, r.returncode, f"exit {r.returncode}: {r.stderr[-3000:]}"

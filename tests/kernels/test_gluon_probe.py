@@ -13,14 +13,12 @@ that a Gluon compile rejects.
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from .helpers import compile_check_lines
 
 pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
 
@@ -39,15 +37,9 @@ SHAPE = {"ws1_m64_s2": (1, 64, 4, 2, 240), "ws1_m64_s3": (1, 64, 4, 3, 240), "ws
 def compile_checks(names) -> dict[str, dict]:
     """probe_gluon_fwd.compile_check of each variant (it asserts the PTX properties itself and reports a failure as
     {"failed": ...}), in a clean subprocess."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, str(PROBE), "--compile-only", "--variants", ",".join(names)],
-                       capture_output=True, text=True, env=env, timeout=600)
-    out = {}
-    for line in r.stdout.splitlines():
-        if line.startswith("{"):
-            info = json.loads(line)
-            out[info["variant"]] = info
-    assert set(out) == set(names), f"exit {r.returncode}: {r.stderr[-3000:]}"
+    infos, _, failure = compile_check_lines(PROBE, "--compile-only", "--variants", ",".join(names))
+    out = {info["variant"]: info for info in infos}
+    assert set(out) == set(names), failure
     return out
 
 

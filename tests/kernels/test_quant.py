@@ -10,11 +10,7 @@ multiple of 16, B > 1 and the strided inputs the model passes."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +27,7 @@ from fpsa_train.fps.fp8 import round_e4m3 as reference_round
 from fpsa_train.fps.kernel import quant_groups
 from fpsa_train.models.token_order import TokenLayout
 
-from .helpers import make_inputs
+from .helpers import compile_check_lines, make_inputs
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "scripts" / "experiments" / "bench_prepass.py"
@@ -331,12 +327,10 @@ def compile_checks(shapes: str, granularities: str) -> list[dict]:
     """bench_prepass.py --compile-only (it asserts no spills, the hardware cast and 16-byte loads itself), in a
     process without TRITON_INTERPRET (tests/conftest.py sets it on CPU hosts; the interpreter's helpers break
     compiles)."""
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, str(BENCH), "--compile-only", "--shapes", shapes, "--granularities",
-                        granularities], capture_output=True, text=True, env=env, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-
+    infos, returncode, failure = compile_check_lines(BENCH, "--compile-only", "--shapes", shapes, "--granularities",
+                                                     granularities, timeout=900)
+    assert returncode == 0, failure
+    return infos
 
 def test_prepass_compiles_for_sm90():
     """The 480p launches of 2×2×2 tiles: chunked, so both launches run every kind of item but whole groups (the slow

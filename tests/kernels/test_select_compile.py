@@ -12,11 +12,7 @@ kernel variant.
 from __future__ import annotations
 
 import json
-import os
-import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -48,7 +44,6 @@ def compile_variant(name: str) -> dict:
 
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
     module, kernel, pointers, constexprs, num_warps = VARIANTS[name]
@@ -56,29 +51,20 @@ def compile_variant(name: str) -> dict:
     signature = {arg: pointers.get(arg, "constexpr" if arg in constexprs else "i32") for arg in fn.arg_names}
     compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": num_warps})
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx = Path(tmp) / "k.ptx"
-        ptx.write_text(compiled.asm["ptx"])
-        r = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(ptx), "-o", str(Path(tmp) / "k.cubin")],
-                           capture_output=True, text=True)
-    text = r.stdout + r.stderr
-    num = lambda pattern: int(m.group(1)) if (m := re.search(pattern, text)) else None  # noqa: E731
-    return dict(variant=name, ptxas_rc=r.returncode, registers=num(r"Used (\d+) registers"),
-                spill_stores=num(r"(\d+) bytes spill stores"), spill_loads=num(r"(\d+) bytes spill loads"),
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "experiments"))
+    from sm90 import ptxas_report
+
+    return dict(variant=name, **ptxas_report(compiled.asm["ptx"]),
                 num_warps=compiled.metadata.num_warps)
 
 
 @pytest.fixture(scope="module")
 def compiled() -> dict[str, dict]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, __file__, *VARIANTS], capture_output=True, text=True, env=env, timeout=600,
-                       cwd=Path(__file__).resolve().parents[2])
-    out = {}
-    for line in r.stdout.splitlines():
-        if line.startswith("{"):
-            info = json.loads(line)
-            out[info["variant"]] = info
-    assert set(out) == set(VARIANTS), f"exit {r.returncode}: {r.stderr[-3000:]}"
+    from .helpers import compile_check_lines  # here: this file also runs as a script, where it is not a package
+
+    infos, _, failure = compile_check_lines(__file__, *VARIANTS)
+    out = {info["variant"]: info for info in infos}
+    assert set(out) == set(VARIANTS), failure
     return out
 
 
