@@ -125,7 +125,12 @@ class KeepMask:
 
     def union(self, other: KeepMask) -> KeepMask:
         """Per (batch, head, query tile) union of the key sets; B and H dims of 1 broadcast."""
-        return KeepMask(self.keep | other.keep, min(self.num_kv_tiles, self.max_kept + other.max_kept))
+        return KeepMask(self.keep | other.keep, union_bound(self.num_kv_tiles, self.max_kept, other.max_kept))
+
+
+def union_bound(num_tiles: int, a: int, b: int) -> int:
+    """The most key tiles a row of the union of two masks keeps, given theirs."""
+    return min(num_tiles, a + b)
 
 
 def dense_mask(num_tiles: int, *, device: torch.device | str = "cpu") -> TileMask:
@@ -273,7 +278,7 @@ def select_keep(q: Tensor, k: Tensor, layout: TokenLayout, topk: int,
             from fpsa_kernels.select import topk_keep_triton
 
             n = scores.shape[-1]
-            bound = min(topk, n) if static is None else min(n, min(topk, n) + static.max_kept)  # as union's
+            bound = min(topk, n) if static is None else union_bound(n, min(topk, n), static.max_kept)
             return KeepMask(topk_keep_triton(scores, topk, None if static is None else static.keep), bound)
         chosen = topk_keep(scores, topk)
     return chosen if static is None else chosen.union(static)
