@@ -15,6 +15,9 @@ already the e4m3 value to round (the fixed scale 448 of DESIGN.md step 5):
 The min caps P' at 448: the row max is taken over rounded products and the FMA uses the unrounded one, so without
 it an exponent could exceed log2 448 by a rounding error (at logits of 1e8, by several units) and saturate while ℓ'
 counted it whole. The forward takes m as the running max, the backward as the forward's final one.
+
+The pre-pass's e4m3 quantization (quant.py) is here too: `scale_of` (max(amax, floor) / 448) and `quantize_e4m3`
+(x / scale rounded once, then to the e4m3 grid; on the GPU by `quotient_rn`, the IEEE quotient from FMAs).
 """
 
 from __future__ import annotations
@@ -82,3 +85,54 @@ def p_from_scores(t, s_q, m, QUERY_ROWS: tl.constexpr, EMULATE_CAST: tl.constexp
     else:
         p8 = p.to(tl.float8e4nv, fp_downcast_rounding="rtne")
     return p, p8
+
+
+@triton.jit
+def quantize_e4m3(x, scale, EMULATE_CAST: tl.constexpr):
+    """e4m3(x / scale): x in its dtype, scale fp32 > 0 (a scalar, or shaped to broadcast against x); the quotient
+    is the IEEE one (rounded to nearest), then rounded to nearest even on the e4m3 grid, saturating at ±448.
+
+    Under the interpreter: `tl.div_rn` and the spelled-out rounding (`round_e4m3`), which needs the sign of a zero
+    put back. On the GPU, `div.rn.f32` per element costs a reciprocal, a range check and the call of a slow path
+    (whose registers make a block of 128 elements a thread spill), so the same quotient comes from the scale's
+    reciprocal (`quotient_rn`), and the hardware cast (`cvt.rn.satfinite`) rounds."""
+    if EMULATE_CAST:
+        y = tl.div_rn(x.to(tl.float32), scale)
+        return with_sign_of(round_e4m3(y), y).to(tl.float8e4nv)  # its (v + M) − M rounds −0 (and −tiny) to +0
+    else:
+        return quotient_rn(x.to(tl.float32), scale).to(tl.float8e4nv, fp_downcast_rounding="rtne")
+
+
+@triton.jit
+def with_sign_of(y, x):
+    """|y| with x's sign (fp32): a zero keeps the sign its quotient had, as the reference's cast keeps it (0x80)."""
+    sign = x.to(tl.int32, bitcast=True) & -2147483648
+    return ((y.to(tl.int32, bitcast=True) & 0x7FFFFFFF) | sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def quotient_rn(x, scale):
+    """RN(x / scale), the IEEE quotient of fp32 x by a normal fp32 scale > 0 where |x| <= 448 (1 + 2^-23) · scale
+    (x in the scale's group), in FMAs: Markstein's correction of x · RN(1 / scale), twice.
+
+    With scale = b · 2^e, b in [1, 2), both sides are scaled by 2^-e (exact) so that the reciprocal r = RN(1 / b) and
+    the remainders stay normal. q0 = RN(x · r) is within 1.5 ulp of x / b, so its remainder x − q0 · b (one FMA) is
+    nearly exact and q1 = RN(q0 + rem · r) within an ulp; the remainder of q1 is then exact, and RN(q1 + rem · r) is
+    the correctly rounded quotient (Markstein's theorem: r within half an ulp of 1 / b, q1 within an ulp of x / b).
+    Quotients too small for that (x · 2^-e subnormal) are below 2^-100: they round to ±0 in e4m3 whatever their
+    last bits, and the result takes x's sign, as the quotient has it. Checked against the IEEE division for every
+    bf16 x and the scale of every bf16 amax (tests/kernels/test_quant.py)."""
+    bits = scale.to(tl.int32, bitcast=True)
+    b = ((bits & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)  # scale / 2^e
+    xs = x * ((254 - (bits >> 23)) << 23).to(tl.float32, bitcast=True)  # x · 2^-e
+    r = tl.div_rn(1.0, b)
+    q = xs * r
+    q = tl.fma(tl.fma(-q, b, xs), r, q)
+    q = tl.fma(tl.fma(-q, b, xs), r, q)
+    return with_sign_of(q, x)  # a correction turns −0 into −0 + +0 = +0
+
+
+@triton.jit
+def scale_of(amax, FLOOR: tl.constexpr):
+    """The reference's scale of an amax: max(amax, floor) / 448, an IEEE division in fp32."""
+    return tl.div_rn(tl.maximum(amax, FLOOR), E4M3_MAX)

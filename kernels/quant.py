@@ -3,7 +3,7 @@
 The numerics are the reference's (fps/fp8.py in the training framework), bit for bit, down to the sign of a zero:
 scale = max(amax, AMAX_FLOOR) / 448 in fp32, then round-to-nearest-even of x / scale (the IEEE quotient) to the e4m3
 grid with saturation at ±448. On the GPU the quotient comes from the scale's reciprocal and two FMA corrections
-(`_quotient`: the IEEE quotient, without `div.rn`'s slow path) and the hardware cast rounds (`cvt.rn.satfinite`).
+(`quotient_rn`: the IEEE quotient, without `div.rn`'s slow path) and the hardware cast rounds (`cvt.rn.satfinite`).
 Triton's interpreter (the CPU test path) casts without saturating and rounds some values across a binade wrongly,
 so there the quotient is `tl.div_rn` and the rounding is spelled out in fp32 (`round_e4m3`), as the forward does
 for P (`EMULATE_CAST`).
@@ -46,7 +46,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from fpsa_kernels._interpreter import interpreted
-from fpsa_kernels.numerics import AMAX_FLOOR, E4M3_MAX, round_e4m3
+from fpsa_kernels.numerics import AMAX_FLOOR, quantize_e4m3, scale_of
 
 TOKEN_ROWS = 64
 """Tokens per program with one scale per token (16 KB of bf16 at D = 128). Not yet swept on a GPU."""
@@ -69,57 +69,6 @@ needs ~160, past the 128 a 16-warp program may have, and spills. Not yet swept o
 
 
 # ---------------------------------------------------------------------------------------------------- jit helpers
-@triton.jit
-def _quantize(x, scale, EMULATE_CAST: tl.constexpr):
-    """e4m3(x / scale): x in its dtype, scale fp32 > 0 (a scalar, or shaped to broadcast against x); the quotient
-    is the IEEE one (rounded to nearest), then rounded to nearest even on the e4m3 grid, saturating at ±448.
-
-    Under the interpreter: `tl.div_rn` and the spelled-out rounding (`round_e4m3`), which needs the sign of a zero
-    put back. On the GPU, `div.rn.f32` per element costs a reciprocal, a range check and the call of a slow path
-    (whose registers make a block of 128 elements a thread spill), so the same quotient comes from the scale's
-    reciprocal (`_quotient`), and the hardware cast (`cvt.rn.satfinite`) rounds."""
-    if EMULATE_CAST:
-        y = tl.div_rn(x.to(tl.float32), scale)
-        return _with_sign_of(round_e4m3(y), y).to(tl.float8e4nv)  # its (v + M) − M rounds −0 (and −tiny) to +0
-    else:
-        return _quotient(x.to(tl.float32), scale).to(tl.float8e4nv, fp_downcast_rounding="rtne")
-
-
-@triton.jit
-def _with_sign_of(y, x):
-    """|y| with x's sign (fp32): a zero keeps the sign its quotient had, as the reference's cast keeps it (0x80)."""
-    sign = x.to(tl.int32, bitcast=True) & -2147483648
-    return ((y.to(tl.int32, bitcast=True) & 0x7FFFFFFF) | sign).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _quotient(x, scale):
-    """RN(x / scale), the IEEE quotient of fp32 x by a normal fp32 scale > 0 where |x| <= 448 (1 + 2^-23) · scale
-    (x in the scale's group), in FMAs: Markstein's correction of x · RN(1 / scale), twice.
-
-    With scale = b · 2^e, b in [1, 2), both sides are scaled by 2^-e (exact) so that the reciprocal r = RN(1 / b) and
-    the remainders stay normal. q0 = RN(x · r) is within 1.5 ulp of x / b, so its remainder x − q0 · b (one FMA) is
-    nearly exact and q1 = RN(q0 + rem · r) within an ulp; the remainder of q1 is then exact, and RN(q1 + rem · r) is
-    the correctly rounded quotient (Markstein's theorem: r within half an ulp of 1 / b, q1 within an ulp of x / b).
-    Quotients too small for that (x · 2^-e subnormal) are below 2^-100: they round to ±0 in e4m3 whatever their
-    last bits, and the result takes x's sign, as the quotient has it. Checked against the IEEE division for every
-    bf16 x and the scale of every bf16 amax (tests/kernels/test_quant.py)."""
-    bits = scale.to(tl.int32, bitcast=True)
-    b = ((bits & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)  # scale / 2^e
-    xs = x * ((254 - (bits >> 23)) << 23).to(tl.float32, bitcast=True)  # x · 2^-e
-    r = tl.div_rn(1.0, b)
-    q = xs * r
-    q = tl.fma(tl.fma(-q, b, xs), r, q)
-    q = tl.fma(tl.fma(-q, b, xs), r, q)
-    return _with_sign_of(q, x)  # a correction turns −0 into −0 + +0 = +0
-
-
-@triton.jit
-def _scale_of(amax, FLOOR: tl.constexpr):
-    """The reference's scale of an amax: max(amax, floor) / 448, an IEEE division in fp32."""
-    return tl.div_rn(tl.maximum(amax, FLOOR), E4M3_MAX)
-
-
 @triton.jit
 def _abs_bits(x):
     """|x| as the integer of its bits, sign bit cleared: non-negative floats order as these integers do, so their max
@@ -159,7 +108,7 @@ def _store_qk(x, scale, scale_rows, mult, x8_ptr, s_ptr, bh, L, tok, keep, D: tl
     """Rows x (rows, D) with their scale (a scalar, or (rows, 1)) → x8[bh, tok] in e4m3, and s[bh, tok] =
     scale_rows · mult (scale_rows: the rows' scales, (rows,))."""
     tl.store(x8_ptr + (bh.to(tl.int64) * L + tok[:, None]) * D + tl.arange(0, D)[None, :],
-             _quantize(x, scale, EMULATE_CAST), mask=keep[:, None])
+             quantize_e4m3(x, scale, EMULATE_CAST), mask=keep[:, None])
     tl.store(s_ptr + bh.to(tl.int64) * L + tok, scale_rows * mult, mask=keep)
 
 
@@ -170,7 +119,7 @@ def _qk_tokens(x_ptr, stride_b, stride_h, stride_l, x8_ptr, s_ptr, mult, item, b
     tok = item * ROWS + tl.arange(0, ROWS)
     keep = tok < L
     x = _load_rows(_head(x_ptr, bh, H, stride_b, stride_h), stride_l, tok, keep, D)
-    scale = _scale_of(_float_of_bits(tl.max(_abs_bits(x), axis=1), x.dtype), FLOOR)  # (ROWS,)
+    scale = scale_of(_float_of_bits(tl.max(_abs_bits(x), axis=1), x.dtype), FLOOR)  # (ROWS,)
     _store_qk(x, scale[:, None], scale, mult, x8_ptr, s_ptr, bh, L, tok, keep, D, EMULATE_CAST)
 
 
@@ -199,7 +148,7 @@ def _qk_group(x_ptr, stride_b, stride_h, stride_l, x8_ptr, s_ptr, mult, order_pt
     else:
         amax = tl.load(gamax_ptr + g)
     if QUANTIZE:
-        scale = _scale_of(amax, FLOOR)
+        scale = scale_of(amax, FLOOR)
         scale_rows = tl.zeros([SUB], tl.float32) + scale
         for sub in range(0, tl.minimum(hi - start, ROWS), SUB):  # the chunk's sub-blocks that hold tokens
             t = start + sub + tl.arange(0, SUB)
@@ -228,10 +177,10 @@ def _v_quant(v_ptr, stride_b, stride_h, stride_l, vt_ptr, sv_ptr, vamax_ptr, ite
     """`ROWS` tokens of V → e4m3 with the channel scales, written transposed into vt (B·H, D, L_pad) (pad columns get
     0); the first block of each b·h also writes the scales."""
     d = tl.arange(0, D)
-    scale = _scale_of(tl.load(vamax_ptr + bh * D + d), FLOOR)  # (D,)
+    scale = scale_of(tl.load(vamax_ptr + bh * D + d), FLOOR)  # (D,)
     t = item * ROWS + tl.arange(0, ROWS)
     x = _load_rows(_head(v_ptr, bh, H, stride_b, stride_h), stride_l, t, t < L, D)
-    y = _quantize(x, scale[None, :], EMULATE_CAST)  # (ROWS, D)
+    y = quantize_e4m3(x, scale[None, :], EMULATE_CAST)  # (ROWS, D)
     tl.store(vt_ptr + bh.to(tl.int64) * D * L_pad + d[:, None] * L_pad + t[None, :], tl.trans(y),
              mask=(t < L_pad)[None, :])
     if item == 0:

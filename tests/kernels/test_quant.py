@@ -118,12 +118,12 @@ def test_round_e4m3_matches_the_reference_cast():
     assert torch.equal(y, expected), (x[y != expected][:8], y[y != expected][:8], expected[y != expected][:8])
 
 
-# ------------------------------------------------------------------------------ the GPU's division (quant._quotient)
+# ------------------------------------------------------------ the GPU's division (numerics.quotient_rn)
 @triton.jit
 def _quotient_kernel(x_ptr, s_ptr, y_ptr, n, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     keep = i < n
-    tl.store(y_ptr + i, quant._quotient(tl.load(x_ptr + i, mask=keep, other=0.0),
+    tl.store(y_ptr + i, numerics.quotient_rn(tl.load(x_ptr + i, mask=keep, other=0.0),
                                         tl.load(s_ptr + i, mask=keep, other=1.0)), mask=keep)
 
 
@@ -155,7 +155,7 @@ def exact_fma(monkeypatch):
 
 
 def quotients(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """quant._quotient of fp32 x by scale, elementwise, in a Triton kernel."""
+    """numerics.quotient_rn of fp32 x by scale, elementwise, in a Triton kernel."""
     x, scale = x.to(device()), scale.to(device())
     y = torch.empty_like(x)
     _quotient_kernel[(triton.cdiv(x.numel(), 1 << 16),)](x, scale, y, x.numel(), BLOCK=1 << 16)
@@ -163,7 +163,7 @@ def quotients(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def check_quotients(x: torch.Tensor, scale: torch.Tensor) -> None:
-    """quant._quotient is the IEEE quotient wherever it matters (|x / scale| >= 2^-10; below, both round to ±0 in
+    """numerics.quotient_rn is the IEEE quotient wherever it matters (|x / scale| >= 2^-10; below, both round to ±0 in
     e4m3, sign included), and the e4m3 bytes of the two are equal everywhere."""
     want, got = x / scale, quotients(x, scale)
     big = want.abs() >= 2.0 ** -10
